@@ -1,0 +1,70 @@
+"""The `caption-train` command: subcommand name -> function, each taking its own argv.
+
+    caption-train train --dataset_dir data --epochs 5      (same as: python train2.py --dataset_dir data ...)
+    caption-train demo                                       (offline demo: tiny BLIP + generated shapes dataset)
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from typing import Callable
+
+from caption_train.errors import UserError
+
+
+def train_main(argv: list[str] | None = None) -> int:
+    from caption_train.config import load_train_config
+    from caption_train.train import train
+
+    train(load_train_config(argv))
+    return 0
+
+
+def demo_main(argv: list[str] | None = None) -> int:
+    from caption_train.demo import main
+
+    return main(argv)
+
+
+COMMANDS: dict[str, tuple[Callable[[list[str] | None], int], str]] = {
+    "train": (train_main, "fine-tune a captioning model on a folder of images with .txt captions"),
+    "demo": (demo_main, "offline demo: build a tiny BLIP and a shapes dataset, train, show captions before/after"),
+}
+
+
+def usage() -> str:
+    lines = ["usage: caption-train COMMAND [ARGS]", "", "commands:"]
+    lines += [f"  {name:<8} {text}" for name, (_, text) in COMMANDS.items()]
+    lines += ["", "Run `caption-train COMMAND --help` for a command's options."]
+    return "\n".join(lines)
+
+
+def run_command(function: Callable[[list[str] | None], int], argv: list[str]) -> int:
+    """Run a subcommand; a UserError becomes one line on stderr and exit code 2, never a traceback."""
+    # Quiet, deterministic tokenizers in DataLoader workers (forked after the tokenizer is used).
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    try:
+        return function(argv)
+    except UserError as err:
+        print(f"error: {err}", file=sys.stderr, flush=True)
+        return err.exit_code
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr, flush=True)
+        return 130
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(usage())
+        return 0 if argv else 2
+    name, rest = argv[0], argv[1:]
+    if name not in COMMANDS:
+        print(f"error: unknown command {name!r}\n{usage()}", file=sys.stderr)
+        return 2
+    return run_command(COMMANDS[name][0], rest)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,371 @@
+"""Typed training config: built-in defaults < TOML config file < flags given on the command line.
+
+    cfg = load_train_config(["--dataset_dir", "data", "--config_file", "config.toml"])
+
+Every field of `TrainConfig` is a flag (`--name`) and a top-level TOML key of the same name.
+Dict fields (`optimizer_args`, `scheduler_args`, `peft_args`, `model_config`) are TOML tables, and on the
+command line take a TOML inline table or JSON: `--scheduler_args '{max_lr = 1e-3}'`.
+All problems are collected and reported at once, as one line, via `UserError`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import difflib
+import inspect
+import json
+import math
+import tomllib
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from caption_train.errors import UserError
+
+OPTIMIZERS = ("AdamW", "Prodigy")
+SCHEDULERS = ("CosineAnnealingLR", "CosineAnnealingWarmRestarts", "CyclicLR", "OneCycleLR")
+PEFT_MODULES = ("LoRA", "IA3", "none")
+MIXED_PRECISION = ("no", "fp16", "bf16")
+TRACKERS = ("wandb", "none")
+
+# Keys accepted in a config file (or on the command line) as other names for a field.
+ALIASES = {"train_dir": "dataset_dir", "learning_rate": "lr"}
+
+
+def _field(default: Any, help: str, **meta: Any) -> Any:
+    """A dataclass field carrying its help text (and argparse hints) so the CLI is built from one place."""
+    if isinstance(default, (dict, list)):
+        return field(default_factory=lambda: type(default)(default), metadata={"help": help, **meta})
+    return field(default=default, metadata={"help": help, **meta})
+
+
+@dataclass
+class TrainConfig:
+    """Everything a training run needs. Saved, resolved, as `config.toml` in every checkpoint."""
+
+    # ---- data
+    dataset_dir: str | None = _field(None, "Folder of images with .txt captions beside them (searched recursively). Alias: train_dir.")
+    validation_split: float = _field(0.0, "Fraction of the dataset held out for validation loss and sample captions (0 = none).")
+    max_length: int = _field(128, "Captions longer than this many tokens are truncated (capped at the model's own limit).")
+    shuffle_captions: bool = _field(False, "Shuffle the comma-separated parts of each caption, per sample per epoch.")
+    frozen_parts: int = _field(0, "Keep the first N comma-separated caption parts in place when shuffling or dropping.")
+    caption_dropout: float = _field(0.0, "Drop each non-frozen caption part with this probability (never the whole caption).")
+    random_flip: float = _field(0.0, "Probability of flipping an image horizontally (off by default: flips break 'left'/'right' captions).")
+    num_workers: int = _field(2, "DataLoader worker processes for image loading (0 = load in the training process).")
+    # ---- model
+    model_name_or_path: str = _field("Salesforce/blip-image-captioning-base", "Hub id or local folder of the model to fine-tune.")
+    model_config: dict = _field({}, "Overrides for the model config, e.g. {hidden_dropout_prob = 0.1} or {text_config = {...}, dtype = 'bfloat16'}.")
+    label_smoothing: float = _field(0.0, "Label smoothing of the caption loss (original BLIP used 0.1).")
+    peft_module: str = _field("LoRA", "Adapter to train: LoRA, IA3, or none (full fine-tune).", choices=PEFT_MODULES)
+    peft_args: dict = _field({}, "Keyword arguments for the peft config, e.g. {r = 16, lora_alpha = 32, target_modules = ['query', 'value']}.")
+    gradient_checkpointing: bool = _field(False, "Recompute activations in backward to save memory.")
+    # ---- optimization
+    epochs: int = _field(5, "Number of passes over the training set.")
+    batch_size: int = _field(8, "Images per batch per process.")
+    gradient_accumulation_steps: int = _field(1, "Batches accumulated per optimizer step.")
+    lr: float | None = _field(None, "Learning rate (default: 1.0 for Prodigy, 1e-4 for AdamW). Alias: --learning_rate.")
+    optimizer: str = _field("AdamW", "Optimizer: AdamW or Prodigy.", choices=OPTIMIZERS)
+    optimizer_args: dict = _field({}, "Keyword arguments for the optimizer, e.g. {weight_decay = 0.01}.")
+    lr_scheduler: str = _field("CosineAnnealingLR", "LR schedule, stepped once per optimizer step.", choices=SCHEDULERS)
+    scheduler_args: dict = _field({}, "Keyword arguments for the scheduler, overriding the computed ones, e.g. {eta_min = 1e-6}.")
+    max_grad_norm: float = _field(1.0, "Clip the gradient norm to this value (0 = no clipping).")
+    mixed_precision: str = _field("no", "Autocast precision: no, fp16 (GPU only) or bf16.", choices=MIXED_PRECISION)
+    seed: int = _field(42, "Random seed for weights init of adapters, data order, caption transforms and the split.")
+    # ---- output
+    output_dir: str = _field("runs", "Runs are written to <output_dir>/<training_name>-<timestamp>/.")
+    training_name: str = _field("caption-train", "Name of the run (folder prefix and tracker run name).")
+    save_every_n_epochs: int = _field(1, "Save epoch-N/ every N epochs (0 = only final/).")
+    save_every_n_steps: int = _field(0, "Also save step-N/ every N optimizer steps (0 = never).")
+    num_sample_captions: int = _field(4, "Images captioned and printed/logged after every epoch (0 = none).")
+    log_with: str = _field("wandb", "Tracker besides metrics.jsonl: wandb (offline when not logged in) or none.", choices=TRACKERS)
+    wandb_project: str = _field("caption-train", "wandb project name.")
+    interactive: str | None = _field(None, "[HOST:]PORT of the interactive caption-editing page (not available yet).")
+    config_file: str | None = _field(None, "TOML file with any of these options as top-level keys (flags given on the command line win).")
+
+
+DICT_FIELDS = tuple(f.name for f in dataclasses.fields(TrainConfig) if f.type in ("dict", dict))
+
+
+def field_names() -> list[str]:
+    return [f.name for f in dataclasses.fields(TrainConfig)]
+
+
+def _base_type(annotation: str) -> str:
+    """'float | None' -> 'float'."""
+    return annotation.replace("| None", "").strip()
+
+
+# ---------------------------------------------------------------------------------------------
+# Parsing one value
+
+
+def _parse_bool(text: str) -> bool:
+    lowered = text.strip().lower()
+    if lowered in ("1", "true", "yes", "on"):
+        return True
+    if lowered in ("0", "false", "no", "off"):
+        return False
+    raise ValueError(f"expected true or false, got {text!r}")
+
+
+def parse_dict(text: str) -> dict:
+    """A dict flag value: a TOML inline table `{a = 1}` or JSON `{"a": 1}`."""
+    try:
+        return dict(tomllib.loads(f"v = {text}")["v"])
+    except (tomllib.TOMLDecodeError, TypeError, ValueError):
+        pass
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError:
+        raise ValueError(f"expected a TOML inline table like {{max_lr = 1e-3}} or JSON, got {text!r}") from None
+    if not isinstance(value, dict):
+        raise ValueError(f"expected a table/object, got {text!r}")
+    return value
+
+
+def _coerce(name: str, value: Any) -> Any:
+    """Check/convert a value from a config file or the command line to the field's type."""
+    annotation = {f.name: f.type for f in dataclasses.fields(TrainConfig)}[name]
+    optional = "None" in annotation
+    kind = _base_type(annotation)
+    if value is None and optional:
+        return None
+    if kind == "dict":
+        if isinstance(value, str):
+            return parse_dict(value)
+        if not isinstance(value, dict):
+            raise ValueError(f"expected a table, got {value!r}")
+        return value
+    if kind == "bool":
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str):
+            return _parse_bool(value)
+        raise ValueError(f"expected true or false, got {value!r}")
+    if kind == "int":
+        if isinstance(value, bool) or isinstance(value, float):
+            raise ValueError(f"expected an integer, got {value!r}")
+        if isinstance(value, str):
+            try:
+                return int(value)
+            except ValueError:
+                raise ValueError(f"expected an integer, got {value!r}") from None
+        if not isinstance(value, int):
+            raise ValueError(f"expected an integer, got {value!r}")
+        return value
+    if kind == "float":
+        if isinstance(value, bool):
+            raise ValueError(f"expected a number, got {value!r}")
+        try:
+            number = float(value)
+        except (TypeError, ValueError):
+            raise ValueError(f"expected a number, got {value!r}") from None
+        if not math.isfinite(number):
+            raise ValueError(f"expected a finite number, got {value!r}")
+        return number
+    if kind == "str":
+        if isinstance(value, (dict, list, bool)):
+            raise ValueError(f"expected a string, got {value!r}")
+        return str(value)
+    raise AssertionError(f"unhandled field type {annotation} for {name}")
+
+
+def _canonical_choice(name: str, value: str) -> str:
+    """Case-insensitive match against a field's choices ('adamw' -> 'AdamW')."""
+    choices = _metadata(name).get("choices")
+    if not choices:
+        return value
+    for choice in choices:
+        if choice.lower() == value.lower():
+            return choice
+    raise ValueError(f"unknown value {value!r}; choose one of {', '.join(choices)}")
+
+
+def _metadata(name: str) -> dict:
+    return dict({f.name: f for f in dataclasses.fields(TrainConfig)}[name].metadata)
+
+
+def _unknown_key_message(key: str, where: str) -> str:
+    valid = field_names() + list(ALIASES)
+    close = difflib.get_close_matches(key, valid, n=1)
+    hint = f" (did you mean {close[0]!r}?)" if close else ""
+    return f"{where}: unknown key {key!r}{hint}"
+
+
+# ---------------------------------------------------------------------------------------------
+# Sources: config file and command line
+
+
+def read_config_file(path: str | Path) -> dict[str, Any]:
+    """Raw key -> value mapping from a TOML file; syntax errors name the file and line."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"--config_file {path}: no such file")
+    try:
+        with path.open("rb") as handle:
+            return tomllib.load(handle)
+    except tomllib.TOMLDecodeError as err:
+        raise UserError(f"{path}: TOML syntax error: {err}") from None
+    except UnicodeDecodeError:
+        raise UserError(f"{path}: not a UTF-8 text file") from None
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that raises a one-line UserError instead of printing usage and exiting."""
+
+    def error(self, message: str) -> typing.NoReturn:
+        raise UserError(f"{message} (see --help)")
+
+
+def build_arg_parser(prog: str = "caption-train train") -> argparse.ArgumentParser:
+    parser = _Parser(
+        prog=prog,
+        description="Fine-tune an image-to-text model on a folder of images with .txt captions.",
+        argument_default=argparse.SUPPRESS,  # only flags actually given override the config file
+    )
+    defaults = TrainConfig()
+    for f in dataclasses.fields(TrainConfig):
+        flags = [f"--{f.name}"] + [f"--{alias}" for alias, target in ALIASES.items() if target == f.name]
+        kind = _base_type(f.type)
+        help_text = f.metadata["help"]
+        default = getattr(defaults, f.name)
+        if kind != "dict" and default is not None:
+            help_text += f" (default: {default})"
+        if kind == "bool":
+            # `--flag` alone means true; `--flag false` is accepted too so config-file values can be overridden.
+            parser.add_argument(*flags, dest=f.name, nargs="?", const="true", metavar="BOOL", help=help_text)
+        else:
+            metavar = "TABLE" if kind == "dict" else f.name.upper()
+            if f.metadata.get("choices"):
+                metavar = "{" + ",".join(f.metadata["choices"]) + "}"
+            parser.add_argument(*flags, dest=f.name, metavar=metavar, help=help_text)
+    return parser
+
+
+# ---------------------------------------------------------------------------------------------
+# Validation
+
+
+def _check_ranges(cfg: TrainConfig) -> list[str]:
+    problems = []
+
+    def need(ok: bool, message: str) -> None:
+        if not ok:
+            problems.append(message)
+
+    need(cfg.dataset_dir is not None, "dataset_dir is required: pass --dataset_dir DIR (a folder of images with .txt captions)")
+    need(cfg.lr is None or cfg.lr > 0, f"lr must be > 0, got {cfg.lr}")
+    need(cfg.epochs >= 1, f"epochs must be >= 1, got {cfg.epochs}")
+    need(cfg.batch_size >= 1, f"batch_size must be >= 1, got {cfg.batch_size}")
+    need(cfg.gradient_accumulation_steps >= 1, f"gradient_accumulation_steps must be >= 1, got {cfg.gradient_accumulation_steps}")
+    need(cfg.max_grad_norm >= 0, f"max_grad_norm must be >= 0, got {cfg.max_grad_norm}")
+    need(cfg.frozen_parts >= 0, f"frozen_parts must be >= 0, got {cfg.frozen_parts}")
+    need(0.0 <= cfg.caption_dropout <= 1.0, f"caption_dropout must be in [0, 1], got {cfg.caption_dropout}")
+    need(0.0 <= cfg.random_flip <= 1.0, f"random_flip must be in [0, 1], got {cfg.random_flip}")
+    need(0.0 <= cfg.label_smoothing < 1.0, f"label_smoothing must be in [0, 1), got {cfg.label_smoothing}")
+    need(0.0 <= cfg.validation_split < 1.0, f"validation_split must be in [0, 1), got {cfg.validation_split}")
+    need(cfg.max_length >= 2, f"max_length must be >= 2, got {cfg.max_length}")
+    need(cfg.num_workers >= 0, f"num_workers must be >= 0, got {cfg.num_workers}")
+    need(cfg.save_every_n_epochs >= 0, f"save_every_n_epochs must be >= 0, got {cfg.save_every_n_epochs}")
+    need(cfg.save_every_n_steps >= 0, f"save_every_n_steps must be >= 0, got {cfg.save_every_n_steps}")
+    need(cfg.num_sample_captions >= 0, f"num_sample_captions must be >= 0, got {cfg.num_sample_captions}")
+    need(cfg.training_name.strip() != "" and "/" not in cfg.training_name and "\\" not in cfg.training_name,
+         f"training_name must be a non-empty folder name without slashes, got {cfg.training_name!r}")
+    if cfg.interactive is not None:
+        problems.append("--interactive: the interactive caption page is not available in this version yet; remove the flag")
+    problems += _check_call_args("optimizer_args", optimizer_class(cfg.optimizer), cfg.optimizer_args, reserved={"params"})
+    problems += _check_call_args("scheduler_args", scheduler_class(cfg.lr_scheduler), cfg.scheduler_args, reserved={"optimizer"})
+    return problems
+
+
+def optimizer_class(name: str) -> type:
+    if name == "Prodigy":
+        from prodigyopt import Prodigy
+
+        return Prodigy
+    import torch
+
+    return getattr(torch.optim, name)
+
+
+def scheduler_class(name: str) -> type:
+    import torch
+
+    return getattr(torch.optim.lr_scheduler, name)
+
+
+def _check_call_args(key: str, target: type, args: dict, *, reserved: set[str]) -> list[str]:
+    """Names in `args` that `target` does not accept, found before anything is loaded or written."""
+    accepted = [p for p in inspect.signature(target).parameters if p not in reserved and p not in ("self", "args", "kwargs")]
+    problems = []
+    for name in args:
+        if name in accepted:
+            continue
+        close = difflib.get_close_matches(name, accepted, n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else f"; it accepts {', '.join(accepted)}"
+        problems.append(f"{key}: {target.__name__} does not accept {name!r}{hint}")
+    return problems
+
+
+# ---------------------------------------------------------------------------------------------
+# Putting it together
+
+
+def resolve(file_values: dict[str, Any], cli_values: dict[str, Any], *, file_label: str = "config file") -> TrainConfig:
+    """Merge defaults < file < CLI into a validated TrainConfig, reporting every problem at once."""
+    problems: list[str] = []
+    merged: dict[str, Any] = {}
+    valid = set(field_names())
+    for source, values, label in ((file_values, file_values, file_label), (cli_values, cli_values, "command line")):
+        for key, value in values.items():
+            name = ALIASES.get(key, key)
+            if name not in valid:
+                problems.append(_unknown_key_message(key, label))
+                continue
+            if name == "config_file" and source is file_values:
+                problems.append(f"{label}: config_file cannot be set inside a config file")
+                continue
+            try:
+                value = _coerce(name, value)
+                if isinstance(value, str) and _metadata(name).get("choices"):
+                    value = _canonical_choice(name, value)
+            except ValueError as err:
+                flag = f"--{key}" if label == "command line" else key
+                problems.append(f"{label}: {flag}: {err}")
+                continue
+            merged[name] = value
+    if problems:
+        raise UserError("; ".join(problems))
+    cfg = TrainConfig(**merged)
+    problems = _check_ranges(cfg)
+    if problems:
+        raise UserError("; ".join(problems))
+    return cfg
+
+
+def load_train_config(argv: list[str] | None) -> TrainConfig:
+    """Parse the command line (and the --config_file it names) into a validated TrainConfig."""
+    cli_values = vars(build_arg_parser().parse_args(argv))
+    file_values: dict[str, Any] = {}
+    label = "config file"
+    if cli_values.get("config_file"):
+        file_values = read_config_file(cli_values["config_file"])
+        label = str(cli_values["config_file"])
+    return resolve(file_values, cli_values, file_label=label)
+
+
+def resolved_lr(cfg: TrainConfig) -> float:
+    """The learning rate in force: Prodigy estimates the step size itself, so its lr is a multiplier (1.0)."""
+    if cfg.lr is not None:
+        return cfg.lr
+    return 1.0 if cfg.optimizer == "Prodigy" else 1e-4
+
+
+def to_toml_dict(cfg: TrainConfig) -> dict[str, Any]:
+    """The resolved config as TOML-writable data (None values are left out: TOML has no null)."""
+    data = dataclasses.asdict(cfg)
+    data["lr"] = resolved_lr(cfg)
+    data.pop("config_file", None)
+    return {k: v for k, v in data.items() if v is not None}

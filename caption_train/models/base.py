@@ -1,0 +1,153 @@
+"""The protocol every model family implements, the registry, and model-config loading with clear errors.
+
+    @register
+    class BlipFamily(ModelFamily):
+        model_types = ("blip",)
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+from PIL import Image
+
+from caption_train.errors import UserError
+
+_REGISTRY: dict[str, "ModelFamily"] = {}
+
+
+class ModelFamily:
+    """What the trainer needs to know about one family of image-to-text models."""
+
+    name: str = ""
+    model_types: tuple[str, ...] = ()
+
+    # ---- loading
+    def load(self, name_or_path: str, overrides: dict[str, Any], *, label_smoothing: float = 0.0) -> tuple[torch.nn.Module, Any]:
+        """(model, processor) with `overrides` applied to the model config. Weights in float32 unless overridden."""
+        raise NotImplementedError
+
+    def max_text_length(self, model: torch.nn.Module) -> int:
+        """Longest token sequence the text side accepts."""
+        raise NotImplementedError
+
+    # ---- adapters
+    def lora_targets(self) -> list[str] | str:
+        raise NotImplementedError
+
+    def ia3_targets(self) -> tuple[list[str] | str, list[str] | str]:
+        """(target_modules, feedforward_modules); the second must be a subset of the first."""
+        raise NotImplementedError
+
+    def vision_tower(self, model: torch.nn.Module) -> torch.nn.Module:
+        """The image encoder, so callers can freeze it, run it without gradients, or cache its outputs."""
+        raise NotImplementedError
+
+    # ---- data
+    def collate(self, processor: Any, images: Sequence[Image.Image], captions: Sequence[str], *, max_length: int) -> dict[str, torch.Tensor]:
+        """A training batch with labels: the one place tokenization and label masking happen."""
+        raise NotImplementedError
+
+    # ---- inference
+    def generate(self, model: torch.nn.Module, processor: Any, images: Sequence[Image.Image], *, prompt: str | None = None, **generate_kwargs: Any) -> list[str]:
+        raise NotImplementedError
+
+
+def register(cls: type[ModelFamily]) -> type[ModelFamily]:
+    """Class decorator: make a family findable by each of its `model_types`."""
+    instance = cls()
+    for model_type in cls.model_types:
+        _REGISTRY[model_type] = instance
+    return cls
+
+
+def registered_families() -> dict[str, ModelFamily]:
+    return dict(_REGISTRY)
+
+
+def family_for_model_type(model_type: str, source: str) -> ModelFamily:
+    if model_type not in _REGISTRY:
+        supported = ", ".join(sorted(_REGISTRY))
+        raise UserError(f"model {source}: model type {model_type!r} is not a supported image-to-text family (supported: {supported})")
+    return _REGISTRY[model_type]
+
+
+def _looks_like_path(name_or_path: str) -> bool:
+    # Hub ids are `name` or `org/name`; anything else (or anything on disk) is a local path.
+    return name_or_path.startswith((".", "/", "~")) or name_or_path.count("/") > 1 or "\\" in name_or_path or Path(name_or_path).exists()
+
+
+def load_model_config(name_or_path: str) -> Any:
+    """AutoConfig for a hub id or local folder, with errors that say what was looked for."""
+    from transformers import AutoConfig
+
+    path = Path(name_or_path).expanduser()
+    if _looks_like_path(name_or_path):
+        if not path.exists():
+            raise UserError(f"--model_name_or_path {name_or_path}: no such folder; pass a local model folder or a hub id like Salesforce/blip-image-captioning-base")
+        if not (path / "config.json").is_file():
+            raise UserError(f"--model_name_or_path {name_or_path}: no config.json there; pass a folder written by save_pretrained (or a run's final/ with the caption command)")
+    try:
+        return AutoConfig.from_pretrained(str(path) if path.exists() else name_or_path)
+    except (OSError, ValueError) as err:
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise UserError(f"--model_name_or_path {name_or_path}: could not load the model config ({reason}); check the id, your network, or pass a local folder") from None
+
+
+def resolve_family(name_or_path: str) -> tuple[ModelFamily, Any]:
+    config = load_model_config(name_or_path)
+    return family_for_model_type(getattr(config, "model_type", ""), name_or_path), config
+
+
+def apply_config_overrides(config: Any, overrides: dict[str, Any], sub_configs: Sequence[str], source: str = "model_config") -> None:
+    """Set `overrides` on a (composite) model config.
+
+    `{text_config = {...}}` targets one sub-config; a plain key is set wherever it exists (top level and every
+    sub-config that has it), so `{hidden_dropout_prob = 0.1}` reaches the text decoder without knowing where it lives.
+    Unknown keys are an error, since a silently ignored override is the bug the original tool had.
+    """
+    problems = []
+    for key, value in overrides.items():
+        if key in sub_configs:
+            sub = getattr(config, key)
+            if not isinstance(value, dict):
+                problems.append(f"{source}.{key} must be a table")
+                continue
+            for sub_key, sub_value in value.items():
+                if not hasattr(sub, sub_key):
+                    problems.append(f"{source}.{key}: unknown key {sub_key!r}")
+                else:
+                    setattr(sub, sub_key, sub_value)
+            continue
+        holders = [config] if hasattr(config, key) else []
+        holders += [getattr(config, name) for name in sub_configs if hasattr(getattr(config, name), key)]
+        if not holders:
+            problems.append(f"{source}: unknown key {key!r} (not in the model config or its {', '.join(sub_configs)})")
+        for holder in holders:
+            setattr(holder, key, value)
+    if problems:
+        raise UserError("; ".join(problems))
+
+
+def pop_load_kwargs(overrides: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Split `model_config` into from_pretrained kwargs (dtype, attn_implementation) and config overrides."""
+    overrides = dict(overrides)
+    kwargs: dict[str, Any] = {"dtype": torch.float32}
+    dtype = overrides.pop("dtype", overrides.pop("torch_dtype", None))
+    if dtype is not None:
+        if not isinstance(dtype, str) or not isinstance(getattr(torch, dtype, None), torch.dtype):
+            raise UserError(f"model_config.dtype: {dtype!r} is not a torch dtype; use e.g. 'float32' or 'bfloat16'")
+        kwargs["dtype"] = getattr(torch, dtype)
+    if "attn_implementation" in overrides:
+        kwargs["attn_implementation"] = overrides.pop("attn_implementation")
+    return kwargs, overrides
+
+
+def model_dtype(model: torch.nn.Module) -> torch.dtype:
+    return next(model.parameters()).dtype
+
+
+def model_device(model: torch.nn.Module) -> torch.device:
+    return next(model.parameters()).device
