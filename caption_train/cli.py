@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import sys
+import warnings
 from typing import Callable
 
 from caption_train.errors import UserError
@@ -44,6 +45,8 @@ def run_command(function: Callable[[list[str] | None], int], argv: list[str]) ->
     """Run a subcommand; a UserError becomes one line on stderr and exit code 2, never a traceback."""
     # Quiet, deterministic tokenizers in DataLoader workers (forked after the tokenizer is used).
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    # peft probes a deprecated transformers property on every wrap; the warning is noise for our users.
+    warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*deprecated", category=FutureWarning)
     try:
         return function(argv)
     except UserError as err:

@@ -16,6 +16,7 @@ import difflib
 import inspect
 import json
 import math
+import re
 import tomllib
 import typing
 from dataclasses import dataclass, field
@@ -225,6 +226,8 @@ def build_arg_parser(prog: str = "caption-train train") -> argparse.ArgumentPars
         description="Fine-tune an image-to-text model on a folder of images with .txt captions.",
         argument_default=argparse.SUPPRESS,  # only flags actually given override the config file
     )
+    # So `--lr -1e-3` reaches validation as a value ("lr must be > 0") instead of looking like a flag.
+    parser._negative_number_matcher = re.compile(r"^-(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?$")
     defaults = TrainConfig()
     for f in dataclasses.fields(TrainConfig):
         flags = [f"--{f.name}"] + [f"--{alias}" for alias, target in ALIASES.items() if target == f.name]

@@ -61,6 +61,7 @@ def make_accelerator(cfg: TrainConfig) -> Any:
 
     if cfg.mixed_precision == "fp16" and not torch.cuda.is_available():
         raise UserError("--mixed_precision fp16 needs a CUDA GPU; use bf16 or no on this machine")
+    reset_accelerator_state()
     return Accelerator(
         gradient_accumulation_steps=cfg.gradient_accumulation_steps,
         mixed_precision=cfg.mixed_precision,
@@ -68,6 +69,20 @@ def make_accelerator(cfg: TrainConfig) -> Any:
         # Seedable sampler: every process draws the same permutation per epoch, so the shards are disjoint.
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
     )
+
+
+def reset_accelerator_state() -> None:
+    """Let a second `train()` in the same process choose other settings (tests, notebooks, the demo).
+
+    accelerate keeps one process-wide state and refuses a different mixed_precision once it exists.
+    Only in single-process runs: under torchrun the state belongs to the launcher's process group.
+    """
+    import os
+
+    from accelerate.state import AcceleratorState
+
+    if int(os.environ.get("WORLD_SIZE", "1")) == 1:
+        AcceleratorState._reset_state(reset_partial_state=True)
 
 
 def collate_batch(items: list, *, family: ModelFamily, processor: Any, max_length: int) -> dict[str, torch.Tensor] | None:

@@ -87,14 +87,14 @@ def split_validation(samples: list[Sample], fraction: float, seed: int) -> tuple
     images to a dataset moves few existing ones between the sets. Both lists keep the input order.
     """
     if not 0.0 <= fraction < 1.0:
-        raise UserError(f"validation fraction {fraction!r}: must be >= 0 and < 1 (e.g. 0.05 for 5%)")
+        raise UserError(f"validation_split {fraction!r}: must be >= 0 and < 1 (e.g. 0.05 for 5%)")
     samples = list(samples)
     if fraction == 0:
         return samples, []
     if len(samples) < 2:
         raise UserError(
-            f"validation fraction {fraction}: needs at least 2 captioned images, found {len(samples)}; "
-            "add images or set the validation fraction to 0"
+            f"validation_split {fraction}: needs at least 2 captioned images, found {len(samples)}; "
+            "add images or set validation_split = 0"
         )
     n_val = min(max(1, round(len(samples) * fraction)), len(samples) - 1)
     ranked = sorted(range(len(samples)), key=lambda i: (_split_rank(seed, samples[i]), i))
@@ -111,10 +111,10 @@ def _check_root(root: str | os.PathLike) -> Path:
     path = Path(root).expanduser()
     if not path.exists():
         raise UserError(
-            f"dataset {path}: no such directory; pass the folder that holds your images (img.png + img.txt)"
+            f"--dataset_dir {path}: no such directory; pass the folder that holds your images (img.png + img.txt)"
         )
     if not path.is_dir():
-        raise UserError(f"dataset {path}: is a file, not a directory; pass the folder that holds your images")
+        raise UserError(f"--dataset_dir {path}: is a file, not a directory; pass the folder that holds your images")
     return path
 
 
@@ -211,7 +211,7 @@ def _format_counts(counts: collections.Counter[str]) -> str:
 def _no_pairs_message(root: Path, images_found: int, skipped: collections.Counter[str]) -> str:
     detail = f"; skipped {_format_counts(skipped)}" if skipped else ""
     return (
-        f"dataset {root}: no usable image+caption pairs (found {images_found} images "
+        f"--dataset_dir {root}: no usable image+caption pairs (found {images_found} images "
         f"with extensions {' '.join(sorted(IMAGE_EXTENSIONS))}{detail}); {EXPECTED_LAYOUT}"
     )
 

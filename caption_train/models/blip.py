@@ -92,6 +92,9 @@ class BlipFamily(ModelFamily):
         inputs = processor(images=list(images), text=texts, return_tensors="pt")
         inputs = {k: v.to(model_device(model)) for k, v in inputs.items() if k in ("pixel_values", "input_ids", "attention_mask")}
         inputs["pixel_values"] = inputs["pixel_values"].to(model_dtype(model))
-        generate_kwargs.setdefault("max_new_tokens", 40)
+        # Positions past the text model's limit would index off its position embeddings.
+        prompt_length = inputs["input_ids"].shape[1] - 1 if "input_ids" in inputs else 1
+        room = self.max_text_length(model) - prompt_length
+        generate_kwargs["max_new_tokens"] = min(generate_kwargs.get("max_new_tokens") or 40, room)
         output = model.generate(**inputs, **generate_kwargs)
         return [text.strip() for text in processor.batch_decode(output, skip_special_tokens=True)]

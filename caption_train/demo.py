@@ -1,0 +1,97 @@
+"""Offline demo: build a tiny BLIP and a colored-shapes dataset, caption held-out images, train, caption again.
+
+    caption-train demo                 # about 3 minutes on a 2-core CPU, nothing downloaded
+    caption-train demo --images 300 --epochs 5 --workdir /tmp/demo   # a 20-second smoke run
+
+The model starts from random weights, so "before" captions are gibberish; after training it should name
+the color and shape of images it has never seen.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from caption_train.config import resolve
+from caption_train.errors import UserError
+from caption_train.inference import caption_paths, load_for_inference
+from caption_train.tiny import COLORS, SHAPES, build_tiny_blip, make_shapes_dataset, shape_caption_accuracy
+
+# Measured on 2 CPU cores: this size learns the shapes task from scratch in a few minutes.
+MODEL_SHAPE = dict(image_size=64, patch_size=16, hidden_size=128, num_layers=3, num_heads=4, max_position_embeddings=32)
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="caption-train demo", description=__doc__.split("\n")[0])
+    parser.add_argument("--workdir", default="demo", help="folder for the model, data and runs (default: ./demo; must not hold an earlier demo's data)")
+    parser.add_argument("--images", type=int, default=1200, help="training images to generate (default: 1200)")
+    parser.add_argument("--heldout", type=int, default=48, help="held-out images captioned before and after (default: 48)")
+    parser.add_argument("--epochs", type=int, default=40, help="training epochs (default: 40)")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    if args.images < 12 or args.heldout < 1 or args.epochs < 1:
+        raise UserError("demo: need --images >= 12, --heldout >= 1 and --epochs >= 1")
+    return args
+
+
+def prepare(workdir: Path, images: int, heldout: int, seed: int) -> tuple[Path, Path, list[tuple[Path, str]]]:
+    """(model dir, training data dir, held-out pairs); refuses to reuse a workdir that already has them."""
+    model_dir, data_dir, heldout_dir = workdir / "tiny-blip", workdir / "shapes", workdir / "heldout"
+    for folder in (model_dir, data_dir, heldout_dir):
+        if folder.exists():
+            raise UserError(f"demo: {folder} already exists; pass a new --workdir (the demo never overwrites files)")
+    texts = [f"a {color} {shape}" for color in COLORS for shape in SHAPES]
+    build_tiny_blip(model_dir, texts, seed=seed, **MODEL_SHAPE)
+    make_shapes_dataset(data_dir, images, seed=seed, size=MODEL_SHAPE["image_size"])
+    pairs = make_shapes_dataset(heldout_dir, heldout, seed=seed + 10_000, size=MODEL_SHAPE["image_size"], subfolders=0)
+    return model_dir, data_dir, pairs
+
+
+def demo_train_config(model_dir: Path, data_dir: Path, runs_dir: Path, epochs: int, seed: int):
+    """The settings that work for a from-scratch tiny model: full fine-tune, AdamW, one-cycle LR."""
+    return resolve({}, {
+        "dataset_dir": str(data_dir),
+        "model_name_or_path": str(model_dir),
+        "output_dir": str(runs_dir),
+        "training_name": "demo",
+        "peft_module": "none",
+        "optimizer": "AdamW",
+        "lr": 6e-4,
+        "lr_scheduler": "OneCycleLR",
+        "epochs": epochs,
+        "batch_size": 32,
+        "validation_split": 0.05,
+        "save_every_n_epochs": 0,
+        "num_workers": 0,
+        "log_with": "none",
+        "seed": seed,
+    })
+
+
+def show(title: str, pairs: list[tuple[Path, str]], predictions: list[str], limit: int = 8) -> float:
+    accuracy = shape_caption_accuracy(predictions, [caption for _, caption in pairs])
+    print(f"\n{title}: {accuracy:.0%} of {len(pairs)} held-out captions exactly right")
+    for (path, truth), prediction in list(zip(pairs, predictions))[:limit]:
+        mark = "ok " if prediction.strip().lower() == truth else "   "
+        print(f"  {mark}{path.name}: truth {truth!r:<20} model {prediction!r}")
+    return accuracy
+
+
+def main(argv: list[str] | None = None) -> int:
+    from caption_train.train import train
+
+    args = parse_args(argv)
+    workdir = Path(args.workdir)
+    print(f"building a tiny BLIP and {args.images} + {args.heldout} shapes images in {workdir}/ ...", flush=True)
+    model_dir, data_dir, pairs = prepare(workdir, args.images, args.heldout, args.seed)
+    paths = [path for path, _ in pairs]
+
+    model, processor, family = load_for_inference(model_dir)
+    show("before training", pairs, caption_paths(model, processor, family, paths))
+
+    final_dir = train(demo_train_config(model_dir, data_dir, workdir / "runs", args.epochs, args.seed))
+
+    model, processor, family = load_for_inference(final_dir)
+    accuracy = show("after training", pairs, caption_paths(model, processor, family, paths))
+    print(f"\ntrained model: {final_dir}\nheld-out accuracy: {accuracy:.1%}")
+    return 0
