@@ -29,6 +29,27 @@ from caption_train.optim import build_optimizer, build_scheduler, current_lr, op
 from caption_train.tracking import Tracker, make_tracker, plot_losses
 
 
+class TrainingHooks:
+    """Extension points called by the loop on every process (no-ops here). The interactive page plugs in here.
+
+    Hooks run in the training thread, between optimizer steps, so they may pause, generate (use eval mode and
+    no_grad, then restore train mode) or call `save(run, name, epoch=...)`. Under several processes every rank
+    calls every hook: anything collective (a save, a pause) must be agreed, e.g. via broadcast_object_list.
+    """
+
+    def on_setup(self, run: "Run") -> None:
+        pass
+
+    def on_step_end(self, run: "Run", epoch: int) -> None:
+        pass
+
+    def on_epoch_end(self, run: "Run", epoch: int) -> None:
+        pass
+
+    def on_train_end(self, run: "Run") -> None:
+        pass
+
+
 @dataclass
 class Run:
     """Everything the loop touches, built once by `setup`."""
@@ -48,6 +69,7 @@ class Run:
     total_steps: int
     run_dir: Path
     tracker: Tracker
+    hooks: TrainingHooks
     global_step: int = 0
 
 
@@ -126,12 +148,16 @@ def pick_sample_items(train: list[Sample], val: list[Sample], count: int) -> lis
     return (val or train)[:count]
 
 
-def setup(cfg: TrainConfig) -> Run:
+def setup(cfg: TrainConfig, hooks: TrainingHooks) -> Run:
     from accelerate.utils import broadcast_object_list, set_seed
 
     accelerator = make_accelerator(cfg)
     set_seed(cfg.seed)
     main = accelerator.is_main_process
+    if not main:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()  # one "Loading weights" bar per run, not one per process
 
     # ---- data (read-only; every process scans the same sorted list)
     scan = scan_dataset(Path(cfg.dataset_dir))
@@ -185,7 +211,7 @@ def setup(cfg: TrainConfig) -> Run:
         cfg=cfg, accelerator=accelerator, family=family, model=model, processor=processor, optimizer=optimizer,
         scheduler=scheduler, train_dataset=train_dataset, train_loader=train_loader, val_loader=val_loader,
         sample_items=pick_sample_items(train_samples, val_samples, cfg.num_sample_captions),
-        steps_per_epoch=steps_per_epoch, total_steps=total_steps, run_dir=run_dir, tracker=tracker,
+        steps_per_epoch=steps_per_epoch, total_steps=total_steps, run_dir=run_dir, tracker=tracker, hooks=hooks,
     )
 
 
@@ -222,6 +248,7 @@ def train_one_epoch(run: Run, epoch: int, progress: tqdm) -> None:
             progress.set_postfix(epoch=epoch + 1, loss=f"{step_loss:.4f}", lr=f"{lrs.get('effective_lr', lrs['lr']):.2e}")
             if run.cfg.save_every_n_steps and run.global_step % run.cfg.save_every_n_steps == 0:
                 save(run, f"step-{run.global_step}", epoch=epoch)
+            run.hooks.on_step_end(run, epoch)
 
 
 @torch.no_grad()
@@ -301,8 +328,9 @@ def end_of_epoch(run: Run, epoch: int) -> None:
 # The whole run
 
 
-def train(cfg: TrainConfig) -> Path:
-    run = setup(cfg)
+def train(cfg: TrainConfig, hooks: TrainingHooks | None = None) -> Path:
+    run = setup(cfg, hooks or TrainingHooks())
+    run.hooks.on_setup(run)
     main = run.accelerator.is_main_process
     progress = tqdm(total=run.total_steps, desc="training", unit="step", disable=not main, dynamic_ncols=True, file=sys.stderr)
     for epoch in range(cfg.epochs):
@@ -310,7 +338,9 @@ def train(cfg: TrainConfig) -> Path:
         run.train_loader.set_epoch(epoch)  # new batch order each epoch
         train_one_epoch(run, epoch, progress)
         end_of_epoch(run, epoch)
+        run.hooks.on_epoch_end(run, epoch)
     progress.close()
+    run.hooks.on_train_end(run)
     final_dir = save(run, "final", epoch=cfg.epochs)
     if main:
         plot_losses(run.run_dir / "metrics.jsonl", run.run_dir / "loss.png")

@@ -19,6 +19,14 @@ from caption_train.tracking import read_metrics
 
 from conftest import REPO, base_args
 
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
 RUN_NAME = re.compile(r"^caption-train-\d{8}-\d{6}(-\d+)?$")
 
 
@@ -180,3 +188,24 @@ def test_config_file_run(capsys, tmp_path, tiny_blip, shapes_dir):
     final, _ = train_cli(capsys, "--config_file", str(config))
     assert final.parent.name.startswith("from-toml-")
     assert json.loads((final / "adapter_config.json").read_text())["r"] == 4
+
+
+@pytest.mark.slow
+def test_two_process_torchrun(tmp_path, tiny_blip, shapes_dir):
+    """torchrun with 2 CPU processes (gloo): data sharded, one final/, metrics from the main process only."""
+    out = tmp_path / "runs"
+    result = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
+         str(REPO / "train2.py"), *base_args(shapes_dir, tiny_blip, out, "--batch_size", "4", "--epochs", "2", "--validation_split", "0.25")],
+        capture_output=True, text=True, timeout=600, cwd=tmp_path,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    runs = list(out.iterdir())
+    assert len(runs) == 1, runs  # both ranks agreed on one run directory
+    finals = list(out.glob("*/final"))
+    assert len(finals) == 1 and (finals[0] / "adapter_model.safetensors").is_file()
+    assert result.stdout.strip().splitlines()[-1] == str(finals[0])
+    # 18 training images / (4 per batch x 2 processes) -> 3 optimizer steps per epoch (6 unsharded would be 5).
+    rows = [r for r in read_metrics(runs[0] / "metrics.jsonl") if "train/loss" in r]
+    assert [r["step"] for r in rows] == list(range(1, 7))
+    assert len([r for r in read_metrics(runs[0] / "metrics.jsonl") if "val/loss" in r]) == 2
