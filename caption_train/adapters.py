@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -47,6 +48,13 @@ def wrap_model(model: torch.nn.Module, family: ModelFamily, peft_module: str, pe
     except ValueError as err:
         # Typically "Target modules {...} not found in the base model".
         raise UserError(f"peft_args.target_modules for {peft_module}: {str(err).splitlines()[0]}") from None
+
+
+def load_adapter_for_training(model: torch.nn.Module, adapter_dir: Path) -> torch.nn.Module:
+    """Put a saved peft adapter (a checkpoint's) back on the base model, trainable, to continue training it."""
+    from peft import PeftModel
+
+    return PeftModel.from_pretrained(model, str(adapter_dir), is_trainable=True)
 
 
 def count_parameters(model: torch.nn.Module) -> tuple[int, int]:

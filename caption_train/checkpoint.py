@@ -1,16 +1,21 @@
-"""Run directories and self-describing checkpoint folders, written atomically (temp dir + rename).
+"""Run directories and self-describing checkpoint folders, written atomically; finding one to resume from.
 
     run_dir = new_run_dir(Path("runs"), "caption-train")          # runs/caption-train-20261126-210000/
-    save_checkpoint(run_dir / "epoch-1", model, processor, config_dict, state)
+    tmp = begin_checkpoint(run_dir / "epoch-1")                    # hidden temp folder beside the target
+    write_rng_state(tmp, rank)                                     # every process
+    finish_checkpoint(tmp, run_dir / "epoch-1", model, processor, config, state)   # main process
+    latest = find_resumable(Path("runs"), "caption-train")         # for --resume auto
 
 A checkpoint folder holds what is needed to use it alone: the peft adapter (or full model), the processor,
-the resolved `config.toml`, and `training_state.pt` (optimizer, scheduler, step counters, RNG states).
+the resolved `config.toml`, `training_state.pt` (optimizer, step counters, position in the epoch) and one
+`rng_state_<rank>.pt` per process.
 """
 
 from __future__ import annotations
 
 import os
 import random
+import re
 import shutil
 import time
 from pathlib import Path
@@ -24,6 +29,8 @@ from caption_train.errors import UserError
 
 CONFIG_NAME = "config.toml"
 STATE_NAME = "training_state.pt"
+TMP_MARK = ".tmp-"
+CHECKPOINT_NAME = re.compile(r"^(epoch|step)-(\d+)$|^final$")
 
 
 def new_run_dir(output_dir: Path, training_name: str) -> Path:
@@ -52,6 +59,10 @@ def write_config(path: Path, config: dict[str, Any]) -> None:
         tomli_w.dump(config, handle)
 
 
+# ---------------------------------------------------------------------------------------------
+# RNG state, per process
+
+
 def rng_states() -> dict[str, Any]:
     return {
         "python": random.getstate(),
@@ -61,20 +72,120 @@ def rng_states() -> dict[str, Any]:
     }
 
 
-def save_checkpoint(target: Path, model: torch.nn.Module, processor: Any, config: dict[str, Any], state: dict[str, Any]) -> Path:
-    """Write the checkpoint into a hidden temp folder beside `target`, then rename it into place.
+def restore_rng_states(states: dict[str, Any]) -> None:
+    random.setstate(states["python"])
+    np.random.set_state(states["numpy"])
+    torch.set_rng_state(states["torch"])
+    if states.get("cuda") is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(states["cuda"])
 
-    A crash mid-write leaves only a `.tmp-` folder, never a half-written `target`.
-    """
+
+def rng_file(folder: Path, rank: int) -> Path:
+    return folder / f"rng_state_{rank}.pt"
+
+
+# ---------------------------------------------------------------------------------------------
+# Atomic writes: temp folder beside the target, fsync, rename
+
+
+def temp_dir_for(target: Path) -> Path:
+    # Deterministic (no pid) so every process of a multi-process run agrees on it.
+    return target.parent / f".{target.name}{TMP_MARK}save"
+
+
+def begin_checkpoint(target: Path) -> Path:
+    """Create the empty temp folder for `target` (main process), clearing our own leftover from a crash."""
     if target.exists():
         raise FileExistsError(f"{target} already exists; refusing to overwrite a checkpoint")
-    tmp = target.parent / f".{target.name}.tmp-{os.getpid()}"
+    tmp = temp_dir_for(target)
     if tmp.exists():
-        shutil.rmtree(tmp)  # our own leftover from this process id; nothing of the user's
+        shutil.rmtree(tmp)  # a half-written checkpoint of this run from a crash; never user data
     tmp.mkdir(parents=True)
+    return tmp
+
+
+def write_rng_state(tmp: Path, rank: int) -> None:
+    torch.save(rng_states(), rng_file(tmp, rank))
+
+
+def _fsync_tree(folder: Path) -> None:
+    for path in sorted(folder.rglob("*")):
+        if path.is_file():
+            with path.open("rb") as handle:
+                os.fsync(handle.fileno())
+    _fsync_dir(folder)
+
+
+def _fsync_dir(folder: Path) -> None:
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def finish_checkpoint(tmp: Path, target: Path, model: torch.nn.Module, processor: Any, config: dict[str, Any], state: dict[str, Any]) -> Path:
+    """Fill the temp folder, flush it to disk, and rename it into place: a crash leaves the old state or the new one."""
     model.save_pretrained(tmp)
     processor.save_pretrained(tmp)
     write_config(tmp / CONFIG_NAME, config)
-    torch.save({**state, "rng": rng_states()}, tmp / STATE_NAME)
+    torch.save(state, tmp / STATE_NAME)
+    _fsync_tree(tmp)
     os.replace(tmp, target)
+    _fsync_dir(target.parent)
     return target
+
+
+# ---------------------------------------------------------------------------------------------
+# Finding checkpoints
+
+
+def is_complete(folder: Path) -> bool:
+    """A checkpoint we can resume from: renamed into place, with state and weights."""
+    has_weights = any((folder / name).is_file() for name in ("adapter_model.safetensors", "model.safetensors", "model.safetensors.index.json"))
+    return folder.is_dir() and CHECKPOINT_NAME.match(folder.name) is not None and (folder / STATE_NAME).is_file() and has_weights
+
+
+def checkpoints_in(run_dir: Path) -> list[tuple[int, Path]]:
+    """(global_step, folder) of the complete checkpoints of a run, oldest first; temp leftovers ignored."""
+    found = []
+    for folder in run_dir.iterdir() if run_dir.is_dir() else []:
+        if folder.name.startswith(".") or not is_complete(folder):
+            continue
+        try:
+            step = int(torch.load(folder / STATE_NAME, map_location="cpu", weights_only=False)["global_step"])
+        except Exception:  # noqa: BLE001 - an unreadable state file means "not resumable", whatever the cause
+            continue
+        found.append((step, folder))
+    # At equal steps prefer final/ > epoch-N/ > step-N/ (same weights; final means "done").
+    rank = {"final": 2, "epoch": 1, "step": 0}
+    return sorted(found, key=lambda item: (item[0], rank[item[1].name.split("-")[0]]))
+
+
+def run_dirs(output_dir: Path, training_name: str) -> list[Path]:
+    """Runs named `<training_name>-<YYYYmmdd-HHMMSS>[-N]` in output_dir, oldest first."""
+    pattern = re.compile(rf"^{re.escape(training_name)}-(\d{{8}}-\d{{6}})(?:-(\d+))?$")
+    runs = []
+    for folder in output_dir.iterdir() if output_dir.is_dir() else []:
+        match = pattern.match(folder.name)
+        if match and folder.is_dir():
+            runs.append(((match.group(1), int(match.group(2) or 1)), folder))
+    return [folder for _, folder in sorted(runs)]
+
+
+def find_resumable(output_dir: Path, training_name: str) -> Path | None:
+    """The newest complete checkpoint of the newest run of this name that has one (None if there is none)."""
+    for run_dir in reversed(run_dirs(output_dir, training_name)):
+        checkpoints = checkpoints_in(run_dir)
+        if checkpoints:
+            return checkpoints[-1][1]
+    return None
+
+
+def prune_step_checkpoints(run_dir: Path, keep: int) -> list[Path]:
+    """Delete all but the newest `keep` step-N/ checkpoints of this run (epoch-N/ and final/ are kept)."""
+    steps = sorted((int(p.name.split("-")[1]), p) for p in run_dir.glob("step-*") if CHECKPOINT_NAME.match(p.name))
+    removed = [path for _, path in steps[: max(0, len(steps) - keep)]]
+    for path in removed:
+        shutil.rmtree(path)
+    return removed

@@ -79,6 +79,9 @@ class TrainConfig:
     training_name: str = _field("caption-train", "Name of the run (folder prefix and tracker run name).")
     save_every_n_epochs: int = _field(1, "Save epoch-N/ every N epochs (0 = only final/).")
     save_every_n_steps: int = _field(0, "Also save step-N/ every N optimizer steps (0 = never).")
+    save_total_limit: int = _field(0, "Keep only the newest N step-N/ checkpoints (0 = keep all; epoch-N/ and final/ are always kept).")
+    resume: str | None = _field(None, "Continue a run: 'auto' (newest checkpoint of the newest run named training_name in output_dir) or a checkpoint folder.")
+    max_nonfinite_steps: int = _field(10, "Stop (after saving the last good state) when this many optimizer steps in a row have a non-finite loss.")
     num_sample_captions: int = _field(4, "Images captioned and printed/logged after every epoch (0 = none).")
     log_with: str = _field("wandb", "Tracker besides metrics.jsonl: wandb (offline when not logged in) or none.", choices=TRACKERS)
     wandb_project: str = _field("caption-train", "wandb project name.")
@@ -273,6 +276,8 @@ def _check_ranges(cfg: TrainConfig) -> list[str]:
     need(cfg.num_workers >= 0, f"num_workers must be >= 0, got {cfg.num_workers}")
     need(cfg.save_every_n_epochs >= 0, f"save_every_n_epochs must be >= 0, got {cfg.save_every_n_epochs}")
     need(cfg.save_every_n_steps >= 0, f"save_every_n_steps must be >= 0, got {cfg.save_every_n_steps}")
+    need(cfg.save_total_limit >= 0, f"save_total_limit must be >= 0, got {cfg.save_total_limit}")
+    need(cfg.max_nonfinite_steps >= 1, f"max_nonfinite_steps must be >= 1, got {cfg.max_nonfinite_steps}")
     need(cfg.num_sample_captions >= 0, f"num_sample_captions must be >= 0, got {cfg.num_sample_captions}")
     need(cfg.training_name.strip() != "" and "/" not in cfg.training_name and "\\" not in cfg.training_name,
          f"training_name must be a non-empty folder name without slashes, got {cfg.training_name!r}")
@@ -371,4 +376,5 @@ def to_toml_dict(cfg: TrainConfig) -> dict[str, Any]:
     data = dataclasses.asdict(cfg)
     data["lr"] = resolved_lr(cfg)
     data.pop("config_file", None)
+    data.pop("resume", None)  # a saved config must not make its next user resume by accident
     return {k: v for k, v in data.items() if v is not None}

@@ -4,21 +4,23 @@
     final_dir = train(load_train_config(["--dataset_dir", "data", "--epochs", "3"]))
 
 Runs unchanged on one CPU, one GPU, or several processes under `torchrun` / `accelerate launch`.
+Resumable (`--resume auto|PATH`), and stops cleanly on SIGINT / SIGTERM with a checkpoint to resume from.
 """
 
 from __future__ import annotations
 
 import functools
+import signal
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 from tqdm.auto import tqdm
 
-from caption_train import checkpoint
-from caption_train.adapters import count_parameters, wrap_model
+from caption_train import checkpoint, resume
+from caption_train.adapters import count_parameters, load_adapter_for_training, wrap_model
 from caption_train.config import TrainConfig, resolved_lr, to_toml_dict
 from caption_train.data.captions import CaptionTransform
 from caption_train.data.dataset import CaptionDataset, drop_failed
@@ -50,6 +52,43 @@ class TrainingHooks:
         pass
 
 
+
+class TrainingStopped(UserError):
+    """The run ended early on purpose (signal) or by necessity (diverged); a checkpoint was saved first."""
+
+    def __init__(self, message: str, exit_code: int):
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+class StopRequest:
+    """SIGINT / SIGTERM handler: the first signal asks the loop to stop after the current optimizer step
+    (and save); a second SIGINT aborts at once."""
+
+    def __init__(self) -> None:
+        self.signum = 0
+        self._previous: dict[int, Any] = {}
+
+    def install(self) -> None:
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            try:
+                self._previous[signum] = signal.signal(signum, self._handle)
+            except ValueError:  # not the main thread (e.g. train() called from a worker thread): no handlers
+                return
+
+    def uninstall(self) -> None:
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
+        self._previous.clear()
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.signum and signum == signal.SIGINT:
+            raise KeyboardInterrupt  # second Ctrl-C: the user does not want to wait for the save
+        self.signum = signum
+        print(f"\n{signal.Signals(signum).name}: stopping after this optimizer step and saving a checkpoint "
+              "(Ctrl-C again to abort without saving)", file=sys.stderr, flush=True)
+
+
 @dataclass
 class Run:
     """Everything the loop touches, built once by `setup`."""
@@ -70,11 +109,14 @@ class Run:
     run_dir: Path
     tracker: Tracker
     hooks: TrainingHooks
+    resumed_from: Path | None = None
+    # ---- position, saved in every checkpoint
     global_step: int = 0
-
-
-# ---------------------------------------------------------------------------------------------
-# Setup
+    epoch: int = 0  # the epoch in progress (0-based)
+    batches_done: int = 0  # batches of that epoch already consumed by this process
+    nonfinite_streak: int = 0
+    stop: StopRequest = field(default_factory=StopRequest)
+    stop_agreed: int = 0  # signal number all processes agreed to stop on (0 = keep going)
 
 
 def make_accelerator(cfg: TrainConfig) -> Any:
@@ -148,8 +190,33 @@ def pick_sample_items(train: list[Sample], val: list[Sample], count: int) -> lis
     return (val or train)[:count]
 
 
+# ---------------------------------------------------------------------------------------------
+# Setup
+
+
+def load_model(cfg: TrainConfig, family: ModelFamily, resume_dir: Path | None) -> tuple[torch.nn.Module, Any]:
+    """The model to train: fresh adapters on the base model, or the checkpoint's weights when resuming."""
+    if resume_dir is not None and cfg.peft_module == "none":
+        return family.load(str(resume_dir), cfg.model_config, label_smoothing=cfg.label_smoothing)
+    model, processor = family.load(cfg.model_name_or_path, cfg.model_config, label_smoothing=cfg.label_smoothing)
+    if resume_dir is not None:
+        return load_adapter_for_training(model, resume_dir), processor
+    return wrap_model(model, family, cfg.peft_module, cfg.peft_args), processor
+
+
+def open_run_dir(cfg: TrainConfig, resume_dir: Path | None, main: bool) -> Path:
+    """A new run folder, or the resumed run's own; every process gets the main process's answer."""
+    from accelerate.utils import broadcast_object_list
+
+    if resume_dir is not None:
+        return resume_dir.parent
+    holder = [str(checkpoint.new_run_dir(Path(cfg.output_dir), cfg.training_name)) if main else None]
+    broadcast_object_list(holder)
+    return Path(holder[0])
+
+
 def setup(cfg: TrainConfig, hooks: TrainingHooks) -> Run:
-    from accelerate.utils import broadcast_object_list, set_seed
+    from accelerate.utils import set_seed
 
     accelerator = make_accelerator(cfg)
     set_seed(cfg.seed)
@@ -159,6 +226,19 @@ def setup(cfg: TrainConfig, hooks: TrainingHooks) -> Run:
 
         hf_logging.disable_progress_bar()  # one "Loading weights" bar per run, not one per process
 
+    # ---- what to resume (checked before anything heavy is loaded)
+    resume_dir = resume.resolve_resume(cfg)
+    state: dict[str, Any] = {}
+    if resume_dir is not None:
+        notes = resume.check_config_compatible(cfg, resume_dir)
+        state = resume.load_state(resume_dir)
+        if main:
+            print(f"resuming from {resume_dir} (step {state['global_step']}, epoch {state['epoch'] + 1}, batch {state['batches_done']})", flush=True)
+            for note in notes:
+                print(f"  config changed: {note}", flush=True)
+    elif cfg.resume == "auto" and main:
+        print(f"--resume auto: no checkpoint of a run named {cfg.training_name!r} in {cfg.output_dir}; starting a new run", flush=True)
+
     # ---- data (read-only; every process scans the same sorted list)
     scan = scan_dataset(Path(cfg.dataset_dir))
     if main:
@@ -167,9 +247,8 @@ def setup(cfg: TrainConfig, hooks: TrainingHooks) -> Run:
 
     # ---- model
     family, _ = resolve_family(cfg.model_name_or_path)
-    model, processor = family.load(cfg.model_name_or_path, cfg.model_config, label_smoothing=cfg.label_smoothing)
+    model, processor = load_model(cfg, family, resume_dir)
     max_length = min(cfg.max_length, family.max_text_length(model))
-    model = wrap_model(model, family, cfg.peft_module, cfg.peft_args)
     if cfg.gradient_checkpointing:
         enable_gradient_checkpointing(model, family)
     trainable, total = count_parameters(model)
@@ -190,65 +269,119 @@ def setup(cfg: TrainConfig, hooks: TrainingHooks) -> Run:
         model, optimizer, train_loader, val_loader = accelerator.prepare(model, optimizer, train_loader, val_loader)
     else:
         model, optimizer, train_loader = accelerator.prepare(model, optimizer, train_loader)
+    if state:
+        resume.restore_optimizer(optimizer, state, lr=lr, args=cfg.optimizer_args)
     # After prepare, len(train_loader) is this process's share of the batches.
     steps_per_epoch = optimizer_steps_per_epoch(len(train_loader), cfg.gradient_accumulation_steps)
     total_steps = steps_per_epoch * cfg.epochs
     # Not passed to accelerator.prepare: it would step the schedule once per process per step, while
     # total_steps above is already counted per process.
     scheduler = build_scheduler(cfg.lr_scheduler, optimizer, lr=lr, total_steps=total_steps, steps_per_epoch=steps_per_epoch, args=cfg.scheduler_args)
+    if state:
+        resume.fast_forward(scheduler, state["global_step"])
 
     # ---- output (only now: bad input above must leave nothing behind)
-    holder = [str(checkpoint.new_run_dir(Path(cfg.output_dir), cfg.training_name)) if main else None]
-    broadcast_object_list(holder)
-    run_dir = Path(holder[0])
+    run_dir = open_run_dir(cfg, resume_dir, main)
+    if main and state:
+        resume.truncate_metrics(run_dir / "metrics.jsonl", state["metrics_rows"])
     tracker = make_tracker(log_with=cfg.log_with, run_dir=run_dir, project=cfg.wandb_project, run_name=run_dir.name, config=to_toml_dict(cfg), enabled=main)
     if main:
-        checkpoint.write_config(run_dir / checkpoint.CONFIG_NAME, to_toml_dict(cfg))
+        if not state:
+            checkpoint.write_config(run_dir / checkpoint.CONFIG_NAME, to_toml_dict(cfg))
         print(f"run directory: {run_dir}", flush=True)
         print(f"{len(train_samples)} training / {len(val_samples)} validation images; {steps_per_epoch} optimizer steps per epoch x {cfg.epochs} epochs = {total_steps} steps", flush=True)
 
-    return Run(
+    run = Run(
         cfg=cfg, accelerator=accelerator, family=family, model=model, processor=processor, optimizer=optimizer,
         scheduler=scheduler, train_dataset=train_dataset, train_loader=train_loader, val_loader=val_loader,
         sample_items=pick_sample_items(train_samples, val_samples, cfg.num_sample_captions),
         steps_per_epoch=steps_per_epoch, total_steps=total_steps, run_dir=run_dir, tracker=tracker, hooks=hooks,
+        resumed_from=resume_dir,
     )
+    if state:
+        run.global_step, run.epoch, run.batches_done = state["global_step"], state["epoch"], state["batches_done"]
+        run.nonfinite_streak = state.get("nonfinite_streak", 0)
+        # Last, so nothing above consumes random numbers the uninterrupted run did not.
+        if not resume.restore_rng(resume_dir, accelerator.process_index) and main:
+            print(f"  note: {resume_dir} has no RNG state for process {accelerator.process_index} (process count changed); dropout noise will differ", flush=True)
+    return run
 
 
 # ---------------------------------------------------------------------------------------------
-# One epoch, validation, samples, saving
+# One epoch, one optimizer step
+
+
+def epoch_batches(run: Run, epoch: int) -> Any:
+    """This epoch's loader, past the batches a resumed checkpoint had already consumed."""
+    run.train_dataset.set_epoch(epoch)  # new caption shuffles/dropouts/flips each epoch
+    run.train_loader.set_epoch(epoch)  # new batch order each epoch (the same on every process)
+    if run.batches_done:
+        return run.accelerator.skip_first_batches(run.train_loader, run.batches_done)
+    return run.train_loader
 
 
 def train_one_epoch(run: Run, epoch: int, progress: tqdm) -> None:
-    accelerator, model, optimizer = run.accelerator, run.model, run.optimizer
+    """Train until the epoch ends or all processes agree to stop."""
+    accelerator, model = run.accelerator, run.model
     model.train()
-    window_loss, window_batches = 0.0, 0
-    for batch in run.train_loader:
+    window = torch.zeros(3, device=accelerator.device)  # this step's (sum of finite losses, batches, non-finite batches)
+    for batch in epoch_batches(run, epoch):
+        run.batches_done += 1
         if batch is None:  # every image in the batch failed to load (already warned about)
             continue
         with accelerator.accumulate(model):
             loss = model(**batch).loss
+            # Backward even when the loss is not finite: under DDP every process must join the gradient
+            # all-reduce. The step is then skipped for everyone.
             accelerator.backward(loss)
+            finite = bool(torch.isfinite(loss))
+            window += torch.stack([loss.detach().float() if finite else torch.zeros((), device=window.device),
+                                   torch.ones((), device=window.device), torch.tensor(0.0 if finite else 1.0, device=window.device)])
             if accelerator.sync_gradients:
-                lrs = current_lr(optimizer)  # the LR this step uses, before the schedule moves on
-                if run.cfg.max_grad_norm > 0:
-                    accelerator.clip_grad_norm_(model.parameters(), run.cfg.max_grad_norm)
-            optimizer.step()  # a no-op inside an accumulation window (accelerate's wrapper)
-            if accelerator.sync_gradients and not accelerator.optimizer_step_was_skipped:
-                run.scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-        window_loss += loss.detach().float()
-        window_batches += 1
-        if accelerator.sync_gradients:
-            run.global_step += 1
-            step_loss = accelerator.reduce(window_loss / window_batches, reduction="mean").item()
-            window_loss, window_batches = 0.0, 0
-            run.tracker.log({"train/loss": step_loss, "train/epoch": epoch + 1, **{f"train/{k}": v for k, v in lrs.items()}}, step=run.global_step)
-            progress.update(1)
-            progress.set_postfix(epoch=epoch + 1, loss=f"{step_loss:.4f}", lr=f"{lrs.get('effective_lr', lrs['lr']):.2e}")
-            if run.cfg.save_every_n_steps and run.global_step % run.cfg.save_every_n_steps == 0:
-                save(run, f"step-{run.global_step}", epoch=epoch)
-            run.hooks.on_step_end(run, epoch)
+                optimizer_step(run, window, epoch, progress)
+                window.zero_()
+        if run.stop_agreed:
+            return
+
+
+def optimizer_step(run: Run, window: torch.Tensor, epoch: int, progress: tqdm) -> None:
+    """Step (or skip a non-finite step), log, then checkpoint / stop as agreed by all processes."""
+    accelerator, optimizer = run.accelerator, run.optimizer
+    # One collective per step carries the loss, the non-finite count and any stop request, so all agree.
+    stop_flag = torch.tensor([float(run.stop.signum)], device=window.device)
+    totals = accelerator.reduce(torch.cat([window, stop_flag]), reduction="sum")
+    loss_sum, batches, nonfinite, stop = totals.tolist()
+    lrs = current_lr(optimizer)  # the LR this step uses, before the schedule moves on
+    if nonfinite == 0:
+        if run.cfg.max_grad_norm > 0:
+            accelerator.clip_grad_norm_(run.model.parameters(), run.cfg.max_grad_norm)
+        optimizer.step()
+        run.nonfinite_streak = 0
+    else:
+        run.nonfinite_streak += 1
+        if accelerator.is_main_process:
+            tqdm.write(f"warning: non-finite loss at step {run.global_step + 1} ({int(nonfinite)} of {int(batches)} batches); step skipped, gradients dropped", file=sys.stderr)
+    if not accelerator.optimizer_step_was_skipped:
+        run.scheduler.step()  # also on skipped non-finite steps, so the schedule keeps its length
+    optimizer.zero_grad(set_to_none=True)
+    run.global_step += 1
+
+    finite_batches = batches - nonfinite
+    step_loss = loss_sum / finite_batches if finite_batches else float("nan")
+    run.tracker.log({"train/loss": step_loss, "train/epoch": epoch + 1, **{f"train/{k}": v for k, v in lrs.items()}}, step=run.global_step)
+    progress.update(1)
+    progress.set_postfix(epoch=epoch + 1, loss=f"{step_loss:.4f}", lr=f"{lrs.get('effective_lr', lrs['lr']):.2e}")
+
+    if run.nonfinite_streak >= run.cfg.max_nonfinite_steps:
+        path = save(run, f"step-{run.global_step}", epoch=epoch)
+        raise TrainingStopped(
+            f"training diverged: {run.nonfinite_streak} optimizer steps in a row had a non-finite loss (last at step {run.global_step}); "
+            f"the last good weights are in {path}; lower --lr or --max_grad_norm, or check the data", exit_code=3)
+    if run.cfg.save_every_n_steps and run.global_step % run.cfg.save_every_n_steps == 0:
+        save(run, f"step-{run.global_step}", epoch=epoch)
+    run.hooks.on_step_end(run, epoch)
+    if stop:
+        run.stop_agreed = run.stop.signum or int(signal.SIGTERM)
 
 
 @torch.no_grad()
@@ -289,20 +422,46 @@ def sample_captions(run: Run) -> list[dict[str, Any]]:
     return [{"image": str(sample.image_path), "truth": sample.caption, "prediction": prediction} for (sample, _), prediction in zip(items, predictions)]
 
 
-def save(run: Run, name: str, *, epoch: int) -> Path:
-    """Write a checkpoint folder (main process only); every process waits so no one races ahead of the save."""
+def save(run: Run, name: str, *, epoch: int, batches_done: int | None = None) -> Path:
+    """Write a checkpoint folder atomically. Collective: every process calls it (each saves its RNG state).
+
+    `epoch` / `batches_done` say where a resumed run continues: the epoch in progress and the batches of it
+    already consumed (default: the loop's current position).
+    """
+    accelerator = run.accelerator
     target = run.run_dir / name
-    run.accelerator.wait_for_everyone()
-    if run.accelerator.is_main_process:
+    if target.exists():  # e.g. a resumed run reaching an epoch it had already saved
+        return target
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        checkpoint.begin_checkpoint(target)
+    accelerator.wait_for_everyone()
+    tmp = checkpoint.temp_dir_for(target)
+    checkpoint.write_rng_state(tmp, accelerator.process_index)
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
         state = {
             "optimizer": run.optimizer.state_dict(),
-            "scheduler": run.scheduler.state_dict(),
+            "scheduler": run.scheduler.state_dict(),  # for inspection; resume rebuilds and fast-forwards it
             "global_step": run.global_step,
             "epoch": epoch,
+            "batches_done": run.batches_done if batches_done is None else batches_done,
+            "nonfinite_streak": run.nonfinite_streak,
+            "metrics_rows": count_lines(run.run_dir / "metrics.jsonl"),
+            "num_processes": accelerator.num_processes,
         }
-        checkpoint.save_checkpoint(target, run.accelerator.unwrap_model(run.model), run.processor, to_toml_dict(run.cfg), state)
-    run.accelerator.wait_for_everyone()
+        checkpoint.finish_checkpoint(tmp, target, accelerator.unwrap_model(run.model), run.processor, to_toml_dict(run.cfg), state)
+        if name.startswith("step-") and run.cfg.save_total_limit:
+            checkpoint.prune_step_checkpoints(run.run_dir, run.cfg.save_total_limit)
+    accelerator.wait_for_everyone()
     return target
+
+
+def count_lines(path: Path) -> int:
+    if not path.is_file():
+        return 0
+    with path.open("rb") as handle:
+        return sum(1 for _ in handle)
 
 
 def end_of_epoch(run: Run, epoch: int) -> None:
@@ -321,7 +480,18 @@ def end_of_epoch(run: Run, epoch: int) -> None:
         if rows:
             run.tracker.log_samples(rows, step=run.global_step)
     if run.cfg.save_every_n_epochs and (epoch + 1) % run.cfg.save_every_n_epochs == 0:
-        save(run, f"epoch-{epoch + 1}", epoch=epoch + 1)
+        save(run, f"epoch-{epoch + 1}", epoch=epoch + 1, batches_done=0)
+
+
+def stop_early(run: Run, epoch: int) -> None:
+    """Save where we are, tell the user how to continue, and leave with 130 (SIGINT) / 143 (SIGTERM)."""
+    path = save(run, f"step-{run.global_step}", epoch=epoch)
+    run.tracker.finish()
+    signum = run.stop_agreed
+    if run.accelerator.is_main_process:
+        print(f"stopped at step {run.global_step}/{run.total_steps} (epoch {epoch + 1}); checkpoint: {path}", flush=True)
+        print(f"resume with the same command plus: --resume auto   (or --resume {path})", flush=True)
+    raise TrainingStopped(f"training interrupted by {signal.Signals(signum).name}; resumable checkpoint saved in {path}", exit_code=128 + signum)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -330,23 +500,45 @@ def end_of_epoch(run: Run, epoch: int) -> None:
 
 def train(cfg: TrainConfig, hooks: TrainingHooks | None = None) -> Path:
     run = setup(cfg, hooks or TrainingHooks())
-    run.hooks.on_setup(run)
     main = run.accelerator.is_main_process
-    progress = tqdm(total=run.total_steps, desc="training", unit="step", disable=not main, dynamic_ncols=True, file=sys.stderr)
-    for epoch in range(cfg.epochs):
-        run.train_dataset.set_epoch(epoch)  # new caption shuffles/dropouts/flips each epoch
-        run.train_loader.set_epoch(epoch)  # new batch order each epoch
-        train_one_epoch(run, epoch, progress)
-        end_of_epoch(run, epoch)
-        run.hooks.on_epoch_end(run, epoch)
-    progress.close()
-    run.hooks.on_train_end(run)
-    final_dir = save(run, "final", epoch=cfg.epochs)
-    if main:
-        plot_losses(run.run_dir / "metrics.jsonl", run.run_dir / "loss.png")
+    if run.resumed_from is not None and run.resumed_from.name == "final" and run.epoch >= cfg.epochs:
+        if main:
+            print(f"{run.resumed_from.parent.name} already finished; nothing to resume", flush=True)
+            print(run.resumed_from, flush=True)
         run.tracker.finish()
-    run.accelerator.end_training()
+        return run.resumed_from
+    run.stop.install()
+    try:
+        run.hooks.on_setup(run)
+        progress = tqdm(total=run.total_steps, initial=run.global_step, desc="training", unit="step", disable=not main, dynamic_ncols=True, file=sys.stderr)
+        for epoch in range(run.epoch, cfg.epochs):
+            run.epoch = epoch
+            train_one_epoch(run, epoch, progress)
+            if run.stop_agreed:
+                progress.close()
+                stop_early(run, epoch)
+            end_of_epoch(run, epoch)
+            run.hooks.on_epoch_end(run, epoch)
+            run.batches_done = 0
+        progress.close()
+        run.hooks.on_train_end(run)
+        final_dir = finish(run)
+    finally:
+        run.stop.uninstall()
     if main:
         print(final_dir, flush=True)  # (contract) the last line printed is the path of final/
     return final_dir
 
+
+def finish(run: Run) -> Path:
+    """Save final/ (moving an older final/ of a resumed-and-extended run aside), plot, close trackers."""
+    final_dir = run.run_dir / "final"
+    if final_dir.exists() and run.accelerator.is_main_process:
+        final_dir.rename(run.run_dir / f"final-step-{resume.load_state(final_dir)['global_step']}")
+    run.accelerator.wait_for_everyone()
+    final_dir = save(run, "final", epoch=run.cfg.epochs, batches_done=0)
+    if run.accelerator.is_main_process:
+        plot_losses(run.run_dir / "metrics.jsonl", run.run_dir / "loss.png")
+    run.tracker.finish()
+    run.accelerator.end_training()
+    return final_dir

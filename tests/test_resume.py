@@ -1,0 +1,218 @@
+"""Never lose a run: resume equivalence, signals, crash-kill + resume, non-finite losses, checkpoint pruning."""
+
+from __future__ import annotations
+
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from caption_train.checkpoint import checkpoints_in, find_resumable
+from caption_train.config import load_train_config
+from caption_train.errors import UserError
+from caption_train.tracking import read_metrics
+from caption_train.train import TrainingHooks, TrainingStopped, train
+
+from conftest import REPO, base_args
+
+# 24 images / batch 4 = 6 batches; accumulating 2 -> 3 optimizer steps per epoch; 3 epochs = 9 steps.
+# Caption shuffle/dropout, flips and LoRA dropout are on, so any RNG or data-order slip changes the losses.
+STOCHASTIC = ("--batch_size", "4", "--gradient_accumulation_steps", "2", "--epochs", "3", "--validation_split", "0.25",
+              "--shuffle_captions", "--caption_dropout", "0.2", "--random_flip", "0.5", "--lr", "3e-3",
+              "--peft_args", "{lora_dropout = 0.2}", "--num_sample_captions", "1")
+
+
+class StopAtStep(TrainingHooks):
+    """Acts like a SIGINT arriving during step `k` (right after step k-1, i.e. before or inside k's accumulation
+    window): the loop must finish step k, save and stop."""
+
+    def __init__(self, k: int):
+        self.k = k
+
+    def on_setup(self, run):
+        if self.k == 1:
+            run.stop.signum = int(signal.SIGINT)
+
+    def on_step_end(self, run, epoch):
+        if run.global_step == self.k - 1:
+            run.stop.signum = int(signal.SIGINT)
+
+
+class PoisonLoss(TrainingHooks):
+    """Makes the loss NaN for the given (1-based) optimizer steps, through a forward hook on the real model."""
+
+    def __init__(self, bad_steps: set[int]):
+        self.bad_steps = bad_steps
+
+    def on_setup(self, run):
+        def poison(module, inputs, output):
+            if run.global_step + 1 in self.bad_steps:
+                output.loss = output.loss * float("nan")
+            return output
+
+        run.accelerator.unwrap_model(run.model).register_forward_hook(poison)
+
+
+def losses(run_dir: Path, key: str = "train/loss") -> list[float]:
+    return [row[key] for row in read_metrics(run_dir / "metrics.jsonl") if key in row]
+
+
+def weights(folder: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(folder / "adapter_model.safetensors"))
+
+
+def assert_same_weights(a: Path, b: Path) -> None:
+    wa, wb = weights(a), weights(b)
+    assert wa.keys() == wb.keys()
+    for key in wa:
+        torch.testing.assert_close(wa[key], wb[key], rtol=1e-5, atol=1e-7, msg=key)
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory, tiny_blip, shapes_dir) -> Path:
+    out = tmp_path_factory.mktemp("full")
+    return train(load_train_config(base_args(shapes_dir, tiny_blip, out, *STOCHASTIC)))
+
+
+@pytest.mark.parametrize("k", [2, 3, 7])  # mid-epoch, at an epoch's last step, in the last epoch
+def test_stop_and_resume_matches_uninterrupted(tmp_path, tiny_blip, shapes_dir, uninterrupted, k):
+    args = base_args(shapes_dir, tiny_blip, tmp_path, *STOCHASTIC)
+    with pytest.raises(TrainingStopped) as info:
+        train(load_train_config(args), hooks=StopAtStep(k))
+    assert info.value.exit_code == 130
+    stopped_at = find_resumable(tmp_path, "caption-train")
+    assert stopped_at.name == f"step-{k}"
+
+    final = train(load_train_config([*args, "--resume", "auto"]))
+    assert final.parent == stopped_at.parent  # same run directory, no new one
+    assert losses(final.parent) == pytest.approx(losses(uninterrupted.parent), rel=1e-5)
+    assert losses(final.parent, "val/loss") == pytest.approx(losses(uninterrupted.parent, "val/loss"), rel=1e-5)
+    assert_same_weights(final, uninterrupted)
+
+
+def test_resume_from_explicit_epoch_checkpoint(tmp_path, tiny_blip, shapes_dir, uninterrupted):
+    """An epoch-N/ checkpoint copied out of the full run resumes to the same result."""
+    import shutil
+
+    run_copy = tmp_path / uninterrupted.parent.name
+    shutil.copytree(uninterrupted.parent, run_copy, ignore=shutil.ignore_patterns("epoch-2", "epoch-3", "final"))
+    final = train(load_train_config([*base_args(shapes_dir, tiny_blip, tmp_path, *STOCHASTIC), "--resume", str(run_copy / "epoch-1")]))
+    assert losses(final.parent) == pytest.approx(losses(uninterrupted.parent), rel=1e-5)
+    assert_same_weights(final, uninterrupted)
+
+
+def test_changed_lr_wins_structural_change_refused(tmp_path, tiny_blip, shapes_dir, capsys):
+    args = base_args(shapes_dir, tiny_blip, tmp_path, "--epochs", "2", "--lr", "1e-3", "--lr_scheduler", "OneCycleLR")
+    with pytest.raises(TrainingStopped):
+        train(load_train_config(args), hooks=StopAtStep(2))
+    with pytest.raises(UserError, match=r"cannot change peft_args"):
+        train(load_train_config([*args, "--resume", "auto", "--peft_args", "{r = 4}"]))
+    capsys.readouterr()
+    final = train(load_train_config([*args, "--resume", "auto", "--lr", "2e-3"]))
+    assert "lr: checkpoint 0.001, now 0.002 (the new value wins" in capsys.readouterr().out
+    rows = [r for r in read_metrics(final.parent / "metrics.jsonl") if "train/lr" in r]
+    assert [r["step"] for r in rows] == list(range(1, 7))
+    assert max(r["train/lr"] for r in rows[2:]) > 1e-3  # the one-cycle peak now follows the new lr
+
+
+def test_resume_errors_and_auto_without_runs(tmp_path, tiny_blip, shapes_dir, capsys):
+    with pytest.raises(UserError, match="no such folder"):
+        train(load_train_config([*base_args(shapes_dir, tiny_blip, tmp_path), "--resume", str(tmp_path / "nope")]))
+    (tmp_path / "half").mkdir()
+    with pytest.raises(UserError, match="not a complete checkpoint"):
+        train(load_train_config([*base_args(shapes_dir, tiny_blip, tmp_path), "--resume", str(tmp_path / "half")]))
+    final = train(load_train_config([*base_args(shapes_dir, tiny_blip, tmp_path / "runs"), "--resume", "auto"]))
+    assert "starting a new run" in capsys.readouterr().out and final.is_dir()
+    # Resuming a finished run does nothing and points at its final/.
+    assert train(load_train_config([*base_args(shapes_dir, tiny_blip, tmp_path / "runs"), "--resume", "auto"])) == final
+
+
+def test_non_finite_step_is_skipped(tmp_path, tiny_blip, shapes_dir, capsys):
+    final = train(load_train_config(base_args(shapes_dir, tiny_blip, tmp_path, "--epochs", "2")), hooks=PoisonLoss({2}))
+    rows = losses(final.parent)
+    assert len(rows) == 6 and rows[1] != rows[1] and all(r == r for i, r in enumerate(rows) if i != 1)  # NaN only at step 2
+    assert "non-finite loss at step 2" in capsys.readouterr().err
+    assert all(torch.isfinite(t).all() for t in weights(final).values())
+
+
+def test_diverging_run_stops_after_saving_last_good_state(tmp_path, tiny_blip, shapes_dir):
+    args = base_args(shapes_dir, tiny_blip, tmp_path, "--epochs", "3", "--max_nonfinite_steps", "3", "--save_every_n_steps", "1")
+    with pytest.raises(TrainingStopped, match="diverged") as info:
+        train(load_train_config(args), hooks=PoisonLoss(set(range(2, 100))))
+    assert info.value.exit_code == 3
+    run_dir = next(tmp_path.iterdir())
+    assert sorted(p.name for p in run_dir.glob("step-*")) == ["step-1", "step-2", "step-3", "step-4"]
+    # Steps 2-4 were skipped, so the saved weights are still step 1's.
+    for name in ("step-2", "step-3", "step-4"):
+        assert_same_weights(run_dir / name, run_dir / "step-1")
+
+
+def test_save_total_limit_prunes_old_step_checkpoints(tmp_path, tiny_blip, shapes_dir):
+    final = train(load_train_config(base_args(shapes_dir, tiny_blip, tmp_path, "--epochs", "2", "--save_every_n_steps", "1", "--save_total_limit", "2")))
+    names = sorted(p.name for p in final.parent.iterdir() if p.is_dir())
+    assert names == ["epoch-1", "epoch-2", "final", "step-5", "step-6"]
+
+
+# ---------------------------------------------------------------------------------------------
+# Real processes: signals and SIGKILL
+
+
+def start_training(tmp_path: Path, tiny_blip: Path, shapes_dir: Path, *extra: str) -> subprocess.Popen:
+    args = base_args(shapes_dir, tiny_blip, tmp_path / "runs", "--epochs", "200", "--save_every_n_epochs", "0", "--num_sample_captions", "0", *extra)
+    return subprocess.Popen([sys.executable, str(REPO / "train2.py"), *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path)
+
+
+def wait_for_steps(run_root: Path, steps: int, timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        metrics = list(run_root.glob("*/metrics.jsonl"))
+        if metrics and len(read_metrics(metrics[0])) >= steps:
+            return
+        time.sleep(0.2)
+    raise AssertionError("training did not start in time")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("signum, code", [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
+def test_signal_saves_resumable_checkpoint(tmp_path, tiny_blip, shapes_dir, signum, code):
+    process = start_training(tmp_path, tiny_blip, shapes_dir)
+    wait_for_steps(tmp_path / "runs", 2)
+    process.send_signal(signum)
+    stdout, stderr = process.communicate(timeout=120)
+    assert process.returncode == code, stderr[-2000:]
+    assert "--resume auto" in stdout and "Traceback" not in stderr
+    checkpoint = find_resumable(tmp_path / "runs", "caption-train")
+    assert checkpoint is not None and checkpoint.name.startswith("step-")
+    assert stderr.strip().splitlines()[-1].startswith("error: training interrupted by")
+
+
+@pytest.mark.slow
+def test_sigkill_at_random_moments_always_resumes(tmp_path, tiny_blip, shapes_dir):
+    """10 trials: SIGKILL a run (saving every step, so kills land in checkpoint writes too), then --resume auto."""
+    from peft import PeftModel
+    from transformers import BlipForConditionalGeneration
+
+    rng = random.Random(1234)
+    extra = ("--epochs", "4", "--save_every_n_steps", "1", "--save_every_n_epochs", "1", "--save_total_limit", "3")
+    for trial in range(10):
+        root = tmp_path / f"trial{trial}"
+        args = base_args(shapes_dir, tiny_blip, root / "runs", "--num_sample_captions", "0", *extra)
+        process = subprocess.Popen([sys.executable, str(REPO / "train2.py"), *args], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=tmp_path)
+        wait_for_steps(root / "runs", 1)
+        time.sleep(rng.uniform(0.0, 1.5))
+        os.kill(process.pid, signal.SIGKILL)
+        process.wait()
+        resumed = subprocess.run([sys.executable, str(REPO / "train2.py"), *args, "--resume", "auto"], capture_output=True, text=True, cwd=tmp_path, timeout=300)
+        assert resumed.returncode == 0, resumed.stderr[-2000:]
+        final = Path(resumed.stdout.strip().splitlines()[-1])
+        assert final.name == "final"
+        for step, folder in checkpoints_in(final.parent):
+            PeftModel.from_pretrained(BlipForConditionalGeneration.from_pretrained(tiny_blip), folder)  # every checkpoint left behind loads
+        assert len(losses(final.parent)) == 12  # 3 steps x 4 epochs, each logged once
