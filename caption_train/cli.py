@@ -28,9 +28,37 @@ def demo_main(argv: list[str] | None = None) -> int:
     return main(argv)
 
 
+def caption_main(argv: list[str] | None = None) -> int:
+    from caption_train.captioning import main
+
+    return main(argv)
+
+
+def evaluate_main(argv: list[str] | None = None) -> int:
+    from caption_train.evaluate import main
+
+    return main(argv)
+
+
+def merge_main(argv: list[str] | None = None) -> int:
+    from caption_train.merge import main
+
+    return main(argv)
+
+
+def review_main(argv: list[str] | None = None) -> int:
+    from caption_train.iterative.review import main
+
+    return main(argv)
+
+
 COMMANDS: dict[str, tuple[Callable[[list[str] | None], int], str]] = {
     "train": (train_main, "fine-tune a captioning model on a folder of images with .txt captions"),
     "demo": (demo_main, "offline demo: build a tiny BLIP and a shapes dataset, train, show captions before/after"),
+    "review": (review_main, "browse and fix a dataset's captions in the interactive page, with a model's captions beside them"),
+    "caption": (caption_main, "caption a folder of images with a trained model: writes <image>.txt beside each"),
+    "evaluate": (evaluate_main, "caption a folder of captioned images and score against the .txt files (table, report.json, report.html)"),
+    "merge": (merge_main, "merge an adapter into a standalone model, optionally WiSE-FT interpolated (--alpha, --alpha_sweep)"),
 }
 
 

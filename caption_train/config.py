@@ -85,7 +85,7 @@ class TrainConfig:
     num_sample_captions: int = _field(4, "Images captioned and printed/logged after every epoch (0 = none).")
     log_with: str = _field("wandb", "Tracker besides metrics.jsonl: wandb (offline when not logged in) or none.", choices=TRACKERS)
     wandb_project: str = _field("caption-train", "wandb project name.")
-    interactive: str | None = _field(None, "[HOST:]PORT of the interactive caption-editing page (not available yet).")
+    interactive: str | None = _field(None, "[HOST:]PORT of the interactive caption page (host defaults to 127.0.0.1; port 0 picks a free one).")
     config_file: str | None = _field(None, "TOML file with any of these options as top-level keys (flags given on the command line win).")
 
 
@@ -282,7 +282,12 @@ def _check_ranges(cfg: TrainConfig) -> list[str]:
     need(cfg.training_name.strip() != "" and "/" not in cfg.training_name and "\\" not in cfg.training_name,
          f"training_name must be a non-empty folder name without slashes, got {cfg.training_name!r}")
     if cfg.interactive is not None:
-        problems.append("--interactive: the interactive caption page is not available in this version yet; remove the flag")
+        from caption_train.iterative.address import parse_interactive  # light: no aiohttp/torch import
+
+        try:
+            parse_interactive(cfg.interactive)
+        except UserError as err:
+            problems.append(str(err))
     problems += _check_call_args("optimizer_args", optimizer_class(cfg.optimizer), cfg.optimizer_args, reserved={"params"})
     problems += _check_call_args("scheduler_args", scheduler_class(cfg.lr_scheduler), cfg.scheduler_args, reserved={"optimizer"})
     return problems
@@ -377,4 +382,5 @@ def to_toml_dict(cfg: TrainConfig) -> dict[str, Any]:
     data["lr"] = resolved_lr(cfg)
     data.pop("config_file", None)
     data.pop("resume", None)  # a saved config must not make its next user resume by accident
+    data.pop("interactive", None)  # ...nor open a server
     return {k: v for k, v in data.items() if v is not None}

@@ -51,6 +51,9 @@ class TrainingHooks:
     def on_train_end(self, run: "Run") -> None:
         pass
 
+    def close(self) -> None:
+        """Release what the hooks hold (a server, threads); called once when train() returns or raises."""
+
 
 
 class TrainingStopped(UserError):
@@ -117,6 +120,7 @@ class Run:
     nonfinite_streak: int = 0
     stop: StopRequest = field(default_factory=StopRequest)
     stop_agreed: int = 0  # signal number all processes agreed to stop on (0 = keep going)
+    last_batch: dict[str, torch.Tensor] | None = None
 
 
 def make_accelerator(cfg: TrainConfig) -> Any:
@@ -327,16 +331,23 @@ def train_one_epoch(run: Run, epoch: int, progress: tqdm) -> None:
     window = torch.zeros(3, device=accelerator.device)  # this step's (sum of finite losses, batches, non-finite batches)
     for batch in epoch_batches(run, epoch):
         run.batches_done += 1
-        if batch is None:  # every image in the batch failed to load (already warned about)
-            continue
+        weight = 1.0
+        if batch is None:
+            # Every image of this batch was unreadable or excluded. Under DDP this process must still join the
+            # gradient all-reduce, so it replays its previous batch with zero weight instead of skipping.
+            if run.last_batch is None:
+                continue
+            batch, weight = run.last_batch, 0.0
+        run.last_batch = batch
         with accelerator.accumulate(model):
             loss = model(**batch).loss
             # Backward even when the loss is not finite: under DDP every process must join the gradient
             # all-reduce. The step is then skipped for everyone.
-            accelerator.backward(loss)
+            accelerator.backward(loss * weight)
             finite = bool(torch.isfinite(loss))
-            window += torch.stack([loss.detach().float() if finite else torch.zeros((), device=window.device),
-                                   torch.ones((), device=window.device), torch.tensor(0.0 if finite else 1.0, device=window.device)])
+            if weight:
+                window += torch.stack([loss.detach().float() if finite else torch.zeros((), device=window.device),
+                                       torch.ones((), device=window.device), torch.tensor(0.0 if finite else 1.0, device=window.device)])
             if accelerator.sync_gradients:
                 optimizer_step(run, window, epoch, progress)
                 window.zero_()
@@ -498,8 +509,25 @@ def stop_early(run: Run, epoch: int) -> None:
 # The whole run
 
 
+def make_hooks(cfg: TrainConfig) -> TrainingHooks:
+    """--interactive: the page's hooks. They bind the port now, so a busy port fails before anything is written."""
+    if cfg.interactive is None:
+        return TrainingHooks()
+    from caption_train.iterative import InteractiveHooks, parse_interactive
+
+    return InteractiveHooks(*parse_interactive(cfg.interactive))
+
+
 def train(cfg: TrainConfig, hooks: TrainingHooks | None = None) -> Path:
-    run = setup(cfg, hooks or TrainingHooks())
+    hooks = hooks or make_hooks(cfg)
+    try:
+        return run_training(cfg, hooks)
+    finally:
+        hooks.close()
+
+
+def run_training(cfg: TrainConfig, hooks: TrainingHooks) -> Path:
+    run = setup(cfg, hooks)
     main = run.accelerator.is_main_process
     if run.resumed_from is not None and run.resumed_from.name == "final" and run.epoch >= cfg.epochs:
         if main:

@@ -66,6 +66,10 @@ def test_aliases_and_types(tmp_path):
     assert cfg.lr == 5e-5 and cfg.shuffle_captions is True and cfg.gradient_checkpointing is False
 
 
+def test_interactive_address_is_accepted():
+    assert load_train_config(["--dataset_dir", "d", "--interactive", "127.0.0.1:8765"]).interactive == "127.0.0.1:8765"
+
+
 def test_choices_are_case_insensitive():
     cfg = load_train_config(["--dataset_dir", "d", "--optimizer", "prodigy", "--peft_module", "ia3", "--lr_scheduler", "onecyclelr"])
     assert (cfg.optimizer, cfg.peft_module, cfg.lr_scheduler) == ("Prodigy", "IA3", "OneCycleLR")
@@ -101,7 +105,7 @@ def test_shipped_config_toml_loads():
         (["--dataset_dir", "d", "--optimizer_args", "{wieght_decay = 1}"], "did you mean 'weight_decay'"),
         (["--dataset_dir", "d", "--scheduler_args", "{not toml"], "expected a TOML inline table"),
         (["--epochs", "2"], "dataset_dir is required"),
-        (["--dataset_dir", "d", "--interactive", "8080"], "--interactive"),
+        (["--dataset_dir", "d", "--interactive", "host:notaport"], "expected [HOST:]PORT"),
     ],
 )
 def test_bad_values_name_the_problem(argv, expected):

@@ -10,11 +10,18 @@ An image that fails to decode yields None instead of raising, so one bad file ca
 must drop those items with `drop_failed` (and cope with a batch that ends up empty).
 With DataLoader workers, call set_epoch before creating the epoch's iterator and do not use persistent_workers:
 each worker holds its own copy of the dataset and would keep the epoch it was started with.
+
+Live edits (the interactive page): `dataset.follow(path)` makes every process and worker check one small JSON file
+(`LiveCaptions`) each time it serves a sample, and reload it when it changed. The file maps image paths to new
+captions and lists excluded images; an excluded sample yields None, exactly like an unreadable image.
 """
 
 from __future__ import annotations
 
+import json
 import logging
+import os
+from pathlib import Path
 from typing import Iterable, TypeVar
 
 import torch
@@ -28,6 +35,50 @@ log = logging.getLogger(__name__)
 
 Item = tuple[Image.Image, str, str]
 T = TypeVar("T")
+
+
+class LiveCaptions:
+    """Caption overrides and exclusions read from a JSON file that another process may replace at any time.
+
+        {"captions": {"<image path as scanned>": "new caption"}, "excluded": ["<image path as scanned>"]}
+
+    The writer replaces the file atomically (temp file + os.replace), so a reader sees the old or the new file,
+    never half of one. `refresh()` costs one os.stat when nothing changed; the (inode, mtime, size) stamp catches
+    a replacement even within the file system's timestamp granularity. Picklable: DataLoader workers and other
+    ranks each keep their own copy and notice a change on their own, with no message passing.
+    """
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+        self.captions: dict[str, str] = {}
+        self.excluded: frozenset[str] = frozenset()
+        self._stamp: tuple[int, int, int] | None = None
+
+    def refresh(self) -> None:
+        try:
+            stat = os.stat(self.path)
+        except FileNotFoundError:
+            self.captions, self.excluded, self._stamp = {}, frozenset(), None
+            return
+        stamp = (stat.st_ino, stat.st_mtime_ns, stat.st_size)
+        if stamp == self._stamp:
+            return
+        try:
+            data = json.loads(self.path.read_text(encoding="utf-8"))
+            captions = {str(k): str(v) for k, v in dict(data.get("captions", {})).items()}
+            excluded = frozenset(str(k) for k in data.get("excluded", []))
+        except (OSError, ValueError, TypeError, AttributeError) as error:
+            # Keep serving the last good state; the writer only ever replaces the file whole.
+            log.warning("cannot read live captions %s (%s); keeping the previous ones", self.path, error)
+            return
+        self.captions, self.excluded, self._stamp = captions, excluded, stamp
+
+    def lookup(self, key: str, default: str) -> str | None:
+        """The caption to train on for `key` now: the override, `default`, or None when the sample is excluded."""
+        self.refresh()
+        if key in self.excluded:
+            return None
+        return self.captions.get(key, default)
 
 
 class CaptionDataset(torch.utils.data.Dataset):
@@ -49,16 +100,30 @@ class CaptionDataset(torch.utils.data.Dataset):
         # Off by default: flipping breaks captions that say "left"/"right" or contain text.
         self.random_flip = random_flip
         self.epoch = 0
+        self.live: LiveCaptions | None = None
         self._warned: set[str] = set()
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
+
+    def follow(self, path: str | os.PathLike) -> None:
+        """Take caption edits and exclusions from the LiveCaptions file at `path` from now on.
+
+        Call before the epoch's iterator is created, so that forked DataLoader workers inherit it.
+        """
+        self.live = LiveCaptions(path)
 
     def __len__(self) -> int:
         return len(self.samples)
 
     def __getitem__(self, index: int) -> Item | None:
         sample = self.samples[index]
+        text = sample.caption
+        if self.live is not None:
+            # Checked before loading the image: an excluded sample costs a dict lookup, not a decode.
+            text = self.live.lookup(str(sample.image_path), sample.caption)
+            if text is None:
+                return None
         try:
             image = load_rgb(sample.image_path)
         except ImageLoadError as error:
@@ -66,7 +131,7 @@ class CaptionDataset(torch.utils.data.Dataset):
             return None
         rng = sample_rng(self.seed, self.epoch, index)
         # Caption draws come first, so turning the flip on or off does not change a seed's captions.
-        caption = self.transform(sample.caption, rng)
+        caption = self.transform(text, rng)
         if self.random_flip > 0 and rng.random() < self.random_flip:
             image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
         return image, caption, str(sample.image_path)
@@ -80,5 +145,5 @@ class CaptionDataset(torch.utils.data.Dataset):
 
 
 def drop_failed(items: Iterable[T | None]) -> list[T]:
-    """The items that loaded, i.e. without the None that CaptionDataset returns for unreadable images."""
+    """The items to train on, i.e. without the None that CaptionDataset returns for unreadable or excluded images."""
     return [item for item in items if item is not None]

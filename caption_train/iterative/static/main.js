@@ -1,0 +1,293 @@
+// caption-train interactive page: live training status over a websocket, actions as JSON messages
+// (schema: caption_train/iterative/schema.py). Plain browser JavaScript, no build step, no dependencies.
+"use strict";
+
+const TOKEN = document.querySelector('meta[name="caption-train-token"]').content;
+const PAGE_SIZE = 24;
+const $ = (id) => document.getElementById(id);
+
+const ui = {
+  view: null,        // set from the hello message: "probe" when training has sample images
+  query: "",
+  offset: 0,
+  total: 0,
+  status: null,
+  cards: new Map(),  // image id -> card element
+  ws: null,
+  retry: 500,
+  requestId: 0,
+};
+
+// ---------------------------------------------------------------- talking to the server
+
+async function getJSON(path) {
+  const response = await fetch(path, { headers: { "X-Caption-Train-Token": TOKEN }, cache: "no-store" });
+  const body = await response.json();
+  if (!response.ok) throw new Error(body.payload ? body.payload.message : response.statusText);
+  return body;
+}
+
+async function send(type, payload) {
+  const id = `r${++ui.requestId}`;
+  const response = await fetch("/api/message", {
+    method: "POST",
+    headers: { "Content-Type": "application/json", "X-Caption-Train-Token": TOKEN },
+    body: JSON.stringify({ req_from: "client", type, payload, id }),
+  });
+  let reply;
+  try {
+    reply = await response.json();
+  } catch (error) {
+    reply = { type: "error", payload: { message: `${response.status} ${response.statusText}` } };
+  }
+  if (reply.type === "error") {
+    const details = (reply.payload.details || []).map((d) => `${d.loc}: ${d.msg}`).join("; ");
+    toast(reply.payload.message + (details ? ` (${details})` : ""), true);
+    throw new Error(reply.payload.message);
+  }
+  return reply.payload.detail || {};
+}
+
+function connect() {
+  const scheme = location.protocol === "https:" ? "wss" : "ws";
+  const ws = new WebSocket(`${scheme}://${location.host}/ws?token=${encodeURIComponent(TOKEN)}`);
+  ui.ws = ws;
+  ws.onopen = () => { ui.retry = 500; };
+  ws.onmessage = (event) => handle(JSON.parse(event.data));
+  ws.onclose = () => {
+    const finished = ui.status && ui.status.state === "finished";
+    setState(finished ? "finished" : "disconnected", finished ? "finished" : "disconnected");
+    if (!finished) setTimeout(connect, ui.retry);
+    ui.retry = Math.min(ui.retry * 2, 8000);
+  };
+}
+
+function handle(message) {
+  const payload = message.payload;
+  switch (message.type) {
+    case "hello":
+      showStatus(payload.status);
+      if (ui.view === null) {
+        ui.view = payload.probe.length ? "probe" : "all";
+        $("view").value = ui.view;
+        if (!payload.probe.length) $("view").querySelector('option[value="probe"]').hidden = true;
+      }
+      loadGallery();
+      break;
+    case "status": showStatus(payload); break;
+    case "caption_updated": updateCard(payload); break;
+    case "model_captions": payload.captions.forEach(updateCard); break;
+    case "saved": toast(`saved ${payload.path}`); break;
+    case "error": toast(payload.message, true); break;
+    default: break;
+  }
+}
+
+// ---------------------------------------------------------------- header
+
+function fmt(value, digits) {
+  if (value === null || value === undefined) return "–";
+  return Math.abs(value) < 1e-3 && value !== 0 ? value.toExponential(2) : value.toFixed(digits);
+}
+
+function setState(cls, text) {
+  const el = $("state");
+  el.className = `state state-${cls}`;
+  el.textContent = text;
+}
+
+function showStatus(s) {
+  ui.status = s;
+  const training = s.mode === "training";
+  $("mode").textContent = s.mode;
+  $("training-stats").hidden = !training;
+  $("review-stats").hidden = training;
+  $("pause").hidden = !training || s.state === "finished";
+  $("save").hidden = !training || s.state === "finished";
+  if (training) {
+    $("epoch").textContent = s.epoch ? `${s.epoch} / ${s.epochs}` : "–";
+    $("step").textContent = `${s.step} / ${s.total_steps}`;
+    $("loss").textContent = fmt(s.loss, 4);
+    $("lr").textContent = s.lr === null ? "–" : s.lr.toExponential(2);
+    $("val-loss").textContent = fmt(s.val_loss, 4);
+    $("progress-bar").style.width = `${s.total_steps ? (100 * s.step) / s.total_steps : 0}%`;
+  } else {
+    $("model-name").textContent = s.model || "none (edit and rate only)";
+  }
+  if (s.state === "running" && s.pause_requested) setState("pausing", "pausing…");
+  else setState(s.state, s.state);
+  $("pause").textContent = s.pause_requested ? "Resume" : "Pause";
+  $("pause").classList.toggle("primary", s.pause_requested);
+  for (const key of ["images", "modified", "rated", "excluded", "gold"]) $(`count-${key}`).textContent = s[key];
+  $("count-pending").textContent = s.pending_captions;
+  $("caption-shown").disabled = !s.can_generate;
+  for (const card of ui.cards.values()) card.querySelector(".caption-now").disabled = !s.can_generate;
+}
+
+// ---------------------------------------------------------------- gallery
+
+async function loadGallery() {
+  const params = new URLSearchParams({ view: ui.view, q: ui.query, offset: ui.offset, limit: PAGE_SIZE });
+  let body;
+  try {
+    body = await getJSON(`/api/images?${params}`);
+  } catch (error) {
+    toast(error.message, true);
+    return;
+  }
+  ui.total = body.total;
+  const gallery = $("gallery");
+  gallery.replaceChildren();
+  ui.cards.clear();
+  for (const info of body.images) {
+    const card = makeCard(info);
+    ui.cards.set(info.id, card);
+    gallery.appendChild(card);
+  }
+  if (!body.images.length) {
+    const empty = document.createElement("div");
+    empty.className = "empty-gallery";
+    empty.textContent = "No images here.";
+    gallery.appendChild(empty);
+  }
+  // Review mode with a model: show the model's captions beside the ones on disk without a click.
+  if (ui.status && ui.status.mode === "review" && ui.status.can_generate) {
+    const missing = body.images.filter((info) => !info.model_caption).map((info) => info.id);
+    if (missing.length) send("caption_generate", { images: missing.slice(0, 32) }).catch(() => {});
+  }
+  const last = Math.min(ui.offset + PAGE_SIZE, ui.total);
+  $("page-info").textContent = ui.total ? `${ui.offset + 1}–${last} of ${ui.total}` : "0";
+  $("prev").disabled = ui.offset === 0;
+  $("next").disabled = last >= ui.total;
+}
+
+function makeCard(info) {
+  const card = $("card-template").content.firstElementChild.cloneNode(true);
+  card.dataset.id = info.id;
+  const img = card.querySelector("img");
+  img.src = `/api/image/${info.id}?token=${encodeURIComponent(TOKEN)}`;
+  img.alt = info.path;
+  const textarea = card.querySelector(".caption");
+  const saveButton = card.querySelector(".save-caption");
+  const revertButton = card.querySelector(".revert");
+  textarea.addEventListener("input", () => {
+    const dirty = textarea.value !== card.dataset.caption;
+    textarea.classList.toggle("dirty", dirty);
+    saveButton.disabled = !dirty || !textarea.value.trim();
+    revertButton.disabled = !dirty;
+  });
+  textarea.addEventListener("keydown", (event) => {
+    if (event.key === "Enter" && (event.ctrlKey || event.metaKey)) { event.preventDefault(); saveCaption(card); }
+  });
+  saveButton.addEventListener("click", () => saveCaption(card));
+  revertButton.addEventListener("click", () => { textarea.value = card.dataset.caption; textarea.dispatchEvent(new Event("input")); });
+  card.querySelector(".caption-now").addEventListener("click", () => captionNow([info.id]));
+  card.querySelector(".accept").addEventListener("click", () => act(card, "caption_accept", { image: info.id, model_caption: card.dataset.model }));
+  for (const button of card.querySelectorAll(".rating button")) {
+    button.addEventListener("click", () => act(card, "caption_quality", { image: info.id, quality: Number(button.dataset.q) }));
+  }
+  if (ui.status) card.querySelector(".caption-now").disabled = !ui.status.can_generate;
+  fillCard(card, info, true);
+  return card;
+}
+
+function fillCard(card, info, fresh) {
+  const textarea = card.querySelector(".caption");
+  const typing = textarea.classList.contains("dirty");
+  card.dataset.caption = info.caption;
+  if (fresh || !typing) {
+    textarea.value = info.caption;
+    textarea.classList.remove("dirty");
+    card.querySelector(".save-caption").disabled = true;
+    card.querySelector(".revert").disabled = true;
+  }
+  card.querySelector(".path").textContent = info.path;
+  card.querySelector(".path").title = info.path;
+  const badges = card.querySelector(".badges");
+  badges.replaceChildren();
+  const badge = (cls, text) => { const el = document.createElement("span"); el.className = cls; el.textContent = text; badges.appendChild(el); };
+  if (info.probe) badge("b-probe", "sample");
+  if (info.modified) badge("b-modified", "modified");
+  if (info.excluded) badge("b-excluded", "excluded from training");
+  if (info.rating === 5) badge("b-gold", "gold");
+  card.classList.toggle("excluded", info.excluded);
+  for (const button of card.querySelectorAll(".rating button")) button.classList.toggle("active", Number(button.dataset.q) === info.rating);
+  const model = card.querySelector(".model-caption");
+  const accept = card.querySelector(".accept");
+  if (info.model_caption) {
+    card.dataset.model = info.model_caption.text;
+    model.textContent = info.model_caption.text || "(empty)";
+    model.classList.remove("empty");
+    model.classList.toggle("same", info.model_caption.text === info.caption);
+    card.querySelector(".model-step").textContent = info.model_caption.step === null ? "" : `(step ${info.model_caption.step})`;
+    accept.disabled = !info.model_caption.text.trim() || info.model_caption.text === info.caption;
+  } else {
+    delete card.dataset.model;
+    accept.disabled = true;
+  }
+}
+
+function updateCard(info) {
+  const card = ui.cards.get(info.id);
+  if (!card) return;
+  fillCard(card, info, false);
+  card.classList.add("flash");
+  setTimeout(() => card.classList.remove("flash"), 600);
+}
+
+async function saveCaption(card) {
+  const textarea = card.querySelector(".caption");
+  if (!textarea.value.trim() || textarea.value === card.dataset.caption) return;
+  card.classList.add("saving");
+  try {
+    const detail = await send("caption_new", { image: card.dataset.id, new_caption: textarea.value, previous: card.dataset.caption });
+    fillCard(card, detail.image, true);
+    toast(`saved caption of ${detail.image.path}`);
+  } catch (error) {
+    // the toast already says why; keep the typed text so nothing is lost
+  } finally {
+    card.classList.remove("saving");
+  }
+}
+
+async function act(card, type, payload) {
+  try {
+    const detail = await send(type, payload);
+    if (detail.image) fillCard(card, detail.image, true);
+  } catch (error) { /* toast shown */ }
+}
+
+async function captionNow(ids) {
+  try {
+    await send("caption_generate", { images: ids.slice(0, 32) });
+    toast(ui.status && ui.status.mode === "training" && ui.status.state === "running"
+      ? "queued: captioned between the next optimizer steps" : "queued");
+  } catch (error) { /* toast shown */ }
+}
+
+// ---------------------------------------------------------------- misc
+
+let toastTimer = null;
+function toast(text, isError) {
+  const el = $("toast");
+  el.textContent = text;
+  el.className = isError ? "error" : "";
+  el.hidden = false;
+  clearTimeout(toastTimer);
+  toastTimer = setTimeout(() => { el.hidden = true; }, isError ? 6000 : 2500);
+}
+
+function debounce(fn, ms) {
+  let timer = null;
+  return (...args) => { clearTimeout(timer); timer = setTimeout(() => fn(...args), ms); };
+}
+
+$("view").addEventListener("change", () => { ui.view = $("view").value; ui.offset = 0; loadGallery(); });
+$("search").addEventListener("input", debounce(() => { ui.query = $("search").value; ui.offset = 0; loadGallery(); }, 250));
+$("prev").addEventListener("click", () => { ui.offset = Math.max(0, ui.offset - PAGE_SIZE); loadGallery(); });
+$("next").addEventListener("click", () => { ui.offset += PAGE_SIZE; loadGallery(); });
+$("caption-shown").addEventListener("click", () => captionNow([...ui.cards.keys()]));
+$("pause").addEventListener("click", () => send(ui.status && ui.status.pause_requested ? "resume" : "pause", {}).catch(() => {}));
+$("save").addEventListener("click", () => send("save", {}).then(() => toast("saving at the end of this step…")).catch(() => {}));
+
+connect();
