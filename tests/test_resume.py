@@ -195,24 +195,33 @@ def test_signal_saves_resumable_checkpoint(tmp_path, tiny_blip, shapes_dir, sign
 
 @pytest.mark.slow
 def test_sigkill_at_random_moments_always_resumes(tmp_path, tiny_blip, shapes_dir):
-    """10 trials: SIGKILL a run (saving every step, so kills land in checkpoint writes too), then --resume auto."""
+    """10 trials in a chain: start (or resume) a run that saves every step, SIGKILL it at a random moment (often
+    inside a checkpoint write), and resume with --resume auto. Every resume must find an intact checkpoint, the
+    run must finish, every checkpoint left behind must load, and each step must be logged exactly once."""
     from peft import PeftModel
     from transformers import BlipForConditionalGeneration
 
     rng = random.Random(1234)
-    extra = ("--epochs", "4", "--save_every_n_steps", "1", "--save_every_n_epochs", "1", "--save_total_limit", "3")
+    runs = tmp_path / "runs"
+    args = [*base_args(shapes_dir, tiny_blip, runs, "--num_sample_captions", "0", "--epochs", "30", "--save_every_n_steps", "1",
+                       "--save_every_n_epochs", "5", "--save_total_limit", "3"), "--resume", "auto"]
     for trial in range(10):
-        root = tmp_path / f"trial{trial}"
-        args = base_args(shapes_dir, tiny_blip, root / "runs", "--num_sample_captions", "0", *extra)
-        process = subprocess.Popen([sys.executable, str(REPO / "train2.py"), *args], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=tmp_path)
-        wait_for_steps(root / "runs", 1)
-        time.sleep(rng.uniform(0.0, 1.5))
-        os.kill(process.pid, signal.SIGKILL)
-        process.wait()
-        resumed = subprocess.run([sys.executable, str(REPO / "train2.py"), *args, "--resume", "auto"], capture_output=True, text=True, cwd=tmp_path, timeout=300)
-        assert resumed.returncode == 0, resumed.stderr[-2000:]
-        final = Path(resumed.stdout.strip().splitlines()[-1])
-        assert final.name == "final"
-        for step, folder in checkpoints_in(final.parent):
-            PeftModel.from_pretrained(BlipForConditionalGeneration.from_pretrained(tiny_blip), folder)  # every checkpoint left behind loads
-        assert len(losses(final.parent)) == 12  # 3 steps x 4 epochs, each logged once
+        logged = sum(len(read_metrics(m)) for m in runs.glob("*/metrics.jsonl"))
+        log = tmp_path / f"trial{trial}.log"
+        with log.open("w") as handle:
+            process = subprocess.Popen([sys.executable, str(REPO / "train2.py"), *args], stdout=handle, stderr=subprocess.STDOUT, cwd=tmp_path)
+            wait_for_steps(runs, logged + 1)
+            while trial == 0 and find_resumable(runs, "caption-train") is None:
+                time.sleep(0.05)  # the chain needs one checkpoint to start from
+            time.sleep(rng.uniform(0.0, 1.0))
+            os.kill(process.pid, signal.SIGKILL)
+            process.wait()
+        if trial:
+            assert "resuming from" in log.read_text(), log.read_text()[-2000:]
+    resumed = subprocess.run([sys.executable, str(REPO / "train2.py"), *args], capture_output=True, text=True, cwd=tmp_path, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    final = Path(resumed.stdout.strip().splitlines()[-1])
+    assert final.name == "final" and len(list(runs.iterdir())) == 1
+    for _, folder in checkpoints_in(final.parent):
+        PeftModel.from_pretrained(BlipForConditionalGeneration.from_pretrained(tiny_blip), folder)
+    assert [row["step"] for row in read_metrics(final.parent / "metrics.jsonl") if "train/loss" in row] == list(range(1, 91))
