@@ -46,6 +46,12 @@ def merge_main(argv: list[str] | None = None) -> int:
     return main(argv)
 
 
+def lint_main(argv: list[str] | None = None) -> int:
+    from caption_train.lint import main
+
+    return main(argv)
+
+
 def review_main(argv: list[str] | None = None) -> int:
     from caption_train.iterative.review import main
 
@@ -59,6 +65,7 @@ COMMANDS: dict[str, tuple[Callable[[list[str] | None], int], str]] = {
     "caption": (caption_main, "caption a folder of images with a trained model: writes <image>.txt beside each"),
     "evaluate": (evaluate_main, "caption a folder of captioned images and score against the .txt files (table, report.json, report.html)"),
     "merge": (merge_main, "merge an adapter into a standalone model, optionally WiSE-FT interpolated (--alpha, --alpha_sweep)"),
+    "lint": (lint_main, "check a dataset before training: unreadable images, missing/empty captions, duplicates, long captions, tags"),
 }
 
 

@@ -261,7 +261,9 @@ def _check_ranges(cfg: TrainConfig) -> list[str]:
         if not ok:
             problems.append(message)
 
-    need(cfg.dataset_dir is not None, "dataset_dir is required: pass --dataset_dir DIR (a folder of images with .txt captions)")
+    need(cfg.dataset_dir is not None and cfg.dataset_dir.strip() != "", "dataset_dir is required: pass --dataset_dir DIR (a folder of images with .txt captions)")
+    if cfg.dataset_dir and _inside(Path(cfg.output_dir), Path(cfg.dataset_dir)):
+        problems.append(f"output_dir {cfg.output_dir} is inside dataset_dir {cfg.dataset_dir}: checkpoints would be read as data; put runs elsewhere")
     need(cfg.lr is None or cfg.lr > 0, f"lr must be > 0, got {cfg.lr}")
     need(cfg.epochs >= 1, f"epochs must be >= 1, got {cfg.epochs}")
     need(cfg.batch_size >= 1, f"batch_size must be >= 1, got {cfg.batch_size}")
@@ -291,6 +293,13 @@ def _check_ranges(cfg: TrainConfig) -> list[str]:
     problems += _check_call_args("optimizer_args", optimizer_class(cfg.optimizer), cfg.optimizer_args, reserved={"params"})
     problems += _check_call_args("scheduler_args", scheduler_class(cfg.lr_scheduler), cfg.scheduler_args, reserved={"optimizer"})
     return problems
+
+
+def _inside(path: Path, folder: Path) -> bool:
+    try:
+        return path.resolve().is_relative_to(folder.resolve())
+    except (OSError, RuntimeError):  # RuntimeError: a symlink loop (reported later by the scan)
+        return False
 
 
 def optimizer_class(name: str) -> type:

@@ -10,6 +10,7 @@ Resumable (`--resume auto|PATH`), and stops cleanly on SIGINT / SIGTERM with a c
 from __future__ import annotations
 
 import functools
+import os
 import signal
 import sys
 from dataclasses import dataclass, field
@@ -26,6 +27,7 @@ from caption_train.data.captions import CaptionTransform
 from caption_train.data.dataset import CaptionDataset, drop_failed
 from caption_train.data.scan import Sample, scan_dataset, split_validation
 from caption_train.errors import UserError
+from caption_train.lint import lint_dataset
 from caption_train.models import ModelFamily, resolve_family
 from caption_train.optim import build_optimizer, build_scheduler, current_lr, optimizer_steps_per_epoch
 from caption_train.tracking import Tracker, make_tracker, plot_losses
@@ -145,8 +147,6 @@ def reset_accelerator_state() -> None:
     accelerate keeps one process-wide state and refuses a different mixed_precision once it exists.
     Only in single-process runs: under torchrun the state belongs to the launcher's process group.
     """
-    import os
-
     from accelerate.state import AcceleratorState
 
     if int(os.environ.get("WORLD_SIZE", "1")) == 1:
@@ -253,6 +253,10 @@ def setup(cfg: TrainConfig, hooks: TrainingHooks) -> Run:
     family, _ = resolve_family(cfg.model_name_or_path)
     model, processor = load_model(cfg, family, resume_dir)
     max_length = min(cfg.max_length, family.max_text_length(model))
+    if main:  # the dataset check of `caption-train lint --quick` (headers and file ends, no full decode)
+        report = lint_dataset(scan.root, tokenizer=getattr(processor, "tokenizer", None), max_tokens=max_length, decode=False)
+        for line in report.summary_lines():
+            print(line, flush=True)
     if cfg.gradient_checkpointing:
         enable_gradient_checkpointing(model, family)
     trainable, total = count_parameters(model)
@@ -468,6 +472,11 @@ def save(run: Run, name: str, *, epoch: int, batches_done: int | None = None) ->
     return target
 
 
+def printable_name(path: str) -> str:
+    """A file name safe to print on a strict UTF-8 console (names on disk need not be valid UTF-8)."""
+    return os.fsencode(Path(path).name).decode("utf-8", "backslashreplace")
+
+
 def count_lines(path: Path) -> int:
     if not path.is_file():
         return 0
@@ -487,7 +496,7 @@ def end_of_epoch(run: Run, epoch: int) -> None:
         summary = f"epoch {epoch + 1}/{run.cfg.epochs}" + (f": validation loss {val:.4f}" if val is not None else "")
         tqdm.write(summary)
         for row in rows:
-            tqdm.write(f"  {Path(row['image']).name}: truth {row['truth']!r} | model {row['prediction']!r}")
+            tqdm.write(f"  {printable_name(row['image'])}: truth {row['truth']!r} | model {row['prediction']!r}")
         if rows:
             run.tracker.log_samples(rows, step=run.global_step)
     if run.cfg.save_every_n_epochs and (epoch + 1) % run.cfg.save_every_n_epochs == 0:

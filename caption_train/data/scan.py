@@ -1,13 +1,16 @@
 """Find image + caption pairs in a dataset folder (read-only) and split off a validation set.
 
     result = scan_dataset("dataset")          # dataset/**/img.png + dataset/**/img.txt
+    result = scan_dataset("dataset", verify=True)   # also skip truncated images now, not when first loaded
     print(result.summary())                   # dataset dataset: 120 images with captions; skipped 2 (2 missing caption)
     train, val = split_validation(result.samples, fraction=0.05, seed=0)
 
 Captions come from a `<stem>.txt` sidecar next to each image (`img.png` -> `img.txt`), or else from a
 `metadata.jsonl` in the root with lines `{"file_name": "sub/img.png", "text": "a caption"}`.
 Hidden files and folders (names starting with ".") are ignored: they are tool debris such as macOS `._img.png`
-resource forks or `.ipynb_checkpoints`, not training data.
+resource forks or `.ipynb_checkpoints`, not training data. Symlinked folders are not followed (a link to a parent
+would loop); symlinked files are read. Caption files that are not regular files (named pipes, devices) are
+skipped as unreadable rather than read: reading them would block or never end.
 """
 
 from __future__ import annotations
@@ -16,10 +19,11 @@ import collections
 import hashlib
 import json
 import os
+import stat
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
-from caption_train.data.images import IMAGE_EXTENSIONS, is_image_file, probe_image
+from caption_train.data.images import IMAGE_EXTENSIONS, is_image_file, probe_image, verify_image
 from caption_train.errors import UserError
 
 METADATA_FILE = "metadata.jsonl"
@@ -56,11 +60,14 @@ class ScanResult:
         return line
 
 
-def scan_dataset(root: str | os.PathLike, *, probe: bool = True) -> ScanResult:
+def scan_dataset(root: str | os.PathLike, *, probe: bool = True, verify: bool = False) -> ScanResult:
     """Walk `root` recursively in sorted order and pair each image with its caption. Never writes to `root`.
 
     probe=True opens each image's header so that obviously broken files are skipped here, not mid-epoch.
+    verify=True also reads each image's last bytes and fully decodes those that look truncated (see
+    images.verify_image), so truncated files are counted here too; it costs one more small read per image.
     """
+    check = verify_image if verify else probe_image
     root = _check_root(root)
     skipped: collections.Counter[str] = collections.Counter()
     metadata = _read_metadata(root / METADATA_FILE, skipped)
@@ -69,8 +76,8 @@ def scan_dataset(root: str | os.PathLike, *, probe: bool = True) -> ScanResult:
     for image_path, sidecar in _walk_images(root):
         images_found += 1
         caption, reason = _caption_for(image_path, sidecar, metadata.get(_relative_key(image_path, root)))
-        if reason is None and probe:
-            reason = UNREADABLE_IMAGE if probe_image(image_path) is not None else None
+        if reason is None and (probe or verify):
+            reason = UNREADABLE_IMAGE if check(image_path) is not None else None
         if reason is not None:
             skipped[reason] += 1
         else:
@@ -107,27 +114,36 @@ def split_validation(samples: list[Sample], fraction: float, seed: int) -> tuple
 # ---------------------------------------------------------------------------- walking
 
 
-def _check_root(root: str | os.PathLike) -> Path:
+def _check_root(root: str | os.PathLike, label: str = "--dataset_dir") -> Path:
+    if not os.fspath(root).strip():  # Path("") would silently mean the current directory
+        raise UserError(f"{label} is empty; pass the folder that holds your images (img.png + img.txt)")
     path = Path(root).expanduser()
     if not path.exists():
         raise UserError(
-            f"--dataset_dir {path}: no such directory; pass the folder that holds your images (img.png + img.txt)"
+            f"{label} {path}: no such directory; pass the folder that holds your images (img.png + img.txt)"
         )
     if not path.is_dir():
-        raise UserError(f"--dataset_dir {path}: is a file, not a directory; pass the folder that holds your images")
+        raise UserError(f"{label} {path}: is a file, not a directory; pass the folder that holds your images")
     return path
 
 
-def _walk_images(root: Path):
-    """Yield (image path, sidecar .txt path or None) in a deterministic order.
+def walk_dataset(root: Path):
+    """os.walk over the dataset as the scanner sees it: sorted, hidden entries left out, symlinked folders
+    listed in dirnames but not entered (followlinks=False: a link to a parent folder would loop forever).
 
-    followlinks=False: a symlink to a parent folder would otherwise loop forever. Symlinked files are read.
+    Yields (dirpath, dirnames, filenames) with both lists sorted and without names starting with ".".
     """
     for dirpath, dirnames, filenames in os.walk(root, followlinks=False):
         dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        yield dirpath, dirnames, sorted(f for f in filenames if not f.startswith("."))
+
+
+def _walk_images(root: Path):
+    """Yield (image path, sidecar .txt path or None) in a deterministic order. Symlinked files are read."""
+    for dirpath, _dirnames, filenames in walk_dataset(root):
         names = set(filenames)
-        for name in sorted(filenames):
-            if name.startswith(".") or not is_image_file(name):
+        for name in filenames:
+            if not is_image_file(name):
                 continue
             sidecar_name = Path(name).stem + ".txt"
             sidecar = Path(dirpath, sidecar_name) if sidecar_name in names else None
@@ -138,7 +154,7 @@ def _caption_for(image_path: Path, sidecar: Path | None, metadata_text: str | No
     """(caption, None) or ("", skip reason). The sidecar wins over metadata.jsonl: it is the file users edit."""
     if sidecar is not None:
         try:
-            text = sidecar.read_bytes().decode("utf-8-sig")
+            text = read_caption_bytes(sidecar).decode("utf-8-sig")
         except UnicodeDecodeError:
             return "", CAPTION_NOT_UTF8
         except OSError:
@@ -151,6 +167,20 @@ def _caption_for(image_path: Path, sidecar: Path | None, metadata_text: str | No
     return (caption, None) if caption else ("", EMPTY_CAPTION)
 
 
+def read_caption_bytes(path: Path) -> bytes:
+    """The bytes of a caption file; OSError if it cannot be read or is not a regular file (symlinks followed).
+
+    A named pipe would block the scan forever and a device such as /dev/zero would never end, so only regular
+    files are read.
+    """
+    # O_NONBLOCK: opening a named pipe for reading would otherwise wait for a writer. No effect on regular files.
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+    with os.fdopen(fd, "rb") as handle:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise OSError(f"{path}: not a regular file")
+        return handle.read()
+
+
 def normalize_caption(text: str) -> str:
     """Collapse runs of whitespace, newlines included, to one space, and strip the ends."""
     return " ".join(text.split())
@@ -159,8 +189,9 @@ def normalize_caption(text: str) -> str:
 # ---------------------------------------------------------------------------- metadata.jsonl
 
 
-def _read_metadata(path: Path, skipped: collections.Counter[str]) -> dict[str, str]:
-    """Map normalized relative file name -> caption text. Malformed lines are counted in `skipped`."""
+def _read_metadata(path: Path, skipped: collections.Counter[str], bad_lines: list[int] | None = None) -> dict[str, str]:
+    """Map normalized relative file name -> caption text. Malformed lines are counted in `skipped` (and their
+    1-based numbers appended to `bad_lines`, when given)."""
     if not path.is_file():
         return {}
     try:
@@ -168,12 +199,14 @@ def _read_metadata(path: Path, skipped: collections.Counter[str]) -> dict[str, s
     except OSError as error:
         raise UserError(f"{path}: cannot read ({error}); fix its permissions or remove it") from error
     captions = {}
-    for line in raw.removeprefix(b"\xef\xbb\xbf").splitlines():
+    for number, line in enumerate(raw.removeprefix(b"\xef\xbb\xbf").splitlines(), start=1):
         if not line.strip():
             continue
         entry = _parse_metadata_line(line)
         if entry is None:
             skipped[BAD_METADATA_LINE] += 1
+            if bad_lines is not None:
+                bad_lines.append(number)
         else:
             captions[_normalize_key(entry[0])] = entry[1]
     return captions

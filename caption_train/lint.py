@@ -1,0 +1,683 @@
+"""The `lint` command: check a dataset folder before training, in one report. Reads only; never writes there.
+
+    caption-train lint dataset/                          # human-readable report; exit 1 when there are errors
+    caption-train lint dataset/ --model runs/x/final     # also count caption tokens with the model's tokenizer
+    caption-train lint dataset/ --json > lint.json       # the same report as one JSON object
+
+    report = lint_dataset("dataset", tokenizer=processor.tokenizer, max_tokens=128, decode=False)
+    for line in report.summary_lines():                  # the short form the trainer prints at start
+        print(line)
+
+Errors are what training would lose: an image it skips (unreadable, corrupt, truncated or too large; no caption,
+an empty, unreadable or non-UTF-8 caption), a metadata.jsonl line it cannot use, or no usable pair at all.
+Warnings are what it trains on but maybe not as meant (duplicates with differing captions, captions longer than
+the token limit, animated images, extensions that lie, extreme shapes, tag spelling variants) and files that look
+like data but are never read (captions without images, .gif/.tiff images, symlinked folders). See CODES.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import hashlib
+import json
+import os
+import statistics
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from caption_train.data import scan
+from caption_train.data.captions import split_parts
+from caption_train.data.images import (
+    IMAGE_EXTENSIONS,
+    ImageInfo,
+    ImageLoadError,
+    is_image_file,
+    load_rgb,
+    read_header,
+    verify_image,
+)
+from caption_train.errors import UserError
+
+ERROR, WARNING = "error", "warning"
+TINY_SIDE = 16  # px; smaller images carry almost nothing once upscaled to the model's input (384 px for BLIP)
+MAX_ASPECT = 10.0  # the BLIP processor resizes to a square without keeping the aspect ratio
+
+# code -> (severity, title). Errors: training would skip the image (or the metadata line). Warnings: training
+# uses it, but maybe not as meant; or the file looks like training data and is never read.
+CODES: dict[str, tuple[str, str]] = {
+    "unreadable_image": (ERROR, "unreadable image (corrupt, truncated, too large, not an image)"),
+    "missing_caption": (ERROR, "image without caption"),
+    "empty_caption": (ERROR, "empty or whitespace-only caption"),
+    "caption_not_utf8": (ERROR, "caption not UTF-8"),
+    "unreadable_caption": (ERROR, "unreadable caption file"),
+    "bad_metadata_line": (ERROR, "unusable metadata.jsonl line"),
+    "unreadable_metadata": (ERROR, "unreadable metadata.jsonl"),
+    "no_usable_pairs": (ERROR, "no usable image+caption pair"),
+    "duplicate_image_conflict": (WARNING, "identical images with differing captions"),
+    "duplicate_image": (WARNING, "identical images with the same caption"),
+    "long_caption": (WARNING, "caption longer than the token limit (truncated in training)"),
+    "no_words_caption": (WARNING, "caption without letters or digits"),
+    "tag_variants": (WARNING, "tag spelled several ways"),
+    "shared_caption": (WARNING, "one caption file for several images"),
+    "sidecar_overrides_metadata": (WARNING, "caption file and metadata.jsonl disagree (the .txt wins)"),
+    "animated_image": (WARNING, "animated image (training uses the first frame)"),
+    "wrong_extension": (WARNING, "file extension does not match its content"),
+    "tiny_image": (WARNING, f"image smaller than {TINY_SIDE} px on a side"),
+    "extreme_aspect_ratio": (WARNING, f"aspect ratio over {MAX_ASPECT:g}:1 (squashed to the model's square input)"),
+    "orphan_caption": (WARNING, "caption file without an image"),
+    "orphan_metadata": (WARNING, "metadata.jsonl entry without an image"),
+    "unsupported_image": (WARNING, "image format caption-train does not read"),
+    "symlinked_folder": (WARNING, "symlinked folder, not searched"),
+}
+
+# Image files that scan_dataset does not read: worth a warning, since users expect them to be training data.
+UNSUPPORTED_IMAGE_EXTENSIONS = frozenset(
+    {".gif", ".tif", ".tiff", ".avif", ".heic", ".heif", ".jxl", ".jfif", ".jpe", ".jp2", ".ico", ".tga", ".psd", ".ppm", ".pgm", ".pbm", ".svg", ".dng", ".cr2", ".nef", ".raw", ".exr", ".hdr"}
+)
+# Other tools' caption extensions (kohya: .caption).
+OTHER_CAPTION_EXTENSIONS = frozenset({".caption"})
+_FORMATS_BY_EXTENSION = {".png": {"PNG"}, ".jpg": {"JPEG", "MPO"}, ".jpeg": {"JPEG", "MPO"}, ".webp": {"WEBP"}, ".bmp": {"BMP", "DIB"}}
+_HASH_CHUNK = 1 << 20
+
+
+# ---------------------------------------------------------------------------------------------
+# The report
+
+
+@dataclass(frozen=True)
+class Finding:
+    code: str  # a key of CODES
+    path: str  # relative to the dataset root, "/"-separated; "" for the dataset as a whole
+    message: str  # one line
+
+    @property
+    def severity(self) -> str:
+        return CODES[self.code][0]
+
+    def to_dict(self) -> dict[str, str]:
+        return {"severity": self.severity, "code": self.code, "path": self.path, "message": self.message}
+
+
+@dataclass
+class LintReport:
+    """Everything lint_dataset found. `exit_code` is 1 when there are errors, else 0."""
+
+    root: Path
+    image_files: int = 0  # files with a supported image extension (hidden ones excluded)
+    usable: int = 0  # image + caption pairs training would use
+    caption_files: int = 0  # .txt files
+    findings: list[Finding] = field(default_factory=list)
+    modes: collections.Counter = field(default_factory=collections.Counter)
+    formats: collections.Counter = field(default_factory=collections.Counter)
+    widths: list[int] = field(default_factory=list)
+    heights: list[int] = field(default_factory=list)
+    words: list[int] = field(default_factory=list)  # per usable caption
+    tokens: list[int] | None = None  # per usable caption, special tokens included; None without a tokenizer
+    max_tokens: int | None = None
+    tag_style: bool = False  # at least half the captions are comma-separated
+    tag_counts: collections.Counter = field(default_factory=collections.Counter)
+    decoded: bool = True  # every image fully decoded (False: header + end-of-file check only)
+    hashed_files: int = 0  # files read in full to find duplicates (only those sharing a size with another)
+
+    @property
+    def errors(self) -> list[Finding]:
+        return [f for f in self.findings if f.severity == ERROR]
+
+    @property
+    def warnings(self) -> list[Finding]:
+        return [f for f in self.findings if f.severity == WARNING]
+
+    @property
+    def exit_code(self) -> int:
+        return 1 if self.errors else 0
+
+    def counts(self, severity: str) -> collections.Counter:
+        return collections.Counter(f.code for f in self.findings if f.severity == severity)
+
+    # ---- text
+
+    def summary_lines(self) -> list[str]:
+        """At most 6 short lines for a log (the trainer prints them at start); `format_text` has the full list."""
+        head = f"dataset check: {self.image_files} images, {self.usable} usable with captions"
+        n_err, n_warn = len(self.errors), len(self.warnings)
+        if self.findings:
+            head += f"; {n_err} error{'s' * (n_err != 1)}, {n_warn} warning{'s' * (n_warn != 1)} (list them: caption-train lint {_display(str(self.root))})"
+        lines = [head]
+        for severity, label in ((ERROR, "errors (skipped)"), (WARNING, "warnings")):
+            counts = self.counts(severity)
+            if counts:
+                lines.append(f"  {label}: {_format_counts(counts)}")
+        for line in (self._image_line(), self._caption_line(), self._tag_line()):
+            if line:
+                lines.append("  " + line)
+        return lines
+
+    def format_text(self, max_listed: int = 10) -> str:
+        """The full human-readable report; at most `max_listed` files per finding code (0 = all)."""
+        out = [f"caption-train lint {_display(str(self.root))}"]
+        checked = "every image decoded" if self.decoded else "image headers and file ends checked (--quick)"
+        out.append(f"  {self.image_files} image files, {self.usable} usable image+caption pairs, {self.caption_files} caption files ({checked}; {self.hashed_files} files hashed for duplicates)")
+        for severity, title in ((ERROR, "ERRORS: training skips these"), (WARNING, "WARNINGS: trained on, or ignored, maybe not as you meant")):
+            findings = [f for f in self.findings if f.severity == severity]
+            if not findings:
+                continue
+            out += ["", f"{title} ({len(findings)})"]
+            by_code: dict[str, list[Finding]] = {}
+            for finding in findings:
+                by_code.setdefault(finding.code, []).append(finding)
+            for code, group in by_code.items():
+                out.append(f"  {CODES[code][1]} [{code}] ({len(group)})")
+                shown = group if max_listed <= 0 else group[:max_listed]
+                for finding in shown:
+                    where = f"{finding.path}: " if finding.path else ""
+                    out.append(f"    {where}{finding.message}")
+                if len(shown) < len(group):
+                    out.append(f"    ... and {len(group) - len(shown)} more (--max_listed 0 lists all)")
+        out.append("")
+        for line in (self._image_line(), self._caption_line(), self._tag_line(top=20)):
+            if line:
+                out.append(line)
+        n_err, n_warn = len(self.errors), len(self.warnings)
+        out.append(f"result: {n_err} error{'s' * (n_err != 1)}, {n_warn} warning{'s' * (n_warn != 1)}")
+        return "\n".join(out)
+
+    def _image_line(self) -> str:
+        if not self.widths:
+            return ""
+        modes = collections.Counter({("1-bit" if mode == "1" else mode): n for mode, n in self.modes.items()})
+        return (f"images: {_format_counts(self.formats)}; modes {_format_counts(modes)}; "
+                f"width {_spread(self.widths)}, height {_spread(self.heights)} px")
+
+    def _caption_line(self) -> str:
+        if not self.words:
+            return ""
+        line = f"captions: {_spread(self.words)} words"
+        if self.tokens is not None and self.tokens:
+            over = sum(n > self.max_tokens for n in self.tokens) if self.max_tokens else 0
+            limit = f", {over} over the limit of {self.max_tokens}" if self.max_tokens else ""
+            line += f"; {_spread(self.tokens)} tokens{limit}"
+        elif self.tokens is None:
+            line += " (token lengths not checked: pass --model)"
+        return line
+
+    def _tag_line(self, top: int = 8) -> str:
+        if not self.tag_style or not self.tag_counts:
+            return ""
+        once = sum(1 for n in self.tag_counts.values() if n == 1)
+        common = ", ".join(f"{_display(tag)} ({n})" for tag, n in self.tag_counts.most_common(top))
+        return f"tags: {len(self.tag_counts)} distinct, {once} used once; most common: {common}"
+
+    # ---- machines
+
+    def to_dict(self, top_tags: int = 50) -> dict[str, Any]:
+        return {
+            "root": str(self.root),
+            "exit_code": self.exit_code,
+            "counts": {
+                "image_files": self.image_files, "usable_pairs": self.usable, "caption_files": self.caption_files,
+                "errors": len(self.errors), "warnings": len(self.warnings),
+            },
+            "error_counts": dict(self.counts(ERROR)),
+            "warning_counts": dict(self.counts(WARNING)),
+            "findings": [f.to_dict() for f in self.findings],
+            "images": {
+                "formats": dict(self.formats), "modes": dict(self.modes),
+                "width": _stats(self.widths), "height": _stats(self.heights),
+            },
+            "captions": {
+                "words": _stats(self.words),
+                "tokens": None if self.tokens is None else {**_stats(self.tokens), "limit": self.max_tokens,
+                                                            "over_limit": sum(n > self.max_tokens for n in self.tokens) if self.max_tokens else 0},
+            },
+            "tags": {
+                "tag_style": self.tag_style, "distinct": len(self.tag_counts),
+                "top": [[tag, n] for tag, n in self.tag_counts.most_common(top_tags)] if self.tag_style else [],
+            },
+            "checks": {"decoded": self.decoded, "hashed_files": self.hashed_files},
+        }
+
+
+# ---------------------------------------------------------------------------------------------
+# Checking
+
+
+@dataclass
+class _Pair:
+    rel: str
+    path: Path
+    caption: str
+    info: ImageInfo
+
+
+def lint_dataset(
+    root: str | os.PathLike,
+    *,
+    tokenizer: Any = None,
+    max_tokens: int | None = None,
+    decode: bool = True,
+    label: str = "DATASET_DIR",
+) -> LintReport:
+    """Check every image and caption under `root` the way scan_dataset pairs them. Never writes to `root`.
+
+    tokenizer: counts caption tokens (special tokens included, as training sees them) and flags captions over
+        `max_tokens` (default: the tokenizer's model_max_length, when it has a real one).
+    decode: fully decode every image (finds any corrupt pixel data; ~5 ms per 512 px JPEG). False reads only
+        headers and each file's last bytes, decoding just the files that look truncated (images.verify_image).
+    Duplicates: only files whose size equals another image's are read and hashed, so a dataset of distinct
+    JPEGs costs one stat per file; the worst case (many same-size files, e.g. BMPs) reads each file once.
+    Raises UserError only when `root` is not a folder; everything else becomes a Finding.
+    """
+    root = scan._check_root(root, label=label)
+    report = LintReport(root=root, decoded=decode)
+    findings = report.findings
+
+    metadata, metadata_used = _lint_metadata(root, findings), set()
+    pairs: list[_Pair] = []
+    for dirpath, dirnames, filenames in scan.walk_dataset(root):
+        folder = Path(dirpath)
+        for name in dirnames:
+            if os.path.islink(folder / name):
+                target = _display(os.readlink(folder / name))
+                findings.append(Finding("symlinked_folder", _rel(folder / name, root), f"links to {target}; symlinked folders are not searched (copy or bind-mount the images in)"))
+        _lint_folder(root, folder, dirnames, filenames, metadata, metadata_used, pairs, report)
+
+    for key in sorted(set(metadata) - metadata_used):
+        findings.append(Finding("orphan_metadata", scan.METADATA_FILE, f"entry for {_display(key)}: no such image in the dataset (or it is hidden)"))
+    report.usable = len(pairs)
+    if not pairs:
+        findings.append(Finding("no_usable_pairs", "", f"no image has a usable caption; {scan.EXPECTED_LAYOUT}"))
+    _lint_duplicates(pairs, report)
+    _lint_captions(pairs, report, tokenizer, max_tokens)
+    return report
+
+
+def _lint_folder(root: Path, folder: Path, dirnames: list[str], filenames: list[str], metadata: dict[str, str],
+                 metadata_used: set[str], pairs: list[_Pair], report: LintReport) -> None:
+    findings = report.findings
+    names = set(filenames)
+    captions = {n for n in filenames if n.lower().endswith(".txt")}
+    report.caption_files += len(captions)
+    accounted: set[str] = set()  # caption files that belong to something (so they are not orphans)
+    # Caption files by lowercased stem, to explain near misses (IMG.png + img.txt, img.TXT, img.caption).
+    near: dict[str, list[str]] = {}
+    for n in filenames:
+        if Path(n).suffix.lower() in {".txt", *OTHER_CAPTION_EXTENSIONS}:
+            near.setdefault(Path(n).stem.lower(), []).append(n)
+
+    stems: dict[str, list[str]] = {}
+    for name in filenames:
+        path = folder / name
+        suffix = Path(name).suffix.lower()
+        stem_txt = Path(name).stem + ".txt"
+        if suffix in UNSUPPORTED_IMAGE_EXTENSIONS:
+            has = f" (its caption {_display(stem_txt)} is ignored too)" if stem_txt in names else ""
+            accounted.add(stem_txt)
+            findings.append(Finding("unsupported_image", _rel(path, root), f"{suffix} files are not read{has}; convert to one of {' '.join(sorted(IMAGE_EXTENSIONS))}"))
+            continue
+        if not is_image_file(name):
+            continue
+        report.image_files += 1
+        rel = _rel(path, root)
+        sidecar = folder / stem_txt if stem_txt in names else None
+        if sidecar is not None:
+            accounted.add(stem_txt)
+            stems.setdefault(stem_txt, []).append(name)
+        meta_key = scan._relative_key(path, root)
+        meta_text = metadata.get(meta_key)
+        if meta_text is not None:
+            metadata_used.add(meta_key)
+        caption, reason = scan._caption_for(path, sidecar, meta_text)
+        if reason is not None:
+            finding, explained = _caption_finding(reason, rel, path, sidecar, near.get(Path(name).stem.lower(), []))
+            findings.append(finding)
+            accounted.update(explained)  # a near-miss caption named in this finding is not also an orphan
+        elif sidecar is not None and meta_text is not None and scan.normalize_caption(meta_text) != caption:
+            findings.append(Finding("sidecar_overrides_metadata", rel, f"{_display(sidecar.name)} says {_quote(caption)}, metadata.jsonl says {_quote(scan.normalize_caption(meta_text))}; training uses the .txt"))
+
+        info = _check_image(path, rel, report)
+        if info is not None and reason is None:
+            pairs.append(_Pair(rel, path, caption, info))
+
+    for txt, images in stems.items():
+        if len(images) > 1:
+            findings.append(Finding("shared_caption", _rel(folder / txt, root), f"is the caption of {len(images)} images: {', '.join(_display(i) for i in images)}"))
+
+    image_dirs = {d for d in dirnames if is_image_file(d)}
+    for name in filenames:
+        suffix = Path(name).suffix.lower()
+        if name in accounted or (suffix != ".txt" and suffix not in OTHER_CAPTION_EXTENSIONS):
+            continue
+        stem = Path(name).stem
+        if suffix in OTHER_CAPTION_EXTENSIONS:
+            hint = f"caption-train reads .txt captions; rename it to {_display(stem)}.txt"
+        elif any(Path(d).stem == stem for d in image_dirs):
+            hint = f"{_display(next(d for d in image_dirs if Path(d).stem == stem))} is a folder, not an image"
+        else:
+            matches = [n for n in filenames if is_image_file(n) and Path(n).stem.lower() == stem.lower()]
+            hint = (f"names must match exactly: {_display(matches[0])} needs {_display(Path(matches[0]).stem)}.txt"
+                    if matches else "no image with this name beside it (ignored by training)")
+        report.findings.append(Finding("orphan_caption", _rel(folder / name, root), hint))
+
+
+def _caption_finding(reason: str, rel: str, path: Path, sidecar: Path | None, near: list[str]) -> tuple[Finding, list[str]]:
+    """The finding for a caption problem, and the names of near-miss caption files it explains."""
+    if reason == scan.MISSING_CAPTION:
+        exact = Path(path).stem + ".txt"
+        others = [n for n in near if n != exact]
+        if sidecar is None and others:
+            return Finding("missing_caption", rel, f"no {_display(exact)} (found {_display(others[0])}: caption names must match the image name exactly, with a lowercase .txt)"), others[:1]
+        folder_hint = " (a folder has that name)" if (path.parent / exact).is_dir() else ""
+        return Finding("missing_caption", rel, f"no {_display(exact)} beside it{folder_hint} and no metadata.jsonl entry"), []
+    if reason == scan.EMPTY_CAPTION:
+        source = _display(sidecar.name) if sidecar is not None else "its metadata.jsonl text"
+        return Finding("empty_caption", rel, f"{source} is empty or whitespace only"), []
+    if reason == scan.CAPTION_NOT_UTF8:
+        return Finding("caption_not_utf8", rel, f"{_display(sidecar.name)}: {_utf8_problem(sidecar)}"), []
+    try:
+        scan.read_caption_bytes(sidecar)
+        detail = "cannot be read"
+    except OSError as error:
+        detail = error.strerror or str(error)
+        if str(sidecar) in detail:
+            detail = detail.replace(str(sidecar) + ": ", "")
+    return Finding("unreadable_caption", rel, f"{_display(sidecar.name)}: {detail}"), []
+
+
+def _utf8_problem(path: Path) -> str:
+    try:
+        data = scan.read_caption_bytes(path)
+    except OSError as error:
+        return f"cannot be read ({error})"
+    if data.startswith((b"\xff\xfe", b"\xfe\xff")):
+        return "saved as UTF-16 (Windows 'Unicode'); re-save it as UTF-8"
+    try:
+        data.decode("utf-8")
+    except UnicodeDecodeError as error:
+        return f"byte 0x{data[error.start]:02x} at offset {error.start} is not UTF-8 (Latin-1 or Windows-1252?); re-save it as UTF-8"
+    return "not UTF-8; re-save it as UTF-8"
+
+
+def _check_image(path: Path, rel: str, report: LintReport) -> ImageInfo | None:
+    """Header (and full decode or end-of-file check); shape warnings; stats. None when it cannot be loaded."""
+    findings = report.findings
+    try:
+        info = read_header(path)
+        if report.decoded:
+            load_rgb(path)
+            problem = None
+        else:
+            problem = verify_image(path, info)
+    except ImageLoadError as error:
+        findings.append(Finding("unreadable_image", rel, error.reason))
+        return None
+    if problem is not None:
+        findings.append(Finding("unreadable_image", rel, problem))
+        return None
+    report.formats[info.format] += 1
+    report.modes[info.mode] += 1
+    report.widths.append(info.width)
+    report.heights.append(info.height)
+    suffix = path.suffix.lower()
+    if info.format not in _FORMATS_BY_EXTENSION.get(suffix, {info.format}):
+        findings.append(Finding("wrong_extension", rel, f"named {suffix} but is {info.format}; training reads it, other tools may not"))
+    if info.animated:
+        findings.append(Finding("animated_image", rel, f"animated {info.format}: training uses the first frame only"))
+    short, long = sorted((info.width, info.height))
+    if short < TINY_SIDE:
+        findings.append(Finding("tiny_image", rel, f"{info.width}x{info.height} px: upscaled to the model's input size, it carries little detail"))
+    if long / short > MAX_ASPECT:
+        findings.append(Finding("extreme_aspect_ratio", rel, f"{info.width}x{info.height} px: squashed to the model's square input; crop or pad it"))
+    return info
+
+
+def _lint_metadata(root: Path, findings: list[Finding]) -> dict[str, str]:
+    bad_lines: list[int] = []
+    try:
+        metadata = scan._read_metadata(root / scan.METADATA_FILE, collections.Counter(), bad_lines)
+    except UserError as error:
+        findings.append(Finding("unreadable_metadata", scan.METADATA_FILE, str(error)))
+        return {}
+    for number in bad_lines:
+        findings.append(Finding("bad_metadata_line", scan.METADATA_FILE, f"line {number}: not a JSON object with string \"file_name\" and \"text\""))
+    return metadata
+
+
+def _lint_duplicates(pairs: list[_Pair], report: LintReport) -> None:
+    """Group usable images by content hash, hashing only files whose size another file shares."""
+    by_size: dict[int, list[_Pair]] = {}
+    for pair in pairs:
+        by_size.setdefault(pair.info.file_size, []).append(pair)
+    by_hash: dict[bytes, list[_Pair]] = {}
+    for group in by_size.values():
+        if len(group) < 2:
+            continue
+        for pair in group:
+            digest = _file_digest(pair.path)
+            report.hashed_files += 1
+            if digest is not None:
+                by_hash.setdefault(digest, []).append(pair)
+    for group in by_hash.values():
+        if len(group) < 2:
+            continue
+        others = ", ".join(p.rel for p in group[1:6]) + (f" and {len(group) - 6} more" if len(group) > 6 else "")
+        captions = list(dict.fromkeys(p.caption for p in group))
+        if len(captions) > 1:
+            shown = " / ".join(_quote(c) for c in captions[:3]) + (" / ..." if len(captions) > 3 else "")
+            report.findings.append(Finding("duplicate_image_conflict", group[0].rel, f"same image as {others}; captions differ: {shown}"))
+        else:
+            report.findings.append(Finding("duplicate_image", group[0].rel, f"same image and caption as {others}; it counts {len(group)}x in every epoch"))
+
+
+def _file_digest(path: Path) -> bytes | None:
+    hasher = hashlib.blake2b(digest_size=16)
+    try:
+        with open(path, "rb") as handle:
+            while chunk := handle.read(_HASH_CHUNK):
+                hasher.update(chunk)
+    except OSError:
+        return None
+    return hasher.digest()
+
+
+def _lint_captions(pairs: list[_Pair], report: LintReport, tokenizer: Any, max_tokens: int | None) -> None:
+    captions = [p.caption for p in pairs]
+    report.words = [len(c.split()) for c in captions]
+    for pair in pairs:
+        if not any(ch.isalnum() for ch in pair.caption):
+            report.findings.append(Finding("no_words_caption", pair.rel, f"{_quote(pair.caption)} has no letters or digits"))
+    if tokenizer is not None:
+        if max_tokens is None:
+            limit = getattr(tokenizer, "model_max_length", None)
+            max_tokens = int(limit) if isinstance(limit, int) and 0 < limit < 1_000_000 else None
+        report.max_tokens = max_tokens
+        report.tokens = count_tokens(tokenizer, captions)
+        if max_tokens:
+            for pair, n in zip(pairs, report.tokens):
+                if n > max_tokens:
+                    report.findings.append(Finding("long_caption", pair.rel, f"{n} tokens, over the limit of {max_tokens}: training truncates it, so its end is never learned"))
+    report.tag_style = bool(captions) and sum("," in c for c in captions) * 2 >= len(captions)
+    if report.tag_style:
+        for caption in captions:
+            report.tag_counts.update(set(split_parts(caption)))  # once per caption
+        variants: dict[str, list[str]] = {}
+        for tag in report.tag_counts:
+            variants.setdefault(" ".join(tag.replace("_", " ").lower().split()), []).append(tag)
+        for spellings in variants.values():
+            if len(spellings) > 1:
+                spellings.sort(key=lambda t: -report.tag_counts[t])
+                listed = ", ".join(f"{_quote(t)} ({report.tag_counts[t]})" for t in spellings)
+                report.findings.append(Finding("tag_variants", "", f"{listed}: the model learns them as different tags"))
+
+
+def count_tokens(tokenizer: Any, captions: list[str], batch: int = 1024) -> list[int]:
+    """Token count of each caption as the collator encodes it (special tokens included, no truncation)."""
+    counts: list[int] = []
+    for start in range(0, len(captions), batch):
+        # verbose=False: no "sequence length is longer than the maximum" warning; reporting that is our job.
+        encoded = tokenizer(captions[start:start + batch], add_special_tokens=True, truncation=False, verbose=False)
+        counts += [len(ids) for ids in encoded["input_ids"]]
+    return counts
+
+
+# ---------------------------------------------------------------------------------------------
+# --model: the tokenizer and its limit
+
+
+def load_tokenizer(model: str) -> tuple[Any, int | None]:
+    """(tokenizer, caption token limit) of MODEL: a run's final/ or epoch-N/, a model folder, or a hub id.
+
+    The limit is the text model's max_position_embeddings (from config.json, or the adapter's base model's when
+    that is a local folder), else the tokenizer's model_max_length.
+    """
+    path = Path(model).expanduser()
+    if not path.exists() and (model.startswith((".", "/", "~")) or model.count("/") > 1 or "\\" in model):
+        raise UserError(f"--model {model}: no such folder; pass a run's final/ folder, a model folder or a hub id")
+    source = str(path) if path.exists() else model
+    from transformers import AutoProcessor, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(source)
+        except Exception as first:  # noqa: BLE001 - any failure: try the processor, then report the first error
+            try:
+                tokenizer = AutoProcessor.from_pretrained(source).tokenizer
+            except Exception:  # noqa: BLE001
+                reason = (str(first).strip().splitlines() or [type(first).__name__])[0]
+                raise UserError(f"--model {model}: could not load its tokenizer ({reason}); pass a run's final/ folder, a model folder or a hub id") from None
+    finally:
+        hf_logging.set_verbosity(verbosity)
+    limits = [n for n in (_position_limit(path if path.exists() else None, model), getattr(tokenizer, "model_max_length", None))
+              if isinstance(n, int) and 0 < n < 1_000_000]
+    return tokenizer, (min(limits) if limits else None)
+
+
+def _position_limit(folder: Path | None, model: str) -> int | None:
+    """The text model's max_position_embeddings, read from config.json files without loading any weights."""
+    if folder is None:
+        try:
+            from transformers import AutoConfig
+
+            config = AutoConfig.from_pretrained(model).to_dict()
+        except Exception:  # noqa: BLE001 - the tokenizer's own limit is the fallback
+            return None
+        return _limit_from_config(config)
+    config = _read_json(folder / "config.json")
+    if config is None:  # an adapter folder: its base model, when that is a local folder
+        base = (_read_json(folder / "adapter_config.json") or {}).get("base_model_name_or_path")
+        config = _read_json(Path(base) / "config.json") if base and Path(base).is_dir() else None
+    return _limit_from_config(config) if config else None
+
+
+def _limit_from_config(config: dict[str, Any]) -> int | None:
+    text = config.get("text_config") or config
+    value = text.get("max_position_embeddings")
+    return int(value) if isinstance(value, int) else None
+
+
+def _read_json(path: Path) -> dict[str, Any] | None:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+# ---------------------------------------------------------------------------------------------
+# Formatting helpers
+
+
+def _rel(path: Path, root: Path) -> str:
+    return _display(path.relative_to(root).as_posix())
+
+
+def _display(text: str) -> str:
+    """Text safe to print on one line: undecodable file-name bytes as \\xNN, control characters escaped."""
+    text = os.fsencode(text).decode("utf-8", "backslashreplace") if any("\udc80" <= ch <= "\udcff" for ch in text) else text
+    return "".join(ch if ch.isprintable() else ch.encode("unicode_escape").decode("ascii") for ch in text)
+
+
+def _quote(caption: str, limit: int = 60) -> str:
+    shown = caption if len(caption) <= limit else caption[: limit - 3] + "..."
+    return repr(_display(shown))
+
+
+# Short names of finding codes for one-line counts ("3 caption not UTF-8"); other codes read as their words.
+_SHORT = {
+    "caption_not_utf8": "caption not UTF-8",
+    "bad_metadata_line": "bad metadata.jsonl line",
+    "unreadable_metadata": "unreadable metadata.jsonl",
+    "no_usable_pairs": "no usable pair",
+    "duplicate_image_conflict": "duplicate with differing captions",
+    "duplicate_image": "duplicate image",
+    "no_words_caption": "caption without words",
+    "sidecar_overrides_metadata": ".txt overriding metadata.jsonl",
+    "orphan_metadata": "metadata.jsonl entry without image",
+    "orphan_caption": "caption without image",
+    "unsupported_image": "unsupported image format",
+}
+
+
+def _format_counts(counts: collections.Counter) -> str:
+    def name(key: str) -> str:
+        return _SHORT.get(key, key.replace("_", " ")) if key in CODES else key
+
+    return ", ".join(f"{n} {name(key)}" for key, n in counts.most_common())
+
+
+def _stats(values: list[int]) -> dict[str, float] | None:
+    if not values:
+        return None
+    return {"min": min(values), "median": statistics.median(values), "max": max(values)}
+
+
+def _spread(values: list[int]) -> str:
+    low, mid, high = min(values), statistics.median(values), max(values)
+    mid_text = f"{mid:g}"
+    return f"{low}" if low == high else f"{low}..{high} (median {mid_text})"
+
+
+# ---------------------------------------------------------------------------------------------
+# Command line
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from caption_train.config import _Parser
+
+    parser = _Parser(
+        prog="caption-train lint",
+        description="Check a dataset folder before training: what training would skip (errors, exit status 1) and "
+                    "what it would use but maybe not as you meant (warnings). Reads only; writes nothing.",
+    )
+    parser.add_argument("dataset_dir", metavar="DATASET_DIR", help="folder of images with .txt captions beside them (or a metadata.jsonl)")
+    parser.add_argument("--model", default=None, help="count caption tokens with this model's tokenizer: a run's final/ folder, a model folder or a hub id")
+    parser.add_argument("--max_length", type=int, default=None, help="token limit for captions (default: the model's own; training truncates at min(--max_length, model limit), 128 by default)")
+    parser.add_argument("--json", action="store_true", help="print the report as one JSON object")
+    parser.add_argument("--quick", action="store_true", help="read image headers and file ends instead of decoding every image (finds truncated files, not all corrupt pixel data)")
+    parser.add_argument("--strict", action="store_true", help="exit status 1 on warnings too")
+    parser.add_argument("--max_listed", type=int, default=10, help="files listed per kind of problem in the text report (0 = all; default: 10)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.max_length is not None and args.max_length < 2:
+        raise UserError(f"--max_length must be >= 2, got {args.max_length}")
+    root = scan._check_root(args.dataset_dir, label="DATASET_DIR")
+    tokenizer, limit = load_tokenizer(args.model) if args.model else (None, None)
+    if args.max_length is not None:
+        if tokenizer is None:
+            raise UserError("--max_length needs --model (captions are measured in the model's tokens)")
+        limit = min(args.max_length, limit) if limit else args.max_length
+    report = lint_dataset(root, tokenizer=tokenizer, max_tokens=limit, decode=not args.quick)
+    text = json.dumps(report.to_dict(), indent=1) if args.json else report.format_text(max_listed=args.max_listed)
+    try:
+        print(text, flush=True)
+    except BrokenPipeError:  # `caption-train lint ... | head`: the reader has gone, which is not an error of ours
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    return 1 if report.errors or (args.strict and report.warnings) else 0
