@@ -71,7 +71,7 @@ COMMANDS: dict[str, tuple[Callable[[list[str] | None], int], str]] = {
 
 def usage() -> str:
     lines = ["usage: caption-train COMMAND [ARGS]", "", "commands:"]
-    lines += [f"  {name:<8} {text}" for name, (_, text) in COMMANDS.items()]
+    lines += [f"  {name:<9} {text}" for name, (_, text) in COMMANDS.items()]
     lines += ["", "Run `caption-train COMMAND --help` for a command's options."]
     return "\n".join(lines)
 

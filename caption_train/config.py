@@ -82,6 +82,8 @@ class TrainConfig:
     save_total_limit: int = _field(0, "Keep only the newest N step-N/ checkpoints (0 = keep all; epoch-N/ and final/ are always kept).")
     resume: str | None = _field(None, "Continue a run: 'auto' (newest checkpoint of the newest run named training_name in output_dir) or a checkpoint folder.")
     max_nonfinite_steps: int = _field(10, "Stop (after saving the last good state) when this many optimizer steps in a row have a non-finite loss.")
+    eval_every_n_epochs: int = _field(0, "Every N epochs, caption the validation split and log BLEU-4, ROUGE-L, CIDEr-D, exact match (and tag P/R/F1 for tag captions) as val/* (0 = never; needs validation_split > 0).")
+    eval_max_images: int = _field(0, "Caption at most this many validation images for eval_every_n_epochs (0 = all).")
     num_sample_captions: int = _field(4, "Images captioned and printed/logged after every epoch (0 = none).")
     log_with: str = _field("wandb", "Tracker besides metrics.jsonl: wandb (offline when not logged in) or none.", choices=TRACKERS)
     wandb_project: str = _field("caption-train", "wandb project name.")
@@ -280,6 +282,9 @@ def _check_ranges(cfg: TrainConfig) -> list[str]:
     need(cfg.save_every_n_steps >= 0, f"save_every_n_steps must be >= 0, got {cfg.save_every_n_steps}")
     need(cfg.save_total_limit >= 0, f"save_total_limit must be >= 0, got {cfg.save_total_limit}")
     need(cfg.max_nonfinite_steps >= 1, f"max_nonfinite_steps must be >= 1, got {cfg.max_nonfinite_steps}")
+    need(cfg.eval_every_n_epochs >= 0, f"eval_every_n_epochs must be >= 0, got {cfg.eval_every_n_epochs}")
+    need(cfg.eval_max_images >= 0, f"eval_max_images must be >= 0, got {cfg.eval_max_images}")
+    need(cfg.eval_every_n_epochs == 0 or cfg.validation_split > 0, "eval_every_n_epochs needs a validation split: set validation_split (e.g. 0.05)")
     need(cfg.num_sample_captions >= 0, f"num_sample_captions must be >= 0, got {cfg.num_sample_captions}")
     need(cfg.training_name.strip() != "" and "/" not in cfg.training_name and "\\" not in cfg.training_name,
          f"training_name must be a non-empty folder name without slashes, got {cfg.training_name!r}")
@@ -361,6 +366,9 @@ def resolve(file_values: dict[str, Any], cli_values: dict[str, Any], *, file_lab
     if problems:
         raise UserError("; ".join(problems))
     cfg = TrainConfig(**merged)
+    if Path(cfg.model_name_or_path).expanduser().is_dir():
+        # Adapters record this as their base model: absolute, so they load from any working directory.
+        cfg.model_name_or_path = str(Path(cfg.model_name_or_path).expanduser().resolve())
     problems = _check_ranges(cfg)
     if problems:
         raise UserError("; ".join(problems))

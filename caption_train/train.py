@@ -109,6 +109,7 @@ class Run:
     train_loader: Any
     val_loader: Any | None
     sample_items: list[Sample]
+    val_samples: list[Sample]
     steps_per_epoch: int
     total_steps: int
     run_dir: Path
@@ -302,7 +303,7 @@ def setup(cfg: TrainConfig, hooks: TrainingHooks) -> Run:
     run = Run(
         cfg=cfg, accelerator=accelerator, family=family, model=model, processor=processor, optimizer=optimizer,
         scheduler=scheduler, train_dataset=train_dataset, train_loader=train_loader, val_loader=val_loader,
-        sample_items=pick_sample_items(train_samples, val_samples, cfg.num_sample_captions),
+        sample_items=pick_sample_items(train_samples, val_samples, cfg.num_sample_captions), val_samples=val_samples,
         steps_per_epoch=steps_per_epoch, total_steps=total_steps, run_dir=run_dir, tracker=tracker, hooks=hooks,
         resumed_from=resume_dir,
     )
@@ -484,21 +485,40 @@ def count_lines(path: Path) -> int:
         return sum(1 for _ in handle)
 
 
+def caption_metrics(run: Run, epoch: int) -> dict[str, float]:
+    """BLEU-4 / ROUGE-L / CIDEr-D / exact match (/ tag F1) of generated captions on the validation split,
+    every eval_every_n_epochs. Collective: each process captions its share."""
+    cfg = run.cfg
+    if not (cfg.eval_every_n_epochs and (epoch + 1) % cfg.eval_every_n_epochs == 0 and run.val_samples):
+        return {}
+    from caption_train.evaluate import validation_scores
+
+    return validation_scores(run.accelerator.unwrap_model(run.model), run.processor, run.family,
+                             run.val_samples[: cfg.eval_max_images or None], batch_size=cfg.batch_size, accelerator=run.accelerator)
+
+
 def end_of_epoch(run: Run, epoch: int) -> None:
     metrics: dict[str, float] = {"epoch": epoch + 1}
     val = validation_loss(run)
     if val is not None:
         metrics["val/loss"] = val
+    scores = caption_metrics(run, epoch)
+    metrics.update(scores)
     rows = sample_captions(run)
     run.accelerator.wait_for_everyone()
     if run.accelerator.is_main_process:
+        from caption_train.evaluate import record_samples
+        from caption_train.metrics import METRIC_LABELS
+
         run.tracker.log(metrics, step=run.global_step)
         summary = f"epoch {epoch + 1}/{run.cfg.epochs}" + (f": validation loss {val:.4f}" if val is not None else "")
+        summary += "".join(f", {METRIC_LABELS.get(name[4:], name[4:])} {value:.1f}" for name, value in scores.items())
         tqdm.write(summary)
         for row in rows:
             tqdm.write(f"  {printable_name(row['image'])}: truth {row['truth']!r} | model {row['prediction']!r}")
         if rows:
-            run.tracker.log_samples(rows, step=run.global_step)
+            run.tracker.log_samples(rows, step=run.global_step)  # a wandb Table when wandb is on
+            record_samples(run.run_dir, rows, epoch=epoch + 1, step=run.global_step)  # samples.jsonl + samples.html
     if run.cfg.save_every_n_epochs and (epoch + 1) % run.cfg.save_every_n_epochs == 0:
         save(run, f"epoch-{epoch + 1}", epoch=epoch + 1, batches_done=0)
 

@@ -209,3 +209,23 @@ def test_two_process_torchrun(tmp_path, tiny_blip, shapes_dir):
     rows = [r for r in read_metrics(runs[0] / "metrics.jsonl") if "train/loss" in r]
     assert [r["step"] for r in rows] == list(range(1, 7))
     assert len([r for r in read_metrics(runs[0] / "metrics.jsonl") if "val/loss" in r]) == 2
+
+
+def test_caption_metrics_and_probe_panel_during_training(capsys, tmp_path, tiny_blip, shapes_dir):
+    final, stdout = train_cli(capsys, *base_args(shapes_dir, tiny_blip, tmp_path, "--epochs", "2", "--validation_split", "0.25",
+                                                 "--eval_every_n_epochs", "1", "--eval_max_images", "4"))
+    epoch_rows = [r for r in read_metrics(final.parent / "metrics.jsonl") if "val/loss" in r]
+    assert len(epoch_rows) == 2
+    for row in epoch_rows:
+        for key in ("val/bleu4", "val/rougeL", "val/cider", "val/exact_match"):
+            assert key in row and 0 <= row[key] <= 1000, (key, row)
+    samples = [json.loads(line) for line in (final.parent / "samples.jsonl").read_text().splitlines()]
+    assert {s["epoch"] for s in samples} == {1, 2} and len(samples) == 4  # 2 probe images x 2 epochs
+    assert (final.parent / "samples.html").stat().st_size > 500
+
+
+def test_eval_needs_a_validation_split():
+    from caption_train.errors import UserError
+
+    with pytest.raises(UserError, match="eval_every_n_epochs needs a validation split"):
+        load_train_config(["--dataset_dir", "d", "--eval_every_n_epochs", "1"])

@@ -1,0 +1,369 @@
+"""The `caption` command: caption every image under a folder with a trained model, `<image>.txt` beside each.
+
+    caption-train caption runs/x-20261126-141500/final new_images/        # new_images/**/img.png -> img.txt
+    caption-train caption runs/x/final new_images/ --output_jsonl captions.jsonl --num_beams 3
+    caption-train caption Salesforce/blip-image-captioning-base photos/ --prompt "a photography of"
+
+In Python, `generate_captions(model, processor, family, paths, GenerationOptions())` yields one `Captioned` per
+path, in order; the evaluator and the merge sweep use it too. Images are decoded in DataLoader workers and
+captioned in batches; unreadable images are reported and skipped, never fatal.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+import torch
+from tqdm.auto import tqdm
+
+from caption_train.data.images import IMAGE_EXTENSIONS, ImageLoadError, is_image_file, load_rgb
+from caption_train.errors import UserError
+from caption_train.models import ModelFamily
+
+# ---------------------------------------------------------------------------- decoding options
+
+
+@dataclass
+class GenerationOptions:
+    """How captions are decoded. Greedy by default; sampling when temperature or top_p is set."""
+
+    num_beams: int = 1
+    max_new_tokens: int = 40
+    min_length: int = 0  # minimum number of generated tokens (transformers' min_new_tokens)
+    repetition_penalty: float = 1.0
+    temperature: float | None = None
+    top_p: float | None = None
+    prompt: str | None = None  # text the caption starts from (conditional captioning); it is part of the output
+
+    @property
+    def sampling(self) -> bool:
+        return self.temperature is not None or self.top_p is not None
+
+    def problems(self) -> list[str]:
+        found = []
+        if self.num_beams < 1:
+            found.append(f"--num_beams must be >= 1, got {self.num_beams}")
+        if self.max_new_tokens < 1:
+            found.append(f"--max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        if not 0 <= self.min_length <= self.max_new_tokens:
+            found.append(f"--min_length must be between 0 and --max_new_tokens ({self.max_new_tokens}), got {self.min_length}")
+        if self.repetition_penalty <= 0:
+            found.append(f"--repetition_penalty must be > 0 (1.0 = off), got {self.repetition_penalty}")
+        if self.temperature is not None and self.temperature <= 0:
+            found.append(f"--temperature must be > 0, got {self.temperature}")
+        if self.top_p is not None and not 0 < self.top_p <= 1:
+            found.append(f"--top_p must be in (0, 1], got {self.top_p}")
+        return found
+
+    def generate_kwargs(self) -> dict[str, Any]:
+        kwargs: dict[str, Any] = {"num_beams": self.num_beams, "max_new_tokens": self.max_new_tokens, "do_sample": self.sampling}
+        if self.min_length:
+            kwargs["min_new_tokens"] = self.min_length
+        if self.repetition_penalty != 1.0:
+            kwargs["repetition_penalty"] = self.repetition_penalty
+        if self.temperature is not None:
+            kwargs["temperature"] = self.temperature
+        if self.top_p is not None:
+            kwargs["top_p"] = self.top_p
+        return kwargs
+
+    def describe(self) -> dict[str, Any]:
+        return {k: v for k, v in {**self.generate_kwargs(), "prompt": self.prompt}.items() if v is not None}
+
+
+# ---------------------------------------------------------------------------- batched generation
+
+
+@dataclass
+class Captioned:
+    index: int
+    path: Path
+    text: str | None  # None when the image could not be read
+    error: str | None = None
+
+
+class ImageFiles(torch.utils.data.Dataset):
+    """(index, RGB image or None, error or None) per path: decoding happens in DataLoader workers."""
+
+    def __init__(self, paths: Sequence[str | os.PathLike]):
+        self.paths = [Path(p) for p in paths]
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, index: int) -> tuple[int, Any, str | None]:
+        try:
+            return index, load_rgb(self.paths[index]), None
+        except ImageLoadError as err:
+            return index, None, err.reason
+
+
+def _keep_list(items: list) -> list:
+    return items  # module-level: the default collate would try to stack PIL images
+
+
+@torch.no_grad()
+def generate_captions(
+    model: torch.nn.Module,
+    processor: Any,
+    family: ModelFamily,
+    paths: Sequence[str | os.PathLike],
+    options: GenerationOptions | None = None,
+    *,
+    batch_size: int = 16,
+    num_workers: int = 0,
+    progress: tqdm | None = None,
+) -> Iterator[Captioned]:
+    """Caption `paths` in order, `batch_size` at a time, in eval mode without gradients (training mode is restored)."""
+    options = options or GenerationOptions()
+    loader = torch.utils.data.DataLoader(ImageFiles(paths), batch_size=batch_size, num_workers=num_workers, collate_fn=_keep_list, shuffle=False)
+    kwargs = options.generate_kwargs()
+    was_training = model.training
+    model.eval()
+    try:
+        for batch in loader:
+            loaded = [(index, image) for index, image, _ in batch if image is not None]
+            texts = family.generate(model, processor, [image for _, image in loaded], prompt=options.prompt, **kwargs) if loaded else []
+            by_index = {index: text for (index, _), text in zip(loaded, texts)}
+            for index, _, error in batch:
+                yield Captioned(index, Path(paths[index]), by_index.get(index), error)
+            if progress is not None:
+                progress.update(len(batch))
+    finally:
+        model.train(was_training)
+
+
+# ---------------------------------------------------------------------------- the folder
+
+
+def find_images(root: Path) -> list[Path]:
+    """Images under `root`, recursively, sorted; hidden files and folders skipped (as the trainer's scan does)."""
+    found = []
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=False):
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        found += [Path(dirpath, name) for name in sorted(filenames) if not name.startswith(".") and is_image_file(name)]
+    return found
+
+
+def caption_path_for(image: Path) -> Path:
+    """img.png -> img.txt, beside it (the layout the trainer reads)."""
+    return image.with_suffix(".txt")
+
+
+def check_images_dir(images_dir: str | os.PathLike, label: str = "IMAGES_DIR") -> tuple[Path, list[Path]]:
+    if not os.fspath(images_dir).strip():  # Path("") would silently mean the current directory
+        raise UserError(f"{label} is empty; pass the folder that holds the images")
+    root = Path(images_dir).expanduser()
+    if not root.exists():
+        raise UserError(f"{label} {images_dir}: no such directory")
+    if not root.is_dir():
+        raise UserError(f"{label} {images_dir}: is a file, not a directory; pass the folder that holds the images")
+    images = find_images(root)
+    if not images:
+        raise UserError(f"{label} {images_dir}: no images found (searched recursively for {' '.join(sorted(IMAGE_EXTENSIONS))}; hidden files and folders are skipped)")
+    return root, images
+
+
+@dataclass
+class CaptionPlan:
+    todo: list[Path]
+    already_captioned: list[Path] = field(default_factory=list)
+    name_clashes: list[Path] = field(default_factory=list)  # a.jpg when a.png already claims a.txt
+
+
+def plan_captions(images: list[Path], *, overwrite: bool, to_jsonl: bool) -> CaptionPlan:
+    if to_jsonl:
+        return CaptionPlan(todo=list(images))
+    plan = CaptionPlan(todo=[])
+    claimed: set[Path] = set()
+    for image in images:
+        target = caption_path_for(image)
+        if target in claimed:
+            plan.name_clashes.append(image)
+        elif target.exists() and not overwrite:
+            plan.already_captioned.append(image)
+        else:
+            plan.todo.append(image)
+        claimed.add(target)
+    return plan
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    """Write via a hidden temp file + os.replace: a crash never leaves a half-written caption."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        tmp.write_text(text, encoding="utf-8")
+        os.replace(tmp, path)
+    except OSError as err:
+        tmp.unlink(missing_ok=True)
+        raise UserError(f"{path}: cannot write the caption ({err.strerror or err}); check the folder's permissions and free space") from None
+
+
+@dataclass
+class CaptionSummary:
+    captioned: int = 0
+    empty: int = 0
+    already_captioned: int = 0
+    name_clashes: int = 0
+    unreadable: list[tuple[Path, str]] = field(default_factory=list)
+    seconds: float = 0.0
+    output_jsonl: Path | None = None
+
+    def line(self) -> str:
+        rate = self.captioned / self.seconds if self.seconds > 0 else 0.0
+        where = f"wrote {self.output_jsonl}" if self.output_jsonl else "wrote a .txt beside each"
+        text = f"captioned {self.captioned} images in {self.seconds:.1f} s ({rate:.1f} images/s); {where}"
+        skipped = []
+        if self.already_captioned:
+            skipped.append(f"{self.already_captioned} that already had a .txt (pass --overwrite to replace them)")
+        if self.name_clashes:
+            skipped.append(f"{self.name_clashes} whose .txt another image with the same name already gets (e.g. a.png and a.jpg -> a.txt)")
+        if self.unreadable:
+            skipped.append(f"{len(self.unreadable)} unreadable")
+        if skipped:
+            text += "; skipped " + ", ".join(skipped)
+        if self.empty:
+            text += f"; {self.empty} captions came out empty"
+        return text
+
+
+# ---------------------------------------------------------------------------- command line
+
+
+def command_parser(prog: str, description: str) -> argparse.ArgumentParser:
+    from caption_train.config import _Parser
+
+    return _Parser(prog=prog, description=description)
+
+
+def add_model_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--base_model", default=None, help="base model of an adapter (default: the one recorded in its adapter_config.json)")
+    parser.add_argument("--device", default="auto", help="auto (GPU if there is one), cpu, cuda, cuda:N or mps (default: auto)")
+    parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"], help="weights dtype (default: auto = bfloat16/float16 on GPU, float32 on CPU)")
+
+
+def add_generation_arguments(parser: argparse.ArgumentParser, *, batch_size: int = 16) -> None:
+    group = parser.add_argument_group("generation")
+    group.add_argument("--batch_size", type=int, default=batch_size, help=f"images per generate() call (default: {batch_size})")
+    group.add_argument("--num_workers", type=int, default=2, help="DataLoader processes decoding images (0 = in this process; default: 2)")
+    group.add_argument("--num_beams", type=int, default=1, help="beam search width (1 = greedy; default: 1)")
+    group.add_argument("--max_new_tokens", type=int, default=40, help="longest caption in tokens (default: 40; capped by the model)")
+    group.add_argument("--min_length", type=int, default=0, help="shortest caption in generated tokens (default: 0)")
+    group.add_argument("--repetition_penalty", type=float, default=1.0, help="> 1 discourages repeated words (default: 1.0 = off)")
+    group.add_argument("--temperature", type=float, default=None, help="sample instead of greedy/beam decoding, at this temperature")
+    group.add_argument("--top_p", type=float, default=None, help="sample from the smallest token set with this probability mass (nucleus)")
+    group.add_argument("--prompt", default=None, help='text each caption starts from, e.g. "a photography of" (conditional captioning; kept in the caption)')
+    group.add_argument("--seed", type=int, default=0, help="random seed for sampling (default: 0)")
+
+
+def generation_options(args: argparse.Namespace) -> tuple[GenerationOptions, list[str]]:
+    """(options, problems) from parsed arguments; problems cover batch_size and num_workers too."""
+    options = GenerationOptions(
+        num_beams=args.num_beams, max_new_tokens=args.max_new_tokens, min_length=args.min_length,
+        repetition_penalty=args.repetition_penalty, temperature=args.temperature, top_p=args.top_p,
+        prompt=args.prompt or None,
+    )
+    problems = options.problems()
+    if args.batch_size < 1:
+        problems.append(f"--batch_size must be >= 1, got {args.batch_size}")
+    if args.num_workers < 0:
+        problems.append(f"--num_workers must be >= 0, got {args.num_workers}")
+    return options, problems
+
+
+def load_model_for_command(args: argparse.Namespace) -> tuple[torch.nn.Module, Any, ModelFamily, torch.device]:
+    """Resolve --device/--dtype and load MODEL (adapters merged into the base: same captions, faster)."""
+    from caption_train.inference import load_for_inference, pick_device, pick_dtype
+
+    device = pick_device(args.device)
+    dtype = pick_dtype(args.dtype, device)
+    model, processor, family = load_for_inference(args.model, base_model=args.base_model, device=device, dtype=dtype, merge_adapter=True)
+    return model, processor, family, device
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = command_parser("caption-train caption", "Caption every image under IMAGES_DIR (recursively), writing <image>.txt beside each.")
+    parser.add_argument("model", metavar="MODEL", help="a run's final/ or epoch-N/ folder, a merged model folder, or a hub id")
+    parser.add_argument("images_dir", metavar="IMAGES_DIR", help="folder of images, searched recursively")
+    parser.add_argument("--overwrite", action="store_true", help="replace existing .txt captions (or an existing --output_jsonl file)")
+    parser.add_argument("--output_jsonl", default=None, metavar="FILE", help='write {"file_name", "text"} lines (paths relative to IMAGES_DIR) to FILE instead of .txt files')
+    parser.add_argument("--prefix", default="", help='text put before every caption, e.g. "mystyle, " (trigger words)')
+    parser.add_argument("--suffix", default="", help="text put after every caption")
+    add_model_arguments(parser)
+    add_generation_arguments(parser)
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    options, problems = generation_options(args)
+    if problems:
+        raise UserError("; ".join(problems))
+    from caption_train.inference import resolve_model_source
+
+    root, images = check_images_dir(args.images_dir)  # local checks first: a typo should not wait on the hub
+    resolve_model_source(args.model, base_model=args.base_model)  # before loading anything heavy
+    jsonl = Path(args.output_jsonl).expanduser() if args.output_jsonl else None
+    if jsonl is not None:
+        if jsonl.is_dir():
+            raise UserError(f"--output_jsonl {jsonl}: is a directory; pass a file name")
+        if jsonl.exists() and not args.overwrite:
+            raise UserError(f"--output_jsonl {jsonl}: exists; pass --overwrite to replace it")
+    plan = plan_captions(images, overwrite=args.overwrite, to_jsonl=jsonl is not None)
+    summary = CaptionSummary(already_captioned=len(plan.already_captioned), name_clashes=len(plan.name_clashes), output_jsonl=jsonl)
+    if not plan.todo:
+        print(f"nothing to caption: all {len(images)} images under {root} already have a .txt (pass --overwrite to replace them)", flush=True)
+        return 0
+
+    model, processor, family, device = load_model_for_command(args)
+    torch.manual_seed(args.seed)
+    print(f"captioning {len(plan.todo)} images under {root} with {args.model} on {device}", flush=True)
+    caption_into(model, processor, family, root, plan.todo, options, summary, jsonl=jsonl, prefix=args.prefix, suffix=args.suffix,
+                 batch_size=args.batch_size, num_workers=args.num_workers)
+    print(summary.line(), flush=True)
+    return 0
+
+
+def caption_into(
+    model: torch.nn.Module, processor: Any, family: ModelFamily, root: Path, paths: list[Path], options: GenerationOptions,
+    summary: CaptionSummary, *, jsonl: Path | None, prefix: str = "", suffix: str = "", batch_size: int = 16, num_workers: int = 0,
+) -> CaptionSummary:
+    """Caption `paths`, writing .txt files (or `jsonl`, replaced atomically at the end); fills in `summary`."""
+    handle = tmp = None
+    if jsonl is not None:
+        jsonl.parent.mkdir(parents=True, exist_ok=True)
+        tmp = jsonl.with_name(f".{jsonl.name}.tmp-{os.getpid()}")
+        handle = tmp.open("w", encoding="utf-8")
+    progress = tqdm(total=len(paths), desc="captioning", unit="img", file=sys.stderr, dynamic_ncols=True)
+    start = time.perf_counter()
+    try:
+        for item in generate_captions(model, processor, family, paths, options, batch_size=batch_size, num_workers=num_workers, progress=progress):
+            if item.text is None:
+                summary.unreadable.append((item.path, item.error or "unreadable"))
+                tqdm.write(f"skipped unreadable image {item.path}: {item.error}", file=sys.stderr)
+                continue
+            summary.empty += not item.text
+            text = f"{prefix}{item.text}{suffix}"
+            if handle is not None:
+                handle.write(json.dumps({"file_name": item.path.relative_to(root).as_posix(), "text": text}, ensure_ascii=False) + "\n")
+            else:
+                write_text_atomic(caption_path_for(item.path), text)
+            summary.captioned += 1
+        if handle is not None:
+            handle.close()
+            os.replace(tmp, jsonl)
+    finally:
+        progress.close()
+        if handle is not None and not handle.closed:
+            handle.close()
+        if tmp is not None and tmp.exists():
+            tmp.unlink()  # our own partial output after an error or Ctrl-C
+    summary.seconds = time.perf_counter() - start
+    return summary
