@@ -176,7 +176,8 @@ def _relative(path: Path, root: Path) -> str:
 
 def write_atomic(path: Path, text: str) -> Path:
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text, encoding="utf-8")
+    # File names need not be valid UTF-8 (they reach us as surrogate escapes); never fail a run over one.
+    tmp.write_text(text, encoding="utf-8", errors="backslashreplace")
     os.replace(tmp, path)
     return path
 
@@ -195,7 +196,7 @@ def write_report(out_dir: Path, result: EvalResult, *, model: str, dataset: str 
         "metrics": result.metrics,
         "items": [{"file_name": _relative(i.image, root), "reference": i.reference, "prediction": i.prediction, "scores": i.scores} for i in result.items],
     }
-    json_path = write_atomic(out_dir / REPORT_JSON, json.dumps(data, indent=1, ensure_ascii=False) + "\n")
+    json_path = write_atomic(out_dir / REPORT_JSON, json.dumps(data, indent=1) + "\n")
     html_path = write_atomic(out_dir / REPORT_HTML, render_report_html(result, model=model, dataset=root, out_dir=out_dir, thumbnails=thumbnails))
     return json_path, html_path
 
@@ -294,7 +295,7 @@ def record_samples(run_dir: Path, rows: Sequence[dict[str, Any]], *, epoch: int,
     path = run_dir / SAMPLES_JSONL
     kept = [r for r in read_samples(run_dir) if r["epoch"] < epoch]
     new = [{"epoch": epoch, "step": step, "image": str(row["image"]), "truth": row["truth"], "prediction": row["prediction"]} for row in rows]
-    write_atomic(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in kept + new))
+    write_atomic(path, "".join(json.dumps(r) + "\n" for r in kept + new))
     return write_samples_html(run_dir)
 
 
