@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import importlib
 import os
 import sys
 import warnings
@@ -22,50 +23,23 @@ def train_main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def demo_main(argv: list[str] | None = None) -> int:
-    from caption_train.demo import main
+def module_main(module: str) -> Callable[[list[str] | None], int]:
+    """A subcommand whose module has `main(argv) -> int`, imported only when run (keeps `--help` fast)."""
 
-    return main(argv)
+    def run(argv: list[str] | None = None) -> int:
+        return importlib.import_module(module).main(argv)
 
-
-def caption_main(argv: list[str] | None = None) -> int:
-    from caption_train.captioning import main
-
-    return main(argv)
-
-
-def evaluate_main(argv: list[str] | None = None) -> int:
-    from caption_train.evaluate import main
-
-    return main(argv)
-
-
-def merge_main(argv: list[str] | None = None) -> int:
-    from caption_train.merge import main
-
-    return main(argv)
-
-
-def lint_main(argv: list[str] | None = None) -> int:
-    from caption_train.lint import main
-
-    return main(argv)
-
-
-def review_main(argv: list[str] | None = None) -> int:
-    from caption_train.iterative.review import main
-
-    return main(argv)
+    return run
 
 
 COMMANDS: dict[str, tuple[Callable[[list[str] | None], int], str]] = {
     "train": (train_main, "fine-tune a captioning model on a folder of images with .txt captions"),
-    "demo": (demo_main, "offline demo: build a tiny BLIP and a shapes dataset, train, show captions before/after"),
-    "review": (review_main, "browse and fix a dataset's captions in the interactive page, with a model's captions beside them"),
-    "caption": (caption_main, "caption a folder of images with a trained model: writes <image>.txt beside each"),
-    "evaluate": (evaluate_main, "caption a folder of captioned images and score against the .txt files (table, report.json, report.html)"),
-    "merge": (merge_main, "merge an adapter into a standalone model, optionally WiSE-FT interpolated (--alpha, --alpha_sweep)"),
-    "lint": (lint_main, "check a dataset before training: unreadable images, missing/empty captions, duplicates, long captions, tags"),
+    "demo": (module_main("caption_train.demo"), "offline demo: build a tiny BLIP and a shapes dataset, train, show captions before/after"),
+    "review": (module_main("caption_train.iterative.review"), "browse and fix a dataset's captions in the interactive page, with a model's captions beside them"),
+    "caption": (module_main("caption_train.captioning"), "caption a folder of images with a trained model: writes <image>.txt beside each"),
+    "evaluate": (module_main("caption_train.evaluate"), "caption a folder of captioned images and score against the .txt files (table, report.json, report.html)"),
+    "merge": (module_main("caption_train.merge"), "merge an adapter into a standalone model, optionally WiSE-FT interpolated (--alpha, --alpha_sweep)"),
+    "lint": (module_main("caption_train.lint"), "check a dataset before training: unreadable images, missing/empty captions, duplicates, long captions, tags"),
 }
 
 
