@@ -29,7 +29,7 @@ def test_tiny_blip_learns_shapes(tmp_path):
     result = subprocess.run(
         [sys.executable, str(REPO / "train2.py"), "--dataset_dir", str(tmp_path / "train"), "--model_name_or_path", str(model_dir),
          "--output_dir", str(tmp_path / "runs"), "--peft_module", "none", "--optimizer", "AdamW", "--lr", "6e-4",
-         "--lr_scheduler", "OneCycleLR", "--epochs", "30", "--batch_size", "32", "--validation_split", "0.05",
+         "--lr_scheduler", "OneCycleLR", "--epochs", "40", "--batch_size", "32", "--validation_split", "0.05",
          "--save_every_n_epochs", "0", "--num_workers", "0", "--log_with", "none", "--seed", "0"],
         capture_output=True, text=True, timeout=900,
     )
