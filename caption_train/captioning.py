@@ -24,7 +24,9 @@ import torch
 from tqdm.auto import tqdm
 
 from caption_train.data.images import IMAGE_EXTENSIONS, ImageLoadError, is_image_file, load_rgb
+from caption_train.data.scan import caption_path_for, walk_dataset
 from caption_train.errors import UserError
+from caption_train.files import write_text_atomic
 from caption_train.models import ModelFamily
 
 # ---------------------------------------------------------------------------- decoding options
@@ -145,16 +147,7 @@ def generate_captions(
 
 def find_images(root: Path) -> list[Path]:
     """Images under `root`, recursively, sorted; hidden files and folders skipped (as the trainer's scan does)."""
-    found = []
-    for dirpath, dirnames, filenames in os.walk(root, followlinks=False):
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-        found += [Path(dirpath, name) for name in sorted(filenames) if not name.startswith(".") and is_image_file(name)]
-    return found
-
-
-def caption_path_for(image: Path) -> Path:
-    """img.png -> img.txt, beside it (the layout the trainer reads)."""
-    return image.with_suffix(".txt")
+    return [Path(dirpath, name) for dirpath, _, filenames in walk_dataset(root) for name in filenames if is_image_file(name)]
 
 
 def check_images_dir(images_dir: str | os.PathLike, label: str = "IMAGES_DIR") -> tuple[Path, list[Path]]:
@@ -195,14 +188,11 @@ def plan_captions(images: list[Path], *, overwrite: bool, to_jsonl: bool) -> Cap
     return plan
 
 
-def write_text_atomic(path: Path, text: str) -> None:
-    """Write via a hidden temp file + os.replace: a crash never leaves a half-written caption."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+def write_caption(path: Path, text: str) -> None:
+    """Write a caption atomically: a crash never leaves a half-written caption."""
     try:
-        tmp.write_text(text, encoding="utf-8")
-        os.replace(tmp, path)
+        write_text_atomic(path, text)
     except OSError as err:
-        tmp.unlink(missing_ok=True)
         raise UserError(f"{path}: cannot write the caption ({err.strerror or err}); check the folder's permissions and free space") from None
 
 
@@ -354,7 +344,7 @@ def caption_into(
             if handle is not None:
                 handle.write(json.dumps({"file_name": item.path.relative_to(root).as_posix(), "text": text}, ensure_ascii=False) + "\n")
             else:
-                write_text_atomic(caption_path_for(item.path), text)
+                write_caption(caption_path_for(item.path), text)
             summary.captioned += 1
         if handle is not None:
             handle.close()

@@ -32,6 +32,7 @@ from tqdm.auto import tqdm
 from caption_train.captioning import GenerationOptions, generate_captions
 from caption_train.data.scan import Sample
 from caption_train.errors import UserError
+from caption_train.files import write_text_atomic
 from caption_train.metrics import ITEM_LABELS, METRIC_LABELS, score_captions
 from caption_train.models import ModelFamily
 
@@ -174,14 +175,6 @@ def _relative(path: Path, root: Path) -> str:
         return path.as_posix()
 
 
-def write_atomic(path: Path, text: str) -> Path:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    # File names need not be valid UTF-8 (they reach us as surrogate escapes); never fail a run over one.
-    tmp.write_text(text, encoding="utf-8", errors="backslashreplace")
-    os.replace(tmp, path)
-    return path
-
-
 def write_report(out_dir: Path, result: EvalResult, *, model: str, dataset: str | os.PathLike, thumbnails: int = THUMBNAIL_SIZE) -> tuple[Path, Path]:
     """Write report.json and report.html into `out_dir` (created if needed); return their paths."""
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -196,8 +189,10 @@ def write_report(out_dir: Path, result: EvalResult, *, model: str, dataset: str 
         "metrics": result.metrics,
         "items": [{"file_name": _relative(i.image, root), "reference": i.reference, "prediction": i.prediction, "scores": i.scores} for i in result.items],
     }
-    json_path = write_atomic(out_dir / REPORT_JSON, json.dumps(data, indent=1) + "\n")
-    html_path = write_atomic(out_dir / REPORT_HTML, render_report_html(result, model=model, dataset=root, out_dir=out_dir, thumbnails=thumbnails))
+    json_path, html_path = out_dir / REPORT_JSON, out_dir / REPORT_HTML
+    write_text_atomic(json_path, json.dumps(data, indent=1) + "\n")
+    # File names need not be valid UTF-8 (they reach us as surrogate escapes); never fail over one.
+    write_text_atomic(html_path, render_report_html(result, model=model, dataset=root, out_dir=out_dir, thumbnails=thumbnails), errors="backslashreplace")
     return json_path, html_path
 
 
@@ -295,7 +290,7 @@ def record_samples(run_dir: Path, rows: Sequence[dict[str, Any]], *, epoch: int,
     path = run_dir / SAMPLES_JSONL
     kept = [r for r in read_samples(run_dir) if r["epoch"] < epoch]
     new = [{"epoch": epoch, "step": step, "image": str(row["image"]), "truth": row["truth"], "prediction": row["prediction"]} for row in rows]
-    write_atomic(path, "".join(json.dumps(r) + "\n" for r in kept + new))
+    write_text_atomic(path, "".join(json.dumps(r) + "\n" for r in kept + new))
     return write_samples_html(run_dir)
 
 
@@ -335,7 +330,8 @@ def write_samples_html(run_dir: Path, thumbnails: int = THUMBNAIL_SIZE) -> Path:
 <table><thead><tr><th>image</th><th>caption</th>{"".join(f"<th>epoch {e}</th>" for e in epochs)}</tr></thead>
 <tbody>{chr(10).join(rows)}</tbody></table></body></html>
 """
-    return write_atomic(run_dir / SAMPLES_HTML, page)
+    write_text_atomic(run_dir / SAMPLES_HTML, page, errors="backslashreplace")
+    return run_dir / SAMPLES_HTML
 
 
 # ---------------------------------------------------------------------------- command line

@@ -22,6 +22,7 @@ import torch
 from caption_train import checkpoint
 from caption_train.config import TrainConfig, to_toml_dict
 from caption_train.errors import UserError
+from caption_train.files import write_text_atomic
 
 # Changing these would make the checkpoint's weights, optimizer state or data order meaningless.
 STRUCTURAL_KEYS = ("model_name_or_path", "peft_module", "peft_args", "model_config", "dataset_dir", "optimizer",
@@ -100,6 +101,4 @@ def truncate_metrics(metrics_path: Path, rows: int) -> None:
         return
     lines = metrics_path.read_text(encoding="utf-8").splitlines(keepends=True)
     if len(lines) > rows:
-        tmp = metrics_path.with_name(metrics_path.name + ".tmp")
-        tmp.write_text("".join(lines[:rows]), encoding="utf-8")
-        tmp.replace(metrics_path)
+        write_text_atomic(metrics_path, "".join(lines[:rows]))

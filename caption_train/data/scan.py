@@ -145,9 +145,14 @@ def _walk_images(root: Path):
         for name in filenames:
             if not is_image_file(name):
                 continue
-            sidecar_name = Path(name).stem + ".txt"
-            sidecar = Path(dirpath, sidecar_name) if sidecar_name in names else None
+            sidecar = caption_path_for(Path(dirpath, name))
+            sidecar = sidecar if sidecar.name in names else None
             yield Path(dirpath, name), sidecar
+
+
+def caption_path_for(image_path: Path) -> Path:
+    """The caption file of an image: img.png -> img.txt in the same folder (the one rule every reader and writer uses)."""
+    return image_path.with_name(image_path.stem + ".txt")
 
 
 def _caption_for(image_path: Path, sidecar: Path | None, metadata_text: str | None) -> tuple[str, str | None]:

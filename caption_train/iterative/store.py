@@ -22,14 +22,14 @@ import collections
 import hashlib
 import json
 import os
-import tempfile
 import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
-from caption_train.data.scan import Sample
+from caption_train.data.scan import Sample, caption_path_for
+from caption_train.files import write_text_atomic
 from caption_train.iterative.schema import ImageInfo, ModelCaption, Status, normalize_caption_text
 
 HISTORY_FILE = "history.jsonl"
@@ -58,30 +58,6 @@ def inside(path: Path, root_real: str) -> bool:
     """True when `path`, with every symlink resolved, is `root_real` or lies below it."""
     real = os.path.realpath(path)
     return real == root_real or real.startswith(root_real.rstrip(os.sep) + os.sep)
-
-
-def caption_path_for(image_path: Path) -> Path:
-    """The sidecar the scanner reads: img.png -> img.txt in the same folder (scan._walk_images's rule)."""
-    return image_path.with_name(image_path.stem + ".txt")
-
-
-def write_text_atomic(path: Path, text: str, *, mode: int | None = None) -> None:
-    """Write `text` to a temp file in `path`'s folder, fsync, then os.replace: readers see old or new, never half."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="") as handle:
-            handle.write(text)
-            handle.flush()
-            os.fsync(handle.fileno())
-        if mode is not None:
-            os.chmod(tmp, mode)
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
 
 
 def _default_file_mode() -> int:
