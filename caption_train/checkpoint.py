@@ -153,13 +153,18 @@ def checkpoints_in(run_dir: Path) -> list[tuple[int, Path]]:
         if folder.name.startswith(".") or not is_complete(folder):
             continue
         try:
-            step = int(torch.load(folder / STATE_NAME, map_location="cpu", weights_only=False)["global_step"])
+            step = checkpoint_step(folder)
         except Exception:  # noqa: BLE001 - an unreadable state file means "not resumable", whatever the cause
             continue
         found.append((step, folder))
     # At equal steps prefer final/ > epoch-N/ > step-N/ (same weights; final means "done").
     rank = {"final": 2, "epoch": 1, "step": 0}
     return sorted(found, key=lambda item: (item[0], rank[item[1].name.split("-")[0]]))
+
+
+def checkpoint_step(folder: Path) -> int:
+    """The optimizer step a checkpoint was saved at. Memory-mapped: the optimizer state in the same file is not read."""
+    return int(torch.load(folder / STATE_NAME, map_location="cpu", weights_only=False, mmap=True)["global_step"])
 
 
 def run_dirs(output_dir: Path, training_name: str) -> list[Path]:

@@ -591,7 +591,7 @@ def finish(run: Run) -> Path:
     """Save final/ (moving an older final/ of a resumed-and-extended run aside), plot, close trackers."""
     final_dir = run.run_dir / "final"
     if final_dir.exists() and run.accelerator.is_main_process:
-        final_dir.rename(run.run_dir / f"final-step-{resume.load_state(final_dir)['global_step']}")
+        final_dir.rename(run.run_dir / f"final-step-{checkpoint.checkpoint_step(final_dir)}")
     run.accelerator.wait_for_everyone()
     final_dir = save(run, "final", epoch=run.cfg.epochs, batches_done=0)
     if run.accelerator.is_main_process:
