@@ -495,3 +495,9 @@ def _sha256(path: bytes, info: os.stat_result) -> str:
             os.chmod(path, stat.S_IMODE(info.st_mode))
     with open(path, "rb") as handle:
         return hashlib.sha256(handle.read()).hexdigest()
+
+
+def built_corpus(root: Path) -> tuple[Path, dict[str, Case], dict]:
+    """(root, cases by name, digest of every file) for a corpus built at `root`: the tests' module fixture."""
+    built = build_corpus(root)
+    return root, {case.name: case for case in built}, tree_digest(root)

@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 from caption_train.cli import main
-from hostile_corpus import GOOD_IMAGES, LOAD_SKIPPED, TRAINED, build_corpus, cases, expected_skips, kept_images, tree_digest
+from hostile_corpus import built_corpus, GOOD_IMAGES, LOAD_SKIPPED, TRAINED, build_corpus, cases, expected_skips, kept_images, tree_digest
 
 from conftest import base_args
 
@@ -30,9 +30,7 @@ CASE_NAMES = [case.name for case in cases()]
 
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory):
-    root = tmp_path_factory.mktemp("hostile") / "dataset"
-    built = build_corpus(root)
-    return root, {case.name: case for case in built}, tree_digest(root)
+    return built_corpus(tmp_path_factory.mktemp("hostile") / "dataset")
 
 
 @pytest.fixture(scope="module")

@@ -13,16 +13,14 @@ from PIL import Image
 from caption_train.cli import main
 from caption_train.data.scan import scan_dataset
 from caption_train.lint import CODES, ERROR, WARNING, lint_dataset, load_tokenizer
-from hostile_corpus import GOOD_IMAGES, LOAD_SKIPPED, build_corpus, cases, kept_images, tree_digest
+from hostile_corpus import built_corpus, GOOD_IMAGES, LOAD_SKIPPED, build_corpus, cases, kept_images, tree_digest
 
 CASE_NAMES = [case.name for case in cases()]
 
 
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory):
-    root = tmp_path_factory.mktemp("lint") / "dataset"
-    built = build_corpus(root)
-    return root, {case.name: case for case in built}, tree_digest(root)
+    return built_corpus(tmp_path_factory.mktemp("lint") / "dataset")
 
 
 @pytest.fixture(scope="module")
