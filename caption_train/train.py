@@ -29,6 +29,7 @@ from caption_train.data.scan import Sample, scan_dataset, split_validation
 from caption_train.errors import UserError
 from caption_train.lint import lint_dataset
 from caption_train.models import ModelFamily, resolve_family
+from caption_train.models.base import unwrap_peft
 from caption_train.optim import build_optimizer, build_scheduler, current_lr, optimizer_steps_per_epoch
 from caption_train.tracking import Tracker, make_tracker, plot_losses
 
@@ -175,14 +176,14 @@ def make_loader(dataset: CaptionDataset, cfg: TrainConfig, collate: Any, *, shuf
     )
 
 
-def enable_gradient_checkpointing(model: torch.nn.Module, family: ModelFamily) -> None:
+def enable_gradient_checkpointing(model: torch.nn.Module) -> None:
     """Checkpoint activations without hooking input embeddings.
 
     Non-reentrant checkpointing does not need inputs that require grad, so unlike the usual
     `enable_input_require_grads()` recipe a frozen vision tower stays out of the backward pass.
     Must run after peft wrapping: peft calls `enable_input_require_grads()` on models it finds checkpointed.
     """
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base = unwrap_peft(model)
     enable = getattr(base, "activation_checkpointing_enable", None)
     if enable is not None:
         enable(activation_checkpointing_kwargs={"use_reentrant": False})
@@ -259,7 +260,7 @@ def setup(cfg: TrainConfig, hooks: TrainingHooks) -> Run:
         for line in report.summary_lines():
             print(line, flush=True)
     if cfg.gradient_checkpointing:
-        enable_gradient_checkpointing(model, family)
+        enable_gradient_checkpointing(model)
     trainable, total = count_parameters(model)
     if main:
         print(f"model {cfg.model_name_or_path} ({family.name}), {cfg.peft_module}: {trainable:,} of {total:,} parameters trainable ({100 * trainable / total:.2f}%)", flush=True)

@@ -149,7 +149,7 @@ def test_checkpointing_keeps_frozen_vision_tower_out_of_backward(tiny_blip):
     model = wrap_model(model, family, "LoRA", {"target_modules": ["query", "value"]})
     # Restrict to the text decoder: vision has no 'query'/'value' modules, so it is fully frozen.
     assert not any(p.requires_grad for p in family.vision_tower(model).parameters())
-    enable_gradient_checkpointing(model, family)
+    enable_gradient_checkpointing(model)
     assert family.vision_tower(model).encoder.gradient_checkpointing
     seen = {}
     family.vision_tower(model).register_forward_hook(lambda m, i, out: seen.update(requires_grad=out.last_hidden_state.requires_grad))

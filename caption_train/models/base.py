@@ -145,6 +145,11 @@ def pop_load_kwargs(overrides: dict[str, Any]) -> tuple[dict[str, Any], dict[str
     return kwargs, overrides
 
 
+def unwrap_peft(model: torch.nn.Module) -> torch.nn.Module:
+    """The transformers model inside a PeftModel (or the model itself)."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
 def model_dtype(model: torch.nn.Module) -> torch.dtype:
     return next(model.parameters()).dtype
 

@@ -21,14 +21,10 @@ from caption_train.models.base import (
     model_dtype,
     pop_load_kwargs,
     register,
+    unwrap_peft,
 )
 
 IGNORE_INDEX = -100  # positions with this label are left out of the loss (torch CrossEntropyLoss default)
-
-
-def unwrap_peft(model: torch.nn.Module) -> torch.nn.Module:
-    """The transformers model inside a PeftModel (or the model itself)."""
-    return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
 @register
