@@ -345,13 +345,13 @@ def resolve(file_values: dict[str, Any], cli_values: dict[str, Any], *, file_lab
     problems: list[str] = []
     merged: dict[str, Any] = {}
     valid = set(field_names())
-    for source, values, label in ((file_values, file_values, file_label), (cli_values, cli_values, "command line")):
+    for values, label in ((file_values, file_label), (cli_values, "command line")):
         for key, value in values.items():
             name = ALIASES.get(key, key)
             if name not in valid:
                 problems.append(_unknown_key_message(key, label))
                 continue
-            if name == "config_file" and source is file_values:
+            if name == "config_file" and values is file_values:
                 problems.append(f"{label}: config_file cannot be set inside a config file")
                 continue
             try:
