@@ -236,7 +236,7 @@ def command_parser(prog: str, description: str) -> argparse.ArgumentParser:
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--base_model", default=None, help="base model of an adapter (default: the one recorded in its adapter_config.json)")
     parser.add_argument("--device", default="auto", help="auto (GPU if there is one), cpu, cuda, cuda:N or mps (default: auto)")
-    parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"], help="weights dtype (default: auto = bfloat16/float16 on GPU, float32 on CPU)")
+    parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"], help="weights dtype (default: auto = bfloat16 where the GPU or CPU runs it natively, float16 on other GPUs, else float32)")
 
 
 def add_generation_arguments(parser: argparse.ArgumentParser, *, batch_size: int = 16) -> None:

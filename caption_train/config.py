@@ -28,7 +28,8 @@ from caption_train.errors import UserError
 OPTIMIZERS = ("AdamW", "Prodigy")
 SCHEDULERS = ("CosineAnnealingLR", "CosineAnnealingWarmRestarts", "CyclicLR", "OneCycleLR")
 PEFT_MODULES = ("LoRA", "IA3", "none")
-MIXED_PRECISION = ("no", "fp16", "bf16")
+MIXED_PRECISION = ("auto", "no", "fp16", "bf16")
+CACHE_MODES = ("auto", "off", "memory", "disk")
 TRACKERS = ("wandb", "none")
 
 # Keys accepted in a config file (or on the command line) as other names for a field.
@@ -62,6 +63,10 @@ class TrainConfig:
     peft_module: str = _field("LoRA", "Adapter to train: LoRA, IA3, or none (full fine-tune).", choices=PEFT_MODULES)
     peft_args: dict = _field({}, "Keyword arguments for the peft config, e.g. {r = 16, lora_alpha = 32, target_modules = ['query', 'value']}.")
     gradient_checkpointing: bool = _field(False, "Recompute activations in backward to save memory.")
+    freeze_vision_tower: bool = _field(False, "Full fine-tune (peft_module none): keep the vision tower's weights fixed and train the text side only (lets image features be cached).")
+    cache_image_features: str = _field("auto", "Compute a frozen vision tower once per image: auto (memory when it fits, else disk; off when the tower trains or images are flipped), off, memory or disk.", choices=CACHE_MODES)
+    cache_dir: str | None = _field(None, "Folder of the on-disk image-feature cache (default: ~/.cache/caption-train/features; never inside the dataset).")
+    compile: bool = _field(False, "torch.compile the text decoder (worth it on a GPU for long runs; the first steps are slow while it compiles).")
     # ---- optimization
     epochs: int = _field(5, "Number of passes over the training set.")
     batch_size: int = _field(8, "Images per batch per process.")
@@ -72,7 +77,7 @@ class TrainConfig:
     lr_scheduler: str = _field("CosineAnnealingLR", "LR schedule, stepped once per optimizer step.", choices=SCHEDULERS)
     scheduler_args: dict = _field({}, "Keyword arguments for the scheduler, overriding the computed ones, e.g. {eta_min = 1e-6}.")
     max_grad_norm: float = _field(1.0, "Clip the gradient norm to this value (0 = no clipping).")
-    mixed_precision: str = _field("no", "Autocast precision: no, fp16 (GPU only) or bf16.", choices=MIXED_PRECISION)
+    mixed_precision: str = _field("auto", "Autocast precision: auto (bf16 where the GPU/CPU runs it natively, else fp32), no (fp32), fp16 (GPU only, with a grad scaler) or bf16. Weights and optimizer state stay fp32.", choices=MIXED_PRECISION)
     seed: int = _field(42, "Random seed for weights init of adapters, data order, caption transforms and the split.")
     # ---- output
     output_dir: str = _field("runs", "Runs are written to <output_dir>/<training_name>-<timestamp>/.")
@@ -266,6 +271,9 @@ def _check_ranges(cfg: TrainConfig) -> list[str]:
     need(cfg.dataset_dir is not None and cfg.dataset_dir.strip() != "", "dataset_dir is required: pass --dataset_dir DIR (a folder of images with .txt captions)")
     if cfg.dataset_dir and _inside(Path(cfg.output_dir), Path(cfg.dataset_dir)):
         problems.append(f"output_dir {cfg.output_dir} is inside dataset_dir {cfg.dataset_dir}: checkpoints would be read as data; put runs elsewhere")
+    if cfg.dataset_dir and cfg.cache_dir and _inside(Path(cfg.cache_dir), Path(cfg.dataset_dir)):
+        problems.append(f"cache_dir {cfg.cache_dir} is inside dataset_dir {cfg.dataset_dir}: nothing is written into a dataset; put the cache elsewhere")
+    need(not cfg.freeze_vision_tower or cfg.peft_module == "none", f"freeze_vision_tower is for full fine-tunes (peft_module none); with {cfg.peft_module}, the vision tower trains only if peft_args.target_modules names its modules")
     need(cfg.lr is None or cfg.lr > 0, f"lr must be > 0, got {cfg.lr}")
     need(cfg.epochs >= 1, f"epochs must be >= 1, got {cfg.epochs}")
     need(cfg.batch_size >= 1, f"batch_size must be >= 1, got {cfg.batch_size}")

@@ -22,7 +22,6 @@ from caption_train.models import ModelFamily, resolve_family
 
 ADAPTER_CONFIG = "adapter_config.json"
 MODEL_CONFIG = "config.json"
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def adapter_base_model(adapter_dir: Path) -> str:
@@ -131,14 +130,11 @@ def pick_device(name: str = "auto") -> torch.device:
 
 
 def pick_dtype(name: str, device: torch.device) -> torch.dtype:
-    """`auto`: bfloat16 on a GPU that supports it, float16 on other GPUs, float32 on CPU (faster and exact there)."""
-    if name == "auto":
-        if device.type == "cuda":
-            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-        return torch.float32
-    if name not in DTYPES:
-        raise UserError(f"--dtype {name}: use auto, {', '.join(DTYPES)}")
-    return DTYPES[name]
+    """`auto`: bfloat16 where it runs natively (a GPU with bf16, a CPU with AVX512-BF16/AMX), float16 on other GPUs,
+    else float32 (see precision.inference_dtype)."""
+    from caption_train.precision import inference_dtype
+
+    return inference_dtype(name, device)
 
 
 # ---------------------------------------------------------------------------- loading

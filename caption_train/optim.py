@@ -27,6 +27,8 @@ def build_optimizer(name: str, params: Iterable[torch.nn.Parameter], *, lr: floa
     params = [p for p in params if p.requires_grad]
     if not params:
         raise UserError("nothing to train: no parameter requires a gradient (check peft_args.target_modules)")
+    if name == "AdamW" and all(p.is_cuda for p in params) and not {"fused", "foreach"} & set(args):
+        args = {**args, "fused": True}  # one kernel for the whole update on a GPU instead of several per tensor
     try:
         return optimizer_class(name)(params, lr=lr, **args)
     except (TypeError, ValueError) as err:

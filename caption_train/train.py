@@ -9,10 +9,12 @@ Resumable (`--resume auto|PATH`), and stops cleanly on SIGINT / SIGTERM with a c
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import signal
 import sys
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -27,10 +29,12 @@ from caption_train.data.captions import CaptionTransform
 from caption_train.data.dataset import CaptionDataset, drop_failed
 from caption_train.data.scan import Sample, scan_dataset, split_validation
 from caption_train.errors import UserError
+from caption_train.features import FeatureCache, plan_feature_cache, vision_is_frozen
 from caption_train.lint import lint_dataset
 from caption_train.models import ModelFamily, resolve_family
 from caption_train.models.base import unwrap_peft
 from caption_train.optim import build_optimizer, build_scheduler, current_lr, optimizer_steps_per_epoch
+from caption_train.precision import Precision, enable_fast_gpu_matmul, resolve_precision
 from caption_train.tracking import Tracker, make_tracker, plot_losses
 
 
@@ -117,6 +121,8 @@ class Run:
     tracker: Tracker
     hooks: TrainingHooks
     resumed_from: Path | None = None
+    features: FeatureCache | None = None  # image features of a frozen vision tower, computed once
+    timings: "Timings" = field(default_factory=lambda: Timings())
     # ---- position, saved in every checkpoint
     global_step: int = 0
     epoch: int = 0  # the epoch in progress (0-based)
@@ -127,19 +133,52 @@ class Run:
     last_batch: dict[str, torch.Tensor] | None = None
 
 
-def make_accelerator(cfg: TrainConfig) -> Any:
+class Timings:
+    """Wall-clock seconds per part of the run, for the one-line breakdown printed at the end."""
+
+    PARTS = ("set-up", "training", "evaluation/samples", "saving")
+
+    def __init__(self) -> None:
+        self.start = time.perf_counter()
+        self.seconds = dict.fromkeys(self.PARTS, 0.0)
+        self._open: list[list] = []  # [name, started] of the parts in progress, innermost last
+
+    @contextlib.contextmanager
+    def part(self, name: str):
+        """Time a part; a part inside another (a step checkpoint during training) counts only for itself."""
+        now = time.perf_counter()
+        if self._open:
+            outer = self._open[-1]
+            self.seconds[outer[0]] += now - outer[1]
+        self._open.append([name, now])
+        try:
+            yield
+        finally:
+            now = time.perf_counter()
+            self.seconds[name] += now - self._open.pop()[1]
+            if self._open:
+                self._open[-1][1] = now
+
+    def summary(self) -> str:
+        total = time.perf_counter() - self.start
+        other = max(0.0, total - sum(self.seconds.values()))
+        parts = ", ".join(f"{name} {value:.1f} s" for name, value in self.seconds.items())
+        return f"time: {parts}, other {other:.1f} s; total {total:.1f} s"
+
+
+def make_accelerator(cfg: TrainConfig, precision: Precision) -> Any:
     from accelerate import Accelerator
     from accelerate.utils import DataLoaderConfiguration
 
-    if cfg.mixed_precision == "fp16" and not torch.cuda.is_available():
-        raise UserError("--mixed_precision fp16 needs a CUDA GPU; use bf16 or no on this machine")
     reset_accelerator_state()
+    cuda = torch.cuda.is_available()
     return Accelerator(
         gradient_accumulation_steps=cfg.gradient_accumulation_steps,
-        mixed_precision=cfg.mixed_precision,
-        cpu=not torch.cuda.is_available(),
+        mixed_precision=precision.mode,
+        cpu=not cuda,
         # Seedable sampler: every process draws the same permutation per epoch, so the shards are disjoint.
-        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
+        # non_blocking: host-to-GPU copies from pinned memory overlap with compute.
+        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, non_blocking=cuda),
     )
 
 
@@ -155,13 +194,31 @@ def reset_accelerator_state() -> None:
         AcceleratorState._reset_state(reset_partial_state=True)
 
 
-def collate_batch(items: list, *, family: ModelFamily, processor: Any, max_length: int) -> dict[str, torch.Tensor] | None:
-    """Module-level (picklable) collate: drops images that failed to load, then lets the family build the batch."""
+def collate_batch(items: list, *, family: ModelFamily, processor: Any, max_length: int) -> dict[str, Any] | None:
+    """Module-level (picklable) collate: drops images that failed to load, then lets the family build the batch.
+
+    The batch also carries `image_paths` and `pixel_rows` (which rows have pixel_values: an image whose features
+    are cached is not loaded); `model_inputs` turns it into the model's keyword arguments.
+    """
     items = drop_failed(items)
     if not items:
         return None
-    images, captions, _paths = zip(*items)
-    return family.collate(processor, images, captions, max_length=max_length)
+    images, captions, paths = zip(*items)
+    batch = family.collate(processor, images, captions, max_length=max_length)
+    batch["pixel_rows"] = torch.tensor([row for row, image in enumerate(images) if image is not None], dtype=torch.long)
+    batch["image_paths"] = list(paths)
+    return batch
+
+
+def model_inputs(run: "Run", batch: dict[str, Any]) -> dict[str, torch.Tensor]:
+    """The model's keyword arguments for a collated batch: cached image features in place of pixels when the
+    feature cache is on, else the batch as the family built it."""
+    paths = batch.pop("image_paths")
+    if run.features is None:
+        batch.pop("pixel_rows")
+        return batch
+    return run.features.model_inputs(batch, paths, model=run.model, family=run.family, processor=run.processor,
+                                     autocast=run.accelerator.autocast)
 
 
 def make_loader(dataset: CaptionDataset, cfg: TrainConfig, collate: Any, *, shuffle: bool) -> torch.utils.data.DataLoader:
@@ -170,6 +227,8 @@ def make_loader(dataset: CaptionDataset, cfg: TrainConfig, collate: Any, *, shuf
         batch_size=cfg.batch_size,
         shuffle=shuffle,
         num_workers=cfg.num_workers,
+        # No persistent_workers: each worker keeps its own copy of the dataset, so it would keep the epoch
+        # (caption shuffles, cached-image set) it was started with.
         collate_fn=collate,
         generator=torch.Generator().manual_seed(cfg.seed) if shuffle else None,
         pin_memory=torch.cuda.is_available(),
@@ -224,7 +283,9 @@ def open_run_dir(cfg: TrainConfig, resume_dir: Path | None, main: bool) -> Path:
 def setup(cfg: TrainConfig, hooks: TrainingHooks) -> Run:
     from accelerate.utils import set_seed
 
-    accelerator = make_accelerator(cfg)
+    precision = resolve_precision(cfg.mixed_precision)
+    enable_fast_gpu_matmul()
+    accelerator = make_accelerator(cfg, precision)
     set_seed(cfg.seed)
     main = accelerator.is_main_process
     if not main:
@@ -259,11 +320,22 @@ def setup(cfg: TrainConfig, hooks: TrainingHooks) -> Run:
         report = lint_dataset(scan.root, tokenizer=getattr(processor, "tokenizer", None), max_tokens=max_length, decode=False)
         for line in report.summary_lines():
             print(line, flush=True)
+    if cfg.freeze_vision_tower:
+        family.vision_tower(model).requires_grad_(False)
+    if vision_is_frozen(family, model):
+        family.freeze_vision_tower(model)  # eval mode, no autograd; accepts cached features
     if cfg.gradient_checkpointing:
         enable_gradient_checkpointing(model)
+    if cfg.compile:
+        family.text_model(model).compile()  # in place: parameter names and checkpoints stay as they are
     trainable, total = count_parameters(model)
+    plan = plan_feature_cache(requested=cfg.cache_image_features, family=family, model=model, processor=processor,
+                              n_images=len(train_samples) + len(val_samples), random_flip=cfg.random_flip,
+                              mixed_precision=precision.mode, cache_dir=cfg.cache_dir, dataset_dir=cfg.dataset_dir)
     if main:
         print(f"model {cfg.model_name_or_path} ({family.name}), {cfg.peft_module}: {trainable:,} of {total:,} parameters trainable ({100 * trainable / total:.2f}%)", flush=True)
+        print(precision.describe(), flush=True)
+        print(plan.message, flush=True)
 
     # ---- loaders
     collate = functools.partial(collate_batch, family=family, processor=processor, max_length=max_length)
@@ -274,6 +346,7 @@ def setup(cfg: TrainConfig, hooks: TrainingHooks) -> Run:
 
     # ---- optimization
     lr = resolved_lr(cfg)
+    model.to(accelerator.device)  # before the optimizer: fused AdamW needs its parameters on the GPU already
     optimizer = build_optimizer(cfg.optimizer, model.parameters(), lr=lr, args=cfg.optimizer_args)
     if val_loader is not None:
         model, optimizer, train_loader, val_loader = accelerator.prepare(model, optimizer, train_loader, val_loader)
@@ -306,7 +379,7 @@ def setup(cfg: TrainConfig, hooks: TrainingHooks) -> Run:
         scheduler=scheduler, train_dataset=train_dataset, train_loader=train_loader, val_loader=val_loader,
         sample_items=pick_sample_items(train_samples, val_samples, cfg.num_sample_captions), val_samples=val_samples,
         steps_per_epoch=steps_per_epoch, total_steps=total_steps, run_dir=run_dir, tracker=tracker, hooks=hooks,
-        resumed_from=resume_dir,
+        resumed_from=resume_dir, features=plan.build(),
     )
     if state:
         run.global_step, run.epoch, run.batches_done = state["global_step"], state["epoch"], state["batches_done"]
@@ -324,6 +397,8 @@ def setup(cfg: TrainConfig, hooks: TrainingHooks) -> Run:
 def epoch_batches(run: Run, epoch: int) -> Any:
     """This epoch's loader, past the batches a resumed checkpoint had already consumed."""
     run.train_dataset.set_epoch(epoch)  # new caption shuffles/dropouts/flips each epoch
+    if run.features is not None:
+        run.train_dataset.skip_image = run.features.skip_predicate()  # images whose features are known stay undecoded
     run.train_loader.set_epoch(epoch)  # new batch order each epoch (the same on every process)
     if run.batches_done:
         return run.accelerator.skip_first_batches(run.train_loader, run.batches_done)
@@ -344,6 +419,8 @@ def train_one_epoch(run: Run, epoch: int, progress: tqdm) -> None:
             if run.last_batch is None:
                 continue
             batch, weight = run.last_batch, 0.0
+        else:
+            batch = model_inputs(run, batch)
         run.last_batch = batch
         with accelerator.accumulate(model):
             loss = model(**batch).loss
@@ -411,7 +488,7 @@ def validation_loss(run: Run) -> float | None:
     for batch in run.val_loader:
         if batch is None:
             continue
-        total[0] += run.model(**batch).loss.float()
+        total[0] += run.model(**model_inputs(run, batch)).loss.float()
         total[1] += 1
     total = run.accelerator.reduce(total, reduction="sum")
     run.model.train()
@@ -445,6 +522,11 @@ def save(run: Run, name: str, *, epoch: int, batches_done: int | None = None) ->
     `epoch` / `batches_done` say where a resumed run continues: the epoch in progress and the batches of it
     already consumed (default: the loop's current position).
     """
+    with run.timings.part("saving"):
+        return _save(run, name, epoch=epoch, batches_done=batches_done)
+
+
+def _save(run: Run, name: str, *, epoch: int, batches_done: int | None) -> Path:
     accelerator = run.accelerator
     target = run.run_dir / name
     if target.exists():  # e.g. a resumed run reaching an epoch it had already saved
@@ -500,12 +582,13 @@ def caption_metrics(run: Run, epoch: int) -> dict[str, float]:
 
 def end_of_epoch(run: Run, epoch: int) -> None:
     metrics: dict[str, float] = {"epoch": epoch + 1}
-    val = validation_loss(run)
+    with run.timings.part("evaluation/samples"):
+        val = validation_loss(run)
+        scores = caption_metrics(run, epoch)
+        rows = sample_captions(run)
     if val is not None:
         metrics["val/loss"] = val
-    scores = caption_metrics(run, epoch)
     metrics.update(scores)
-    rows = sample_captions(run)
     run.accelerator.wait_for_everyone()
     if run.accelerator.is_main_process:
         from caption_train.evaluate import record_samples
@@ -557,7 +640,10 @@ def train(cfg: TrainConfig, hooks: TrainingHooks | None = None) -> Path:
 
 
 def run_training(cfg: TrainConfig, hooks: TrainingHooks) -> Path:
-    run = setup(cfg, hooks)
+    timings = Timings()
+    with timings.part("set-up"):
+        run = setup(cfg, hooks)
+    run.timings = timings
     main = run.accelerator.is_main_process
     if run.resumed_from is not None and run.resumed_from.name == "final" and run.epoch >= cfg.epochs:
         if main:
@@ -571,7 +657,8 @@ def run_training(cfg: TrainConfig, hooks: TrainingHooks) -> Path:
         progress = tqdm(total=run.total_steps, initial=run.global_step, desc="training", unit="step", disable=not main, dynamic_ncols=True, file=sys.stderr)
         for epoch in range(run.epoch, cfg.epochs):
             run.epoch = epoch
-            train_one_epoch(run, epoch, progress)
+            with timings.part("training"):
+                train_one_epoch(run, epoch, progress)
             if run.stop_agreed:
                 progress.close()
                 stop_early(run, epoch)
@@ -584,6 +671,9 @@ def run_training(cfg: TrainConfig, hooks: TrainingHooks) -> Path:
     finally:
         run.stop.uninstall()
     if main:
+        if run.features is not None:
+            print(f"image features: {run.features.hits} read from the cache, {run.features.misses} computed", flush=True)
+        print(timings.summary(), flush=True)
         print(final_dir, flush=True)  # (contract) the last line printed is the path of final/
     return final_dir
 
@@ -595,8 +685,9 @@ def finish(run: Run) -> Path:
         final_dir.rename(run.run_dir / f"final-step-{checkpoint.checkpoint_step(final_dir)}")
     run.accelerator.wait_for_everyone()
     final_dir = save(run, "final", epoch=run.cfg.epochs, batches_done=0)
-    if run.accelerator.is_main_process:
-        plot_losses(run.run_dir / "metrics.jsonl", run.run_dir / "loss.png")
-    run.tracker.finish()
+    with run.timings.part("saving"):  # the plot and the tracker's last sync count as writing the run's output
+        if run.accelerator.is_main_process:
+            plot_losses(run.run_dir / "metrics.jsonl", run.run_dir / "loss.png")
+        run.tracker.finish()
     run.accelerator.end_training()
     return final_dir

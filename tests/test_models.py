@@ -106,13 +106,16 @@ def test_label_smoothing_changes_loss(tiny_blip):
         assert not torch.allclose(plain.eval()(**batch).loss, smooth.eval()(**batch).loss)
 
 
-@pytest.mark.parametrize("module", ["LoRA", "IA3"])
-def test_adapters_wrap_text_and_vision(tiny_blip, module):
+@pytest.mark.parametrize("module, vision_trains", [("LoRA", False), ("IA3", True)])
+def test_adapters_default_targets(tiny_blip, module, vision_trains):
+    """LoRA adapts the text decoder only by default (README, "Default adapter targets"), which keeps the vision
+    tower frozen and its features cacheable; IA3 also rescales the vision tower."""
     family = BlipFamily()
     model, _ = family.load(str(tiny_blip), {})
     wrapped = wrap_model(model, family, module, {})
     trainable = [name for name, p in wrapped.named_parameters() if p.requires_grad]
-    assert any("text_decoder" in n for n in trainable) and any("vision_model" in n for n in trainable)
+    assert any("text_decoder" in n for n in trainable)
+    assert any("vision_model" in n for n in trainable) == vision_trains
     assert all(("lora_" in n) or ("ia3_" in n) for n in trainable)
 
 

@@ -22,7 +22,7 @@ import json
 import logging
 import os
 from pathlib import Path
-from typing import Iterable, TypeVar
+from typing import Callable, Iterable, TypeVar
 
 import torch
 from PIL import Image
@@ -33,7 +33,7 @@ from caption_train.data.scan import Sample
 
 log = logging.getLogger(__name__)
 
-Item = tuple[Image.Image, str, str]
+Item = tuple[Image.Image | None, str, str]
 T = TypeVar("T")
 
 
@@ -101,6 +101,9 @@ class CaptionDataset(torch.utils.data.Dataset):
         self.random_flip = random_flip
         self.epoch = 0
         self.live: LiveCaptions | None = None
+        # Set by the trainer when image features are cached (features.SkipCached): an image whose features are
+        # known is not decoded; the item then carries None in place of the image.
+        self.skip_image: Callable[[str], bool] | None = None
         self._warned: set[str] = set()
 
     def set_epoch(self, epoch: int) -> None:
@@ -124,15 +127,18 @@ class CaptionDataset(torch.utils.data.Dataset):
             text = self.live.lookup(str(sample.image_path), sample.caption)
             if text is None:
                 return None
-        try:
-            image = load_rgb(sample.image_path)
-        except ImageLoadError as error:
-            self._warn_once(sample, error)
-            return None
+        if self.skip_image is not None and self.skip_image(str(sample.image_path)):
+            image = None
+        else:
+            try:
+                image = load_rgb(sample.image_path)
+            except ImageLoadError as error:
+                self._warn_once(sample, error)
+                return None
         rng = sample_rng(self.seed, self.epoch, index)
         # Caption draws come first, so turning the flip on or off does not change a seed's captions.
         caption = self.transform(text, rng)
-        if self.random_flip > 0 and rng.random() < self.random_flip:
+        if self.random_flip > 0 and rng.random() < self.random_flip and image is not None:
             image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
         return image, caption, str(sample.image_path)
 

@@ -45,9 +45,39 @@ class ModelFamily:
         """The image encoder, so callers can freeze it, run it without gradients, or cache its outputs."""
         raise NotImplementedError
 
+    def text_model(self, model: torch.nn.Module) -> torch.nn.Module:
+        """The text side (decoder / language model): what `--compile` compiles."""
+        raise NotImplementedError
+
+    # ---- a frozen vision tower, computed once (features.py)
+    def freeze_vision_tower(self, model: torch.nn.Module) -> None:
+        """Make a vision tower without trainable parameters run in eval mode without autograd, and accept the
+        features `image_features` returned (through `feature_inputs`) in place of pixels."""
+        raise NotImplementedError
+
+    def image_feature_shape(self, model: torch.nn.Module) -> tuple[int, ...]:
+        """Shape of one image's features (without the batch dimension), for sizing the cache."""
+        raise NotImplementedError
+
+    def image_features(self, model: torch.nn.Module, pixel_values: torch.Tensor) -> torch.Tensor:
+        """The frozen tower's output for a batch of pixel_values, as the text side consumes it (no autograd)."""
+        raise NotImplementedError
+
+    def feature_inputs(self, features: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Model keyword arguments that feed precomputed `features` instead of pixel_values."""
+        raise NotImplementedError
+
     # ---- data
-    def collate(self, processor: Any, images: Sequence[Image.Image], captions: Sequence[str], *, max_length: int) -> dict[str, torch.Tensor]:
-        """A training batch with labels: the one place tokenization and label masking happen."""
+    def collate(self, processor: Any, images: Sequence[Image.Image | None], captions: Sequence[str], *, max_length: int) -> dict[str, torch.Tensor]:
+        """A training batch with labels: the one place tokenization and label masking happen.
+
+        An image may be None when its features come from the cache: pixel_values then holds only the images
+        that were loaded, in order (and is absent when none was).
+        """
+        raise NotImplementedError
+
+    def pixel_inputs(self, processor: Any, images: Sequence[Image.Image | None]) -> dict[str, torch.Tensor]:
+        """pixel_values for the images that are not None, in order ({} when none is)."""
         raise NotImplementedError
 
     # ---- inference
@@ -143,6 +173,21 @@ def pop_load_kwargs(overrides: dict[str, Any]) -> tuple[dict[str, Any], dict[str
     if "attn_implementation" in overrides:
         kwargs["attn_implementation"] = overrides.pop("attn_implementation")
     return kwargs, overrides
+
+
+def swap_class(module: torch.nn.Module, mixin: type) -> None:
+    """Give `module` the behaviour of `mixin` (methods that override its class's) without touching its weights,
+    state-dict keys or peft layers inside it: its class becomes a subclass of (mixin, its class)."""
+    cls = type(module)
+    if issubclass(cls, mixin):
+        return
+    key = (mixin, cls)
+    if key not in _SWAPPED:
+        _SWAPPED[key] = type(cls.__name__, (mixin, cls), {"__module__": cls.__module__})
+    module.__class__ = _SWAPPED[key]
+
+
+_SWAPPED: dict[tuple[type, type], type] = {}
 
 
 def unwrap_peft(model: torch.nn.Module) -> torch.nn.Module:

@@ -11,11 +11,14 @@ from __future__ import annotations
 from typing import Any, Sequence
 
 import torch
+import torch.nn.functional as F
 from PIL import Image
 
+from caption_train.errors import UserError
 from caption_train.models.base import (
     ModelFamily,
     apply_config_overrides,
+    swap_class,
     load_model_config,
     model_device,
     model_dtype,
@@ -39,7 +42,13 @@ class BlipFamily(ModelFamily):
         load_kwargs, overrides = pop_load_kwargs(overrides)
         apply_config_overrides(config, overrides, sub_configs=("text_config", "vision_config"))
         config.text_config.label_smoothing = label_smoothing
+        # transformers runs BLIP's attention eagerly only; "sdpa" (the default) swaps in our SDPA attention below.
+        attention = load_kwargs.pop("attn_implementation", "sdpa")
+        if attention not in ("sdpa", "eager"):
+            raise UserError(f"model_config.attn_implementation {attention!r}: BLIP supports 'sdpa' (default) or 'eager'")
         model = BlipForConditionalGeneration.from_pretrained(name_or_path, config=config, **load_kwargs)
+        if attention == "sdpa":
+            use_sdpa_attention(model)
         processor = BlipProcessor.from_pretrained(name_or_path)
         return model, processor
 
@@ -47,9 +56,10 @@ class BlipFamily(ModelFamily):
         return int(unwrap_peft(model).config.text_config.max_position_embeddings)
 
     def lora_targets(self) -> list[str]:
-        # peft ships no defaults for BLIP. Text decoder self- and cross-attention (query/key/value) and the
-        # vision encoder's fused attention (qkv, projection): the modules that adapt captions most per parameter.
-        return ["query", "key", "value", "qkv", "projection"]
+        # peft ships no defaults for BLIP. The text decoder's self- and cross-attention (query/key/value) only:
+        # measured against also adapting the vision tower (qkv, projection) in benchmarks/quality_defaults.py
+        # (README, "Default adapter targets"), and a frozen tower lets image features be computed once.
+        return ["query", "key", "value"]
 
     def ia3_targets(self) -> tuple[str, str]:
         # IA3 rescales keys/values and the input of each feed-forward down projection. In the BERT-style text
@@ -61,10 +71,19 @@ class BlipFamily(ModelFamily):
     def vision_tower(self, model: torch.nn.Module) -> torch.nn.Module:
         return unwrap_peft(model).vision_model
 
-    def collate(self, processor: Any, images: Sequence[Image.Image], captions: Sequence[str], *, max_length: int) -> dict[str, torch.Tensor]:
-        encoded = processor(
-            images=list(images),
-            text=list(captions),
+    def text_model(self, model: torch.nn.Module) -> torch.nn.Module:
+        return unwrap_peft(model).text_decoder
+
+    def freeze_vision_tower(self, model: torch.nn.Module) -> None:
+        swap_class(self.vision_tower(model), _FrozenVisionTower)
+
+    def image_feature_shape(self, model: torch.nn.Module) -> tuple[int, int]:
+        vision = unwrap_peft(model).config.vision_config
+        return (vision.image_size // vision.patch_size) ** 2 + 1, vision.hidden_size  # patches + [CLS]
+
+    def collate(self, processor: Any, images: Sequence[Image.Image | None], captions: Sequence[str], *, max_length: int) -> dict[str, torch.Tensor]:
+        encoded = processor.tokenizer(
+            list(captions),
             padding="longest",  # dynamic padding: pad to the batch's longest caption, not to 512
             truncation=True,
             max_length=max_length,
@@ -75,12 +94,23 @@ class BlipFamily(ModelFamily):
         # Train from the token generation will actually use.
         input_ids[:, 0] = processor.tokenizer.bos_token_id
         labels = input_ids.masked_fill(encoded["attention_mask"] == 0, IGNORE_INDEX)
-        return {
-            "pixel_values": encoded["pixel_values"],
-            "input_ids": input_ids,
-            "attention_mask": encoded["attention_mask"],
-            "labels": labels,
-        }
+        batch = {"input_ids": input_ids, "attention_mask": encoded["attention_mask"], "labels": labels}
+        return batch | self.pixel_inputs(processor, images)
+
+    def pixel_inputs(self, processor: Any, images: Sequence[Image.Image | None]) -> dict[str, torch.Tensor]:
+        loaded = [image for image in images if image is not None]
+        if not loaded:
+            return {}
+        return {"pixel_values": processor.image_processor(images=loaded, return_tensors="pt")["pixel_values"]}
+
+    def image_features(self, model: torch.nn.Module, pixel_values: torch.Tensor) -> torch.Tensor:
+        with torch.inference_mode():
+            features = self.vision_tower(model)(pixel_values=pixel_values.to(model_dtype(model))).last_hidden_state
+        return features.clone()  # a normal tensor again, usable in autograd
+
+    def feature_inputs(self, features: torch.Tensor) -> dict[str, torch.Tensor]:
+        # A frozen tower (_FrozenVisionTower) takes its own output in place of pixels: [batch, tokens, width].
+        return {"pixel_values": features}
 
     @torch.no_grad()
     def generate(self, model: torch.nn.Module, processor: Any, images: Sequence[Image.Image], *, prompt: str | None = None, **generate_kwargs: Any) -> list[str]:
@@ -94,3 +124,88 @@ class BlipFamily(ModelFamily):
         generate_kwargs["max_new_tokens"] = min(generate_kwargs.get("max_new_tokens") or 40, room)
         output = model.generate(**inputs, **generate_kwargs)
         return [text.strip() for text in processor.batch_decode(output, skip_special_tokens=True)]
+
+
+# ---------------------------------------------------------------------------------------------
+# Module surgery owned by this family: SDPA attention, and a frozen vision tower that accepts cached features.
+
+
+class _SdpaVisionAttention:
+    """BlipAttention (vision) through scaled_dot_product_attention: same maths as the eager code, fused kernel."""
+
+    def forward(self, hidden_states: torch.Tensor, **kwargs: Any) -> tuple[torch.Tensor, None]:
+        batch, length, width = hidden_states.shape
+        qkv = self.qkv(hidden_states).reshape(batch, length, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        dropout = self.dropout.p if self.training else 0.0
+        context = F.scaled_dot_product_attention(qkv[0], qkv[1], qkv[2], dropout_p=dropout, scale=self.scale)
+        return self.projection(context.transpose(1, 2).reshape(batch, length, width)), None
+
+
+class _SdpaTextSelfAttention:
+    """BlipTextSelfAttention (self- and cross-attention of the decoder) through scaled_dot_product_attention.
+    The key/value cache handling is the eager code's; only the attention core changes."""
+
+    def forward(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                encoder_hidden_states: torch.Tensor | None = None, encoder_attention_mask: torch.Tensor | None = None,
+                cache: Any = None, **kwargs: Any) -> tuple[torch.Tensor, None]:
+        from transformers.cache_utils import EncoderDecoderCache
+
+        shape = (*hidden_states.shape[:-1], -1, self.attention_head_size)
+        query = self.query(hidden_states).view(shape).transpose(1, 2)
+        is_cross = encoder_hidden_states is not None
+        mask = encoder_attention_mask if is_cross else attention_mask
+        layer_cache, reuse = cache, False
+        if cache is not None and isinstance(cache, EncoderDecoderCache):
+            reuse = is_cross and bool(cache.is_updated.get(self.layer_idx))
+            layer_cache = cache.cross_attention_cache if is_cross else cache.self_attention_cache
+        if reuse:
+            key, value = layer_cache.layers[self.layer_idx].keys, layer_cache.layers[self.layer_idx].values
+        else:
+            source = encoder_hidden_states if is_cross else hidden_states
+            kv_shape = (*source.shape[:-1], -1, self.attention_head_size)
+            key = self.key(source).view(kv_shape).transpose(1, 2)
+            value = self.value(source).view(kv_shape).transpose(1, 2)
+            if cache is not None:
+                key, value = layer_cache.update(key, value, self.layer_idx, kwargs=kwargs)
+                if is_cross and isinstance(cache, EncoderDecoderCache):
+                    cache.is_updated[self.layer_idx] = True
+        if mask is not None and mask.dtype != torch.bool:
+            # Additive float mask built in fp32; SDPA wants the query's dtype (clamped so fp16 keeps no -inf rows).
+            mask = mask.to(query.device).clamp(min=torch.finfo(query.dtype).min).to(query.dtype)
+        dropout = self.dropout.p if self.training else 0.0
+        context = F.scaled_dot_product_attention(query, key.to(query.dtype), value.to(query.dtype), attn_mask=mask, dropout_p=dropout)
+        context = context.transpose(1, 2).reshape(*hidden_states.shape[:-1], self.all_head_size)
+        return context, None
+
+
+def use_sdpa_attention(model: torch.nn.Module) -> None:
+    """Swap every BLIP attention module's class for its SDPA twin (weights and state dict keys unchanged)."""
+    from transformers.models.blip.modeling_blip import BlipAttention
+    from transformers.models.blip.modeling_blip_text import BlipTextSelfAttention
+
+    for module in model.modules():
+        if isinstance(module, BlipAttention):
+            swap_class(module, _SdpaVisionAttention)
+        elif isinstance(module, BlipTextSelfAttention):
+            swap_class(module, _SdpaTextSelfAttention)
+
+
+class _FrozenVisionTower:
+    """A BlipVisionModel with no trainable parameter: always in eval mode, run without autograd, and accepting
+    its own output (image features from the cache, [batch, tokens, width]) in place of pixel_values."""
+
+    def train(self, mode: bool = True) -> torch.nn.Module:
+        return super().train(False)  # dropout off: the cached and the computed features must be the same
+
+    def forward(self, pixel_values: torch.Tensor | None = None, **kwargs: Any) -> Any:
+        from transformers.modeling_outputs import BaseModelOutputWithPooling
+
+        if pixel_values is not None and pixel_values.dim() == 3:
+            features = pixel_values
+        else:
+            with torch.inference_mode():
+                features = super().forward(pixel_values=pixel_values, **kwargs).last_hidden_state
+            features = features.clone()
+        with torch.no_grad():
+            pooled = self.post_layernorm(features[:, 0, :].to(self.post_layernorm.weight.dtype))
+        return BaseModelOutputWithPooling(last_hidden_state=features, pooler_output=pooled)

@@ -1,0 +1,296 @@
+"""A frozen vision tower computed once: image features cached per image, in memory or on disk.
+
+    plan = plan_feature_cache(cfg, family, model, processor, n_images=len(train))   # what `auto` decides, and why
+    print(plan.message)       # "image features: vision tower frozen, no flips: caching in memory (32 x 0.9 MB)"
+    cache = plan.build()      # FeatureCache or None
+    dataset.skip_image = cache.skip_predicate()       # the loader stops decoding images whose features are known
+    inputs = cache.model_inputs(batch, paths, model=model, family=family, processor=processor, autocast=...)
+
+When no trainable parameter lives in the vision tower and images are not augmented (no random flip), the tower's
+output for an image never changes during training, so every epoch after the first (and every later run on the same
+data and model, with the disk cache) can skip it. That output is ~90% of a BLIP step on a CPU.
+
+Entries are stored in the dtype the text side reads them in: bf16 under bf16 autocast (the cross-attention
+projections cast them to bf16 anyway, so nothing is lost), fp16 under fp16, fp32 otherwise; so a cached step gives
+the loss an uncached one gives. The disk cache lives outside the dataset (default ~/.cache/caption-train/features),
+one safetensors file per image, read memory-mapped, in a folder named by a fingerprint of the tower's weights, the
+image processor's config and the storage dtype; each file is named by a hash of the image file's bytes. A stale,
+corrupt or unreadable entry is recomputed; a cache folder that cannot be written is reported once and not used.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import os
+import sys
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import torch
+
+from caption_train.errors import UserError
+
+log = logging.getLogger(__name__)
+
+CACHE_MODES = ("auto", "off", "memory", "disk")
+MEMORY_SHARE = 0.25  # `auto` keeps features in memory while they take at most this share of the machine's RAM
+LAYOUT_VERSION = 1  # bump when the stored format changes: old entries then live in another folder
+
+
+def default_cache_dir() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "caption-train" / "features"
+
+
+def physical_memory() -> int:
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return 8 << 30  # unknown (e.g. Windows): assume a modest machine
+
+
+def storage_dtype(mixed_precision: str) -> torch.dtype:
+    return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(mixed_precision, torch.float32)
+
+
+def _megabytes(n: float) -> str:
+    return f"{n / 1e6:.1f} MB" if n < 1e9 else f"{n / 1e9:.1f} GB"
+
+
+# ---------------------------------------------------------------------------------------------
+# Deciding
+
+
+@dataclass
+class CachePlan:
+    mode: str  # "off", "memory" or "disk"
+    message: str  # one line for the start-up log, saying why
+    dtype: torch.dtype = torch.float32
+    cache_dir: Path | None = None
+    fingerprint: str = ""
+
+    def build(self) -> "FeatureCache | None":
+        if self.mode == "memory":
+            return FeatureCache(self.dtype)
+        if self.mode == "disk":
+            return FeatureCache(self.dtype, DiskStore(self.cache_dir / self.fingerprint, self.dtype))
+        return None
+
+
+def vision_is_frozen(family: Any, model: torch.nn.Module) -> bool:
+    return not any(p.requires_grad for p in family.vision_tower(model).parameters())
+
+
+def plan_feature_cache(*, requested: str, family: Any, model: torch.nn.Module, processor: Any, n_images: int,
+                       random_flip: float, mixed_precision: str, cache_dir: str | None, dataset_dir: str) -> CachePlan:
+    """What to do with image features, following --cache_image_features (auto|off|memory|disk)."""
+    conflicts = []
+    if not vision_is_frozen(family, model):
+        conflicts.append("the vision tower has trainable parameters (adapter targets in it, or a full fine-tune without --freeze_vision_tower)")
+    if random_flip > 0:
+        conflicts.append(f"random_flip = {random_flip} changes the pixels every epoch")
+    if requested in ("memory", "disk") and conflicts:
+        raise UserError(f"--cache_image_features {requested}: cannot cache image features because {' and '.join(conflicts)}; "
+                        "use --cache_image_features auto/off, or train the text side only without flips")
+    if requested == "off":
+        return CachePlan("off", "image features: not cached (--cache_image_features off)")
+    if conflicts:
+        return CachePlan("off", f"image features: computed every step, not cached: {' and '.join(conflicts)}")
+
+    dtype = storage_dtype(mixed_precision)
+    shape = family.image_feature_shape(model)
+    per_image = dtype.itemsize * int(torch.Size(shape).numel())
+    total = per_image * n_images
+    budget = int(physical_memory() * MEMORY_SHARE)
+    mode = requested if requested != "auto" else ("memory" if total <= budget else "disk")
+    sizes = f"{n_images} x {_megabytes(per_image)} {str(dtype).removeprefix('torch.')}"
+    if mode == "memory":
+        why = "vision tower frozen, no flips" + ("" if requested == "memory" else f", fits in memory ({_megabytes(total)} of a {_megabytes(budget)} budget)")
+        return CachePlan("memory", f"image features: {why}: caching in memory ({sizes})", dtype)
+
+    root = Path(cache_dir).expanduser() if cache_dir else default_cache_dir()
+    _refuse_inside_dataset(root, dataset_dir)
+    fingerprint = model_fingerprint(family, model, processor, dtype)
+    why = "vision tower frozen, no flips" + ("" if requested == "disk" else f", {_megabytes(total)} is more than the memory budget ({_megabytes(budget)})")
+    return CachePlan("disk", f"image features: {why}: caching on disk in {root / fingerprint} ({sizes})", dtype, root, fingerprint)
+
+
+def _refuse_inside_dataset(root: Path, dataset_dir: str) -> None:
+    dataset = Path(dataset_dir).expanduser().resolve()
+    resolved = root.resolve()
+    if resolved == dataset or dataset in resolved.parents:
+        raise UserError(f"--cache_dir {root}: is inside the dataset folder {dataset}; the trainer never writes there; pick a folder outside it")
+
+
+def model_fingerprint(family: Any, model: torch.nn.Module, processor: Any, dtype: torch.dtype) -> str:
+    """Names the cache folder: a hash of the vision tower's weights, the image processor config, the dtype."""
+    digest = hashlib.blake2b(digest_size=16)
+    digest.update(f"{family.name}|{LAYOUT_VERSION}|{dtype}|".encode())
+    image_processor = getattr(processor, "image_processor", processor)
+    digest.update(json.dumps(image_processor.to_dict(), sort_keys=True, default=str).encode())
+    for name, tensor in sorted(family.vision_tower(model).state_dict().items()):
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+# ---------------------------------------------------------------------------------------------
+# Storing
+
+
+def file_digest(path: str) -> str:
+    digest = hashlib.blake2b(digest_size=20)
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+class DiskStore:
+    """One safetensors file per image under `folder`, named by the image file's content hash."""
+
+    def __init__(self, folder: Path, dtype: torch.dtype):
+        self.folder = folder
+        self.dtype = dtype
+        self.writable = True
+
+    def key_for(self, image_path: str) -> str:
+        return file_digest(image_path)
+
+    def entry(self, key: str) -> Path:
+        return self.folder / key[:2] / f"{key}.safetensors"
+
+    def load(self, key: str, shape: tuple[int, ...]) -> torch.Tensor | None:
+        from safetensors.torch import load_file
+
+        path = self.entry(key)
+        if not path.is_file():
+            return None
+        try:
+            tensor = load_file(str(path))["features"]
+        except Exception as error:  # a torn or foreign file: recompute it
+            _warn_once(f"feature cache: unreadable entry {path} ({type(error).__name__}); recomputing it")
+            return None
+        if tuple(tensor.shape) != tuple(shape) or tensor.dtype != self.dtype:
+            _warn_once(f"feature cache: entry {path} has shape {tuple(tensor.shape)} {tensor.dtype}, expected {tuple(shape)} {self.dtype}; recomputing it")
+            return None
+        return tensor
+
+    def save(self, key: str, tensor: torch.Tensor) -> None:
+        if not self.writable:
+            return
+        from safetensors.torch import save
+
+        path = self.entry(key)
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+            try:
+                with os.fdopen(fd, "wb") as handle:
+                    handle.write(save({"features": tensor.contiguous()}))
+                os.replace(tmp, path)  # atomic: a reader sees no entry or a whole one
+            except BaseException:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(tmp)
+                raise
+        except OSError as error:
+            self.writable = False
+            _warn_once(f"feature cache: cannot write to {self.folder} ({error.strerror or error}); "
+                       "computing image features without storing them on disk")
+
+
+_WARNED: set[str] = set()
+
+
+def _warn_once(message: str) -> None:
+    if message not in _WARNED:
+        _WARNED.add(message)
+        print(f"warning: {message}", file=sys.stderr, flush=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# Using
+
+
+class SkipCached:
+    """Picklable predicate for the dataset (and its DataLoader workers): is this image's feature already known,
+    so the image need not be decoded? A snapshot for the memory cache, a file check for the disk cache."""
+
+    def __init__(self, known: frozenset[str], disk: DiskStore | None):
+        self.known = known
+        self.disk = disk
+
+    def __call__(self, image_path: str) -> bool:
+        if self.disk is None:
+            return image_path in self.known
+        try:
+            return self.disk.entry(self.disk.key_for(image_path)).is_file()
+        except OSError:
+            return False
+
+
+class FeatureCache:
+    """Image features by image: in memory (keyed by path) and, with a DiskStore, on disk (keyed by content)."""
+
+    def __init__(self, dtype: torch.dtype, disk: DiskStore | None = None):
+        self.dtype = dtype
+        self.disk = disk
+        self.memory: dict[str, torch.Tensor] = {}
+        self.hits = 0
+        self.misses = 0
+
+    def skip_predicate(self) -> SkipCached:
+        """Call at the start of each epoch, before the loader's iterator (and its workers) are created."""
+        return SkipCached(frozenset(self.memory), self.disk)
+
+    def _lookup(self, path: str, shape: tuple[int, ...]) -> torch.Tensor | None:
+        if self.disk is None:
+            return self.memory.get(path)
+        return self.disk.load(self.disk.key_for(path), shape)
+
+    def _store(self, path: str, features: torch.Tensor) -> None:
+        features = features.detach().to("cpu", self.dtype)
+        if self.disk is None:
+            self.memory[path] = features
+        else:
+            self.disk.save(self.disk.key_for(path), features)
+
+    def model_inputs(self, batch: dict[str, Any], paths: Sequence[str], *, model: torch.nn.Module, family: Any,
+                     processor: Any, autocast: Callable[[], Any]) -> dict[str, Any]:
+        """`batch` with pixel_values replaced by every image's features: read from the cache, or computed from
+        the batch's pixels (and stored). An image the loader skipped as cached whose entry cannot be read now is
+        loaded here and recomputed."""
+        batch = dict(batch)
+        pixel_rows = batch.pop("pixel_rows").tolist()
+        pixels = batch.pop("pixel_values", None)
+        device = batch["input_ids"].device
+        shape = tuple(family.image_feature_shape(model))
+        found = [self._lookup(path, shape) for path in paths]
+        todo = [row for row, feature in enumerate(found) if feature is None]
+        self.hits += len(paths) - len(todo)
+        self.misses += len(todo)
+        if todo:
+            computed = self._compute(todo, pixel_rows, pixels, paths, model=model, family=family, processor=processor, autocast=autocast)
+            for row, features in zip(todo, computed):
+                self._store(paths[row], features)
+                found[row] = features.to(self.dtype)
+        features = torch.stack([f.to(device, non_blocking=True) for f in found])
+        return batch | family.feature_inputs(features)
+
+    def _compute(self, rows: list[int], pixel_rows: list[int], pixels: torch.Tensor | None, paths: Sequence[str], *,
+                 model: torch.nn.Module, family: Any, processor: Any, autocast: Callable[[], Any]) -> torch.Tensor:
+        position = {row: i for i, row in enumerate(pixel_rows)}
+        if pixels is not None and all(row in position for row in rows):
+            chosen = pixels[[position[row] for row in rows]]
+        else:
+            from caption_train.data.images import load_rgb
+
+            chosen = family.pixel_inputs(processor, [load_rgb(paths[row]) for row in rows])["pixel_values"]
+        device = next(model.parameters()).device
+        with autocast():
+            return family.image_features(model, chosen.to(device))

@@ -1,0 +1,260 @@
+"""The fast paths are also correct: precision choice, SDPA attention vs eager, and the frozen-vision feature cache
+(same losses as computing the tower every step, in memory and on disk, with bad cache folders and entries)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+from caption_train.adapters import wrap_model
+from caption_train.cli import main
+from caption_train.data.images import load_rgb
+from caption_train.errors import UserError
+from caption_train.features import FeatureCache, plan_feature_cache
+from caption_train.models.blip import BlipFamily
+from caption_train.precision import inference_dtype, resolve_precision
+from caption_train.tiny import make_shapes_dataset
+from caption_train.tracking import read_metrics
+
+from conftest import base_args
+
+CAPTIONS = ["a red circle", "a blue square on a green triangle", "a red", "a yellow square"]
+
+
+@pytest.fixture(scope="module")
+def pictures(tmp_path_factory) -> list[Path]:
+    folder = tmp_path_factory.mktemp("pictures")
+    return [path for path, _ in make_shapes_dataset(folder, 4, seed=3, size=32, subfolders=0)]
+
+
+def no_fast_bf16(monkeypatch) -> None:
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
+
+
+# ---------------------------------------------------------------------------- precision
+
+
+def test_auto_precision_follows_the_cpus_bf16_support(monkeypatch):
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: True)
+    assert resolve_precision("auto", use_cuda=False).mode == "bf16"
+    assert inference_dtype("auto", torch.device("cpu")) == torch.bfloat16
+    no_fast_bf16(monkeypatch)
+    choice = resolve_precision("auto", use_cuda=False)
+    assert choice.mode == "no" and "no native bf16" in choice.describe()
+    assert inference_dtype("auto", torch.device("cpu")) == torch.float32
+    assert resolve_precision("bf16", use_cuda=False).mode == "bf16"  # asked for: given, even where slow
+
+
+def test_fp16_without_cuda_is_a_clear_error():
+    with pytest.raises(UserError, match="fp16 needs a CUDA GPU"):
+        resolve_precision("fp16", use_cuda=False)
+
+
+def test_training_prints_the_precision_it_chose(capsys, tmp_path, tiny_blip, shapes_dir, monkeypatch):
+    no_fast_bf16(monkeypatch)
+    assert main(["train", *base_args(shapes_dir, tiny_blip, tmp_path / "runs", "--num_sample_captions", "0")]) == 0
+    out = capsys.readouterr().out
+    assert "precision: fp32 (auto: this CPU has no native bf16 matmul" in out
+    assert "time: set-up" in out and "training" in out and "saving" in out  # the end-of-run breakdown
+
+
+# ---------------------------------------------------------------------------- SDPA
+
+
+@pytest.mark.parametrize("train_mode", [False, True])
+def test_sdpa_attention_matches_eager(tiny_blip, pictures, train_mode):
+    family = BlipFamily()
+    eager, processor = family.load(str(tiny_blip), {"attn_implementation": "eager"})
+    sdpa, _ = family.load(str(tiny_blip), {})
+    assert type(sdpa.vision_model.encoder.layers[0].self_attn).__mro__[1].__name__ == "_SdpaVisionAttention"
+    assert type(eager.vision_model.encoder.layers[0].self_attn).__mro__[1].__name__ != "_SdpaVisionAttention"
+    batch = family.collate(processor, [load_rgb(p) for p in pictures], CAPTIONS, max_length=32)  # padded rows
+    eager.train(train_mode), sdpa.train(train_mode)  # dropout is 0 in this config: train mode must agree too
+    with torch.no_grad():
+        a, b = eager(**batch), sdpa(**batch)
+        vision_a = eager.vision_model(pixel_values=batch["pixel_values"]).last_hidden_state
+        vision_b = sdpa.vision_model(pixel_values=batch["pixel_values"]).last_hidden_state
+    assert torch.allclose(a.logits, b.logits, atol=1e-4, rtol=0) and abs(a.loss.item() - b.loss.item()) < 1e-4
+    assert torch.allclose(vision_a, vision_b, atol=1e-5, rtol=0)  # the tower alone: random text weights barely read it
+    images = [load_rgb(p) for p in pictures]
+    assert family.generate(eager.eval(), processor, images) == family.generate(sdpa.eval(), processor, images)
+
+
+def test_unknown_attention_implementation_is_a_clear_error(tiny_blip):
+    with pytest.raises(UserError, match="attn_implementation 'flash_attention_2'"):
+        BlipFamily().load(str(tiny_blip), {"attn_implementation": "flash_attention_2"})
+
+
+# ---------------------------------------------------------------------------- the feature cache, one step
+
+
+def frozen_lora(tiny_blip):
+    family = BlipFamily()
+    model, processor = family.load(str(tiny_blip), {})
+    model = wrap_model(model, family, "LoRA", {})  # default targets: text side only
+    family.freeze_vision_tower(model)
+    return family, model, processor
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cached_step_gives_the_uncached_loss(tiny_blip, pictures, dtype):
+    family, model, processor = frozen_lora(tiny_blip)
+    model.train()
+    paths = [str(p) for p in pictures]
+    collated = family.collate(processor, [load_rgb(p) for p in pictures], CAPTIONS, max_length=32)
+    autocast = lambda: torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16)  # noqa: E731
+    with autocast():
+        reference = model(**collated).loss  # the tower computed inside the forward, as without a cache
+    cache = FeatureCache(dtype)
+    losses = []
+    for _ in range(2):  # first pass computes and stores, second reads
+        batch = dict(collated, pixel_rows=torch.arange(len(paths)))
+        inputs = cache.model_inputs(batch, paths, model=model, family=family, processor=processor, autocast=autocast)
+        assert inputs["pixel_values"].dim() == 3  # features, not pixels
+        with autocast():
+            losses.append(model(**inputs).loss)
+    assert (cache.misses, cache.hits) == (4, 4)
+    for loss in losses:
+        assert abs(loss.item() - reference.item()) < 1e-5
+    losses[1].backward()  # the cached features feed a normal autograd graph into the LoRA weights
+    assert all(p.grad is not None for n, p in model.named_parameters() if "lora_" in n)
+
+
+def test_cache_entry_unreadable_at_step_time_is_recomputed_from_the_file(tiny_blip, pictures, tmp_path):
+    """The loader skipped decoding (the entry existed), then the entry turned out corrupt: load and recompute."""
+    from caption_train.features import DiskStore
+
+    family, model, processor = frozen_lora(tiny_blip)
+    store = DiskStore(tmp_path / "cache", torch.float32)
+    cache = FeatureCache(torch.float32, store)
+    paths = [str(p) for p in pictures[:2]]
+    full = family.collate(processor, [load_rgb(p) for p in pictures[:2]], CAPTIONS[:2], max_length=32)
+    first = cache.model_inputs(dict(full, pixel_rows=torch.arange(2)), paths, model=model, family=family, processor=processor, autocast=torch.no_grad)
+    entry = store.entry(store.key_for(paths[0]))
+    entry.write_bytes(b"not a safetensors file")
+    text_only = {k: v for k, v in full.items() if k != "pixel_values"}
+    again = cache.model_inputs(dict(text_only, pixel_rows=torch.zeros(0, dtype=torch.long)), paths, model=model, family=family, processor=processor, autocast=torch.no_grad)
+    assert torch.allclose(first["pixel_values"], again["pixel_values"])
+    assert cache.misses == 3 and cache.hits == 1
+
+
+# ---------------------------------------------------------------------------- the feature cache, whole runs
+
+
+def run_losses(capsys, tmp_path: Path, tiny_blip, dataset, name: str, *extra: str) -> tuple[list[float], str]:
+    args = base_args(dataset, tiny_blip, tmp_path / name, "--epochs", "3", "--batch_size", "6", "--shuffle_captions", "true",
+                     "--caption_dropout", "0.2", "--num_sample_captions", "0", "--save_every_n_epochs", "0",
+                     "--validation_split", "0.25", *extra)
+    assert main(["train", *args]) == 0
+    out = capsys.readouterr().out
+    (metrics,) = (tmp_path / name).glob("*/metrics.jsonl")
+    rows = read_metrics(metrics)
+    return [r["train/loss"] for r in rows if "train/loss" in r] + [r["val/loss"] for r in rows if "val/loss" in r], out
+
+
+def listing(folder: Path) -> list[tuple[str, int, int]]:
+    return sorted((str(p.relative_to(folder)), p.stat().st_size, p.stat().st_mtime_ns) for p in folder.rglob("*"))
+
+
+@pytest.mark.slow
+def test_cache_on_and_off_train_the_same(capsys, tmp_path, tiny_blip, shapes_dir):
+    before = listing(shapes_dir)
+    off, out_off = run_losses(capsys, tmp_path, tiny_blip, shapes_dir, "off", "--cache_image_features", "off", "--num_workers", "2")
+    memory, out_mem = run_losses(capsys, tmp_path, tiny_blip, shapes_dir, "memory", "--num_workers", "2")  # auto
+    assert "image features: not cached (--cache_image_features off)" in out_off
+    assert "caching in memory (24 x" in out_mem
+    # 18 training + 6 validation images: computed once each, then read for 2 more epochs (+ validation each epoch).
+    assert "image features: 48 read from the cache, 24 computed" in out_mem
+    assert len(off) == len(memory) == 3 * 3 + 3  # 3 steps per epoch + a validation loss per epoch
+    # bf16 autocast (this CPU's default): the same to its rounding after a few optimizer steps.
+    assert memory == pytest.approx(off, rel=1e-4)
+
+    cache_dir = tmp_path / "feature-cache"
+    disk1, out1 = run_losses(capsys, tmp_path, tiny_blip, shapes_dir, "disk1", "--cache_image_features", "disk", "--cache_dir", str(cache_dir))
+    disk2, out2 = run_losses(capsys, tmp_path, tiny_blip, shapes_dir, "disk2", "--cache_image_features", "disk", "--cache_dir", str(cache_dir))
+    assert "caching on disk in" in out1 and "24 computed" in out1
+    assert "72 read from the cache, 0 computed" in out2  # the second run reuses the first run's entries
+    assert disk1 == pytest.approx(off, rel=1e-4) and disk2 == pytest.approx(off, rel=1e-4)
+    entries = list(cache_dir.rglob("*.safetensors"))
+    assert len(entries) == 24
+
+    # A corrupt entry and a truncated one: one warning each, recomputed, same losses.
+    entries[0].write_bytes(b"garbage")
+    entries[1].write_bytes(entries[1].read_bytes()[:100])
+    disk3, out3 = run_losses(capsys, tmp_path, tiny_blip, shapes_dir, "disk3", "--cache_image_features", "disk", "--cache_dir", str(cache_dir))
+    assert disk3 == pytest.approx(off, rel=1e-4)
+    assert "2 computed" in out3
+    assert listing(shapes_dir) == before  # nothing written into the dataset
+
+
+@pytest.mark.slow
+def test_unwritable_cache_folder_warns_once_and_trains(capfd, tmp_path, tiny_blip, shapes_dir):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")  # works as root too, unlike chmod
+    args = base_args(shapes_dir, tiny_blip, tmp_path / "runs", "--epochs", "2", "--num_sample_captions", "0",
+                     "--cache_image_features", "disk", "--cache_dir", str(blocker / "cache"))
+    assert main(["train", *args]) == 0
+    err = capfd.readouterr().err
+    assert err.count("feature cache: cannot write to") == 1
+    assert "computing image features without storing them" in err
+
+
+def test_disk_cache_with_flips_or_a_trainable_tower_is_a_clear_error(capsys, tmp_path, tiny_blip, shapes_dir):
+    flips = base_args(shapes_dir, tiny_blip, tmp_path / "a", "--cache_image_features", "disk", "--random_flip", "0.5")
+    assert main(["train", *flips]) == 2
+    assert "random_flip = 0.5 changes the pixels" in capsys.readouterr().err
+    vision = base_args(shapes_dir, tiny_blip, tmp_path / "b", "--cache_image_features", "memory",
+                       "--peft_args", "{target_modules = ['query', 'value', 'qkv']}")
+    assert main(["train", *vision]) == 2
+    assert "the vision tower has trainable parameters" in capsys.readouterr().err
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
+def test_auto_says_why_it_does_not_cache(capsys, tmp_path, tiny_blip, shapes_dir):
+    args = base_args(shapes_dir, tiny_blip, tmp_path / "runs", "--random_flip", "0.5", "--num_sample_captions", "0")
+    assert main(["train", *args]) == 0
+    assert "image features: computed every step, not cached: random_flip = 0.5" in capsys.readouterr().out
+
+
+def test_cache_dir_inside_the_dataset_is_refused(capsys, tmp_path, tiny_blip, shapes_dir):
+    args = base_args(shapes_dir, tiny_blip, tmp_path / "runs", "--cache_dir", str(shapes_dir / "cache"))
+    assert main(["train", *args]) == 2
+    assert "cache_dir" in capsys.readouterr().err and not (shapes_dir / "cache").exists()
+
+
+def test_full_finetune_with_frozen_tower_caches_and_keeps_the_tower(capsys, tmp_path, tiny_blip, shapes_dir):
+    from safetensors.torch import load_file
+
+    args = base_args(shapes_dir, tiny_blip, tmp_path / "runs", "--peft_module", "none", "--freeze_vision_tower", "true",
+                     "--epochs", "2", "--lr", "1e-3", "--num_sample_captions", "0", "--save_every_n_epochs", "0")
+    assert main(["train", *args]) == 0
+    out = capsys.readouterr().out
+    assert "caching in memory" in out and "24 read from the cache, 24 computed" in out
+    final = Path(out.strip().splitlines()[-1])
+    before, after = load_file(tiny_blip / "model.safetensors"), load_file(final / "model.safetensors")
+    vision = [k for k in before if k.startswith("vision_model.")]
+    text = [k for k in before if k.startswith("text_decoder.") and "weight" in k]
+    assert vision and all(torch.equal(before[k], after[k]) for k in vision)
+    assert any(not torch.equal(before[k], after[k]) for k in text)
+
+
+def test_planning_sizes_the_cache_and_picks_disk_when_memory_is_short(tiny_blip, tmp_path, monkeypatch):
+    from caption_train import features
+
+    family, model, processor = frozen_lora(tiny_blip)
+    common = dict(requested="auto", family=family, model=model, processor=processor, random_flip=0.0,
+                  mixed_precision="bf16", cache_dir=str(tmp_path / "c"), dataset_dir=str(tmp_path / "data"))
+    plan = plan_feature_cache(n_images=10, **common)
+    assert plan.mode == "memory" and plan.dtype == torch.bfloat16
+    monkeypatch.setattr(features, "physical_memory", lambda: 1000)
+    plan = plan_feature_cache(n_images=10, **common)
+    assert plan.mode == "disk" and plan.cache_dir == tmp_path / "c" and len(plan.fingerprint) == 32
+    # The fingerprint follows the vision weights: a changed tower gets another folder.
+    with torch.no_grad():
+        family.vision_tower(model).post_layernorm.bias.add_(1.0)
+    assert plan_feature_cache(n_images=10, **common).fingerprint != plan.fingerprint
+    assert not os.path.exists(tmp_path / "c")  # planning writes nothing
