@@ -72,7 +72,7 @@ def check_layout(page, widths: list[int], shots: Path, prefix: str) -> None:
 
 
 def visible_help(page) -> str:
-    return " ".join(text for help in page.locator("p.help").all() if help.is_visible() for text in [help.inner_text()])
+    return " ".join(para.inner_text() for para in page.locator("p.help").all() if para.is_visible())
 
 
 def launch_chromium(playwright):
