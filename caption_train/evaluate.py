@@ -301,34 +301,75 @@ def read_samples(run_dir: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
 
 
+_SAMPLES_STYLE = """
+tbody td{vertical-align:top} td.pred{min-width:16em;max-width:40em} td.history{min-width:12em;max-width:40em}
+.match{background:hsl(120,70%,88%)} summary{cursor:pointer;color:#446} ol{margin:4px 0;padding-left:0;list-style:none}
+ol li{padding:1px 4px;border-radius:3px} .ep{display:inline-block;min-width:5.5em;color:#666;font-size:12px;font-variant-numeric:tabular-nums}
+"""
+
+# Shows the chosen epoch's caption in every row (the page works without it too: it then shows the latest).
+_SAMPLES_SCRIPT = """
+document.getElementById('epoch').addEventListener('change', e => {
+  const epoch = e.target.value;
+  document.querySelectorAll('td.pred').forEach(td => {
+    let shown = false;
+    td.querySelectorAll('[data-epoch]').forEach(el => { el.hidden = el.dataset.epoch !== epoch; shown ||= !el.hidden; });
+    td.querySelector('.none').hidden = shown;
+  });
+});
+"""
+
+
+def _same_caption(prediction: str, truth: str) -> bool:
+    return " ".join(prediction.lower().split()) == " ".join(truth.lower().split())
+
+
+def _samples_row(image: str, truth: str, history: list[dict[str, Any]], latest: int, run_dir: Path, thumbnails: int) -> str:
+    """One probe image: thumbnail, caption, the model's caption at the shown epoch, and its history on demand."""
+    esc = html.escape
+
+    def match_class(r: dict[str, Any]) -> str:
+        return ' class="match"' if _same_caption(r["prediction"], truth) else ""
+
+    shown = [f'<div data-epoch="{r["epoch"]}"{match_class(r)}{"" if r["epoch"] == latest else " hidden"}>{esc(r["prediction"])}</div>' for r in history]
+    has_latest = any(r["epoch"] == latest for r in history)
+    shown.append(f'<div class="none"{" hidden" if has_latest else ""}>(not captioned that epoch)</div>')
+    items = "".join(
+        f'<li{match_class(r)}><span class="ep">epoch {r["epoch"]}</span>{esc(r["prediction"])}</li>' for r in reversed(history)
+    )
+    first = next((r["epoch"] for r in history if _same_caption(r["prediction"], truth)), None)
+    summary = f"{len(history)} epochs" + (f"; first right at epoch {first}" if first is not None else "")
+    return (f'<tr data-file="{esc(image, quote=True)}"><td>{_image_cell(Path(image), run_dir, thumbnails)}</td>'
+            f'<td><div class="ref">{esc(truth)}</div><div class="file">{esc(Path(image).name)}</div></td>'
+            f'<td class="pred">{"".join(shown)}</td>'
+            f'<td class="history"><details><summary>{esc(summary)}</summary><ol>{items}</ol></details></td></tr>')
+
+
 def write_samples_html(run_dir: Path, thumbnails: int = THUMBNAIL_SIZE) -> Path:
-    """Render samples.jsonl as a table: one row per probe image (thumbnail, truth), one column per epoch."""
+    """Render samples.jsonl as one row per probe image: thumbnail, caption, the model's caption at the latest
+    epoch (a selector picks another), and the image's whole history in a fold. Four columns however many epochs
+    (one column per epoch squeezed a 40-epoch run to a word per line)."""
     esc = html.escape
     records = read_samples(run_dir)
     epochs = sorted({r["epoch"] for r in records})
+    latest = epochs[-1] if epochs else 0
+    steps = {r["epoch"]: r["step"] for r in records}
     images: dict[str, dict[str, Any]] = {}
     for r in records:
-        entry = images.setdefault(r["image"], {"truth": r["truth"], "by_epoch": {}})
+        entry = images.setdefault(r["image"], {"truth": r["truth"], "history": []})
         entry["truth"] = r["truth"]  # the latest truth: captions may be fixed between epochs
-        entry["by_epoch"][r["epoch"]] = r["prediction"]
-    rows = []
-    for image, entry in images.items():
-        cells = []
-        for epoch in epochs:
-            prediction = entry["by_epoch"].get(epoch)
-            if prediction is None:
-                cells.append("<td></td>")
-                continue
-            match = " ".join(prediction.lower().split()) == " ".join(entry["truth"].lower().split())
-            cells.append(f'<td style="background:{_score_color(100.0) if match else "#fff"}">{esc(prediction)}</td>')
-        rows.append(f'<tr data-file="{esc(image, quote=True)}"><td>{_image_cell(Path(image), run_dir, thumbnails)}</td>'
-                    f'<td><div class="ref">{esc(entry["truth"])}</div><div class="file">{esc(Path(image).name)}</div></td>{"".join(cells)}</tr>')
+        entry["history"].append(r)
+    rows = [_samples_row(image, entry["truth"], sorted(entry["history"], key=lambda r: r["epoch"]), latest, run_dir, thumbnails)
+            for image, entry in images.items()]
+    options = "".join(f'<option value="{e}"{" selected" if e == latest else ""}>epoch {e} (step {steps[e]})</option>' for e in reversed(epochs))
     page = f"""<!doctype html>
-<html lang="en"><head><meta charset="utf-8"><title>caption-train samples: {esc(run_dir.name)}</title><style>{_STYLE}</style></head>
+<html lang="en"><head><meta charset="utf-8"><title>caption-train samples: {esc(run_dir.name)}</title><style>{_STYLE}{_SAMPLES_STYLE}</style></head>
 <body><h1>{esc(run_dir.name)}: probe images by epoch</h1>
 <div class="meta">The same images every epoch; green = prediction equals the caption. Source: {SAMPLES_JSONL}.</div>
-<table><thead><tr><th>image</th><th>caption</th>{"".join(f"<th>epoch {e}</th>" for e in epochs)}</tr></thead>
-<tbody>{chr(10).join(rows)}</tbody></table></body></html>
+<div class="controls"><label>model's caption at <select id="epoch">{options}</select></label> ({len(epochs)} epochs; open a row's history for every epoch)</div>
+<table><thead><tr><th>image</th><th>caption</th><th>model</th><th>history</th></tr></thead>
+<tbody>{chr(10).join(rows)}</tbody></table>
+<script>{_SAMPLES_SCRIPT}</script></body></html>
 """
     write_text_atomic(run_dir / SAMPLES_HTML, page, errors="backslashreplace")
     return run_dir / SAMPLES_HTML

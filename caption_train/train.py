@@ -131,6 +131,7 @@ class Run:
     stop: StopRequest = field(default_factory=StopRequest)
     stop_agreed: int = 0  # signal number all processes agreed to stop on (0 = keep going)
     last_batch: dict[str, torch.Tensor] | None = None
+    progress: Any = None  # the training bar, once run_training made it (the page's hooks take a pause off its clock)
 
 
 class Timings:
@@ -655,6 +656,7 @@ def run_training(cfg: TrainConfig, hooks: TrainingHooks) -> Path:
     try:
         run.hooks.on_setup(run)
         progress = tqdm(total=run.total_steps, initial=run.global_step, desc="training", unit="step", disable=not main, dynamic_ncols=True, file=sys.stderr)
+        run.progress = progress
         for epoch in range(run.epoch, cfg.epochs):
             run.epoch = epoch
             with timings.part("training"):

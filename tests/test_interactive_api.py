@@ -651,3 +651,33 @@ def test_non_loopback_bind_warns_loudly_and_still_needs_token_and_origin(tmp_pat
         assert page.post(body, headers=same)[0] == 200 and page.post(body, headers=other)[0] == 403
     finally:
         review.close()
+
+
+def test_every_run_gets_its_own_token(tmp_path, capsys):
+    """The token in the printed URL is new each run: a page (or a leaked URL) of an earlier run opens nothing now."""
+    data = tmp_path / "data"
+    make_shapes_dataset(data, 2, seed=0, size=32)
+    first, second = (Review(data, state_dir=tmp_path / "state") for _ in range(2))
+    try:
+        pages = [Page(first.start()), Page(second.start())]
+        printed = [URL_LINE.match(line).group(2) for line in capsys.readouterr().out.splitlines() if URL_LINE.match(line)]
+        assert printed == [page.token for page in pages] and printed[0] != printed[1]
+        assert all(len(token) >= 32 for token in printed)  # 24 random bytes, URL-safe
+        # Each server knows only its own: the other run's token is refused, its own accepted.
+        for page, other in ((pages[0], pages[1]), (pages[1], pages[0])):
+            assert page.raw("GET", "/api/state")[0] == 200
+            assert page.raw("GET", "/api/state", token=other.token)[0] == 403
+    finally:
+        first.close()
+        second.close()
+    # The training hooks' server draws its own too (no token passed).
+    from caption_train.iterative.server import PageServer
+
+    third = Review(data, state_dir=tmp_path / "state")
+    servers = [PageServer(third.workspace, "127.0.0.1", 0) for _ in range(2)]
+    try:
+        assert servers[0].token != servers[1].token
+    finally:
+        for server in servers:
+            server.sock.close()
+        third.close()

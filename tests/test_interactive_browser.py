@@ -1,22 +1,89 @@
 """A real browser (Playwright driving Debian's Chromium) on the interactive page during a tiny training run:
-live step updates, a caption edited through the page lands in the .txt, caption now, rating, pause/resume.
+live step updates, a caption edited through the page lands in the .txt, caption now, rating, pause/resume; and
+in review mode, the layout from a 360 px phone to a 2560 px screen (every control inside its card and visible,
+long captions shown whole) and help text that speaks of the mode the page is in.
 Skips when playwright or /usr/bin/chromium is missing (CI installs both: see .ci/run)."""
 
 from __future__ import annotations
 
 import re
 import shutil
+import threading
 from pathlib import Path
 
 import pytest
 
 from caption_train.config import resolve
 from caption_train.iterative.hooks import InteractiveHooks
+from caption_train.iterative.review import Review
+from caption_train.tiny import make_shapes_dataset
 
 from test_interactive_api import Page, TrainingThread, wait_for
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update", "--no-first-run"]
+
+
+# Five tags, long enough to need three lines or more in a phone-width card.
+FIVE_TAGS = "a red circle, solid flat fill, centered on a white background, one small simple shape, flat vector art style"
+
+# Everything on the page a person clicks, types into or reads must lie inside its card (or the window), have a size,
+# be the topmost element at its own centre (not clipped, not covered), and show its whole label; the caption box
+# must show its whole text without scrolling inside it; the page must not scroll sideways.
+LAYOUT_PROBLEMS = """() => {
+  const problems = [];
+  const viewport = document.documentElement.clientWidth;
+  if (document.documentElement.scrollWidth > viewport) problems.push(`the page scrolls sideways (${document.documentElement.scrollWidth} > ${viewport} px)`);
+  const within = (r, box) => r.left >= box.left - 0.5 && r.right <= box.right + 0.5 && r.top >= box.top - 0.5 && r.bottom <= box.bottom + 0.5;
+  const describe = (el) => `${el.tagName.toLowerCase()}.${el.className || ""} "${(el.textContent || el.value || "").trim().slice(0, 20)}"`;
+  const check = (el, where, outer) => {
+    if (el.closest("[hidden]") || getComputedStyle(el).display === "none") return;
+    el.scrollIntoView({ block: "center", inline: "nearest" });
+    const r = el.getBoundingClientRect();
+    const box = outer ? outer.getBoundingClientRect() : { left: 0, right: viewport, top: -1e9, bottom: 1e9 };
+    if (r.width < 4 || r.height < 4) problems.push(`${where}: ${describe(el)} has no size (${r.width}x${r.height})`);
+    else if (!within(r, box)) problems.push(`${where}: ${describe(el)} sticks out (${JSON.stringify([r.left, r.right, r.top, r.bottom].map(Math.round))} vs ${JSON.stringify([box.left, box.right, box.top, box.bottom].map(Math.round))})`);
+    else {
+      const hit = document.elementFromPoint(r.left + r.width / 2, r.top + r.height / 2);
+      if (!hit || !(el === hit || el.contains(hit))) problems.push(`${where}: ${describe(el)} is hidden under ${hit ? describe(hit) : "nothing"}`);
+    }
+    if (el.tagName === "BUTTON" && el.scrollWidth > el.clientWidth + 1) problems.push(`${where}: ${describe(el)} cuts its label`);
+  };
+  for (const el of document.querySelectorAll("header button, header .state, .toolbar select, .toolbar input, .toolbar button")) check(el, "header", null);
+  for (const card of document.querySelectorAll("article.card")) {
+    const name = card.querySelector(".path").textContent;
+    for (const el of card.querySelectorAll("button, textarea, img, .path, .model-caption")) check(el, name, card);
+    const caption = card.querySelector("textarea.caption");
+    if (caption.scrollHeight > caption.clientHeight) problems.push(`${name}: the caption scrolls inside its box (${caption.scrollHeight} > ${caption.clientHeight} px)`);
+  }
+  return problems;
+}"""
+
+
+def check_layout(page, widths: list[int], shots: Path, prefix: str) -> None:
+    """At each width: no layout problem, and a screenshot (look at them when changing the CSS)."""
+    for width in widths:
+        page.set_viewport_size({"width": width, "height": 900})
+        page.wait_for_timeout(300)  # the caption boxes refit on the next animation frame
+        problems = page.evaluate(LAYOUT_PROBLEMS)
+        page.evaluate("window.scrollTo(0, 0)")
+        page.screenshot(path=str(shots / f"{prefix}-{width}.png"))
+        assert not problems, f"at {width} px wide:\n" + "\n".join(problems[:20])
+
+
+def visible_help(page) -> str:
+    return " ".join(para.inner_text() for para in page.locator("p.help").all() if para.is_visible())
+
+
+def launch_chromium(playwright):
+    return playwright.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS)
+
+
+def need_browser():
+    sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is not installed (pip install playwright)")
+    if not Path(CHROMIUM).is_file():
+        pytest.skip(f"{CHROMIUM} not found (apt-get install -y chromium)")
+    return sync_api
 
 
 def step_number(text: str) -> int:
@@ -26,9 +93,7 @@ def step_number(text: str) -> int:
 
 @pytest.mark.slow
 def test_browser_edits_a_caption_during_training(tmp_path, tiny_blip, shapes_dir):
-    sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is not installed (pip install playwright)")
-    if not Path(CHROMIUM).is_file():
-        pytest.skip(f"{CHROMIUM} not found (apt-get install -y chromium)")
+    sync_api = need_browser()
     data = Path(shutil.copytree(shapes_dir, tmp_path / "data"))
     cfg = resolve({}, {"dataset_dir": str(data), "model_name_or_path": str(tiny_blip), "output_dir": str(tmp_path / "runs"),
                        "epochs": 4, "batch_size": 4, "num_workers": 0, "log_with": "none", "num_sample_captions": 4, "save_every_n_epochs": 0})
@@ -42,7 +107,7 @@ def test_browser_edits_a_caption_during_training(tmp_path, tiny_blip, shapes_dir
         wait_for(lambda: api.status()["state"] == "paused", "the run to pause")
 
         with sync_api.sync_playwright() as playwright:
-            browser = playwright.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS)
+            browser = launch_chromium(playwright)
             page = browser.new_page(viewport={"width": 1360, "height": 900})
             problems: list[str] = []
             page.on("pageerror", lambda error: problems.append(f"page error: {error}"))
@@ -54,6 +119,7 @@ def test_browser_edits_a_caption_during_training(tmp_path, tiny_blip, shapes_dir
             expect(page.locator("#state")).to_have_text("paused", timeout=30_000)
             expect(page.locator("#step")).to_have_text("1 / 24")
             expect(page.locator("#mode")).to_have_text("training")
+            assert "out of training" in visible_help(page) and "nothing is trained" not in visible_help(page)
             cards = page.locator("article.card")
             expect(cards).to_have_count(4, timeout=30_000)
             first = cards.nth(0)
@@ -84,6 +150,8 @@ def test_browser_edits_a_caption_during_training(tmp_path, tiny_blip, shapes_dir
             expect(first.locator(".model-caption")).not_to_have_class(re.compile(r"\bempty\b"), timeout=30_000)
             expect(first.locator(".model-step")).to_have_text("(step 1)")
             page.screenshot(path=str(tmp_path / "interactive-paused.png"), full_page=True)
+            check_layout(page, [360, 1920], tmp_path, "training")
+            page.set_viewport_size({"width": 1360, "height": 900})
 
             # Resume: the step counter moves while training runs.
             page.locator("#pause").click()
@@ -103,3 +171,49 @@ def test_browser_edits_a_caption_during_training(tmp_path, tiny_blip, shapes_dir
         assert (tmp_path / "interactive-paused.png").stat().st_size > 10_000
     finally:
         hooks.close()
+
+
+@pytest.mark.slow
+def test_review_page_fits_phone_and_wide_screens(tmp_path, tiny_blip):
+    """Review mode with a model: long captions, model captions, every control, at 360 to 2560 px wide."""
+    sync_api = need_browser()
+    data = tmp_path / "data"
+    make_shapes_dataset(data, 6, seed=3, size=32)
+    for txt in data.rglob("*.txt"):
+        txt.write_text(FIVE_TAGS + "\n")
+    review = Review(data, model=str(tiny_blip), state_dir=tmp_path / "state")
+    url = review.start()
+    stop = threading.Event()
+    captioner = threading.Thread(target=review.serve, args=(stop,), daemon=True)
+    captioner.start()
+    try:
+        with sync_api.sync_playwright() as playwright:
+            browser = launch_chromium(playwright)
+            page = browser.new_page(viewport={"width": 1400, "height": 900})
+            problems: list[str] = []
+            page.on("pageerror", lambda error: problems.append(f"page error: {error}"))
+            page.on("console", lambda message: problems.append(f"console: {message.text}") if message.type == "error" else None)
+            page.goto(url)
+            expect = sync_api.expect
+            cards = page.locator("article.card")
+            expect(cards).to_have_count(6, timeout=30_000)
+            # Review mode captions the images shown without a click: wait until every card has the model's caption.
+            expect(page.locator(".model-caption.empty")).to_have_count(0, timeout=60_000)
+            expect(cards.nth(0).locator("textarea.caption")).to_have_value(FIVE_TAGS)
+
+            # The help and the words speak of review, not of training.
+            help_text = visible_help(page)
+            assert "nothing is trained" in help_text and "training" not in help_text, help_text
+            cards.nth(1).locator('.rating button[data-q="1"]').click()
+            expect(cards.nth(1).locator(".badges")).to_have_text("rated 1 (bad)")
+            assert "training" not in page.locator("header .counters").inner_text()
+
+            # Wide cards (3 columns at 1400 px: the caption takes two lines) to a phone (three lines) and back, in the
+            # same page: the caption boxes refit as the width changes.
+            check_layout(page, [1400, 360, 800, 1920, 2560], tmp_path, "review")
+            browser.close()
+        assert not problems, problems
+    finally:
+        stop.set()
+        captioner.join(10)
+        review.close()

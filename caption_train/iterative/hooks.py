@@ -8,6 +8,10 @@ ratings, requests). Everything that needs the model runs here, in the training t
 optimizer steps: "caption now" (eval mode, no_grad, then train mode again), pause (blocks, still serving and
 captioning, until resumed) and "save now" (`train.save`, a collective).
 
+The terminal: lines the page's actions print go through `tqdm.write` (also the page's log records while it
+serves), so they land above the training bar instead of on its line; a pause is taken off the bar's clock
+(`run.progress`), so its elapsed time and ETA count training only.
+
 Several processes (torchrun / accelerate launch): every rank calls every hook; only rank 0 binds and serves.
 Rank 0 decides (pause, save) and `broadcast_object_list` hands the decision to all ranks once per optimizer
 step (two tiny collectives; skipped entirely in a single process). While paused the ranks meet every 0.5 s, so
@@ -21,10 +25,12 @@ import contextlib
 import logging
 import os
 import sys
+import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
 import torch
+from tqdm import tqdm
 
 from caption_train.data.dataset import CaptionDataset
 from caption_train.data.images import ImageLoadError, load_rgb
@@ -42,6 +48,36 @@ log = logging.getLogger(__name__)
 STATE_DIR_NAME = "interactive"  # inside the run directory
 GENERATE_BATCH = 8
 PAUSE_POLL_S = 0.5
+PAGE_LOGGER = "caption_train.iterative"  # the server's and the hooks' loggers are below it
+
+
+def say(line: str) -> None:
+    """Print a line to stderr above any progress bar (a plain print would land on the bar's line)."""
+    tqdm.write(line, file=sys.stderr)
+
+
+class _AboveTheBar(logging.Handler):
+    """The page's log records, printed with `say` while training shows a bar."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            say(self.format(record))
+        except Exception:  # logging must never take the run down
+            self.handleError(record)
+
+
+def leave_out_of_bar(bar: Any, seconds: float) -> None:
+    """Take `seconds` (a pause) off the bar's clock: its elapsed time, rate and ETA then count training only.
+
+    tqdm's rate is a moving average of (steps, seconds since the last print); moving both the start and the last
+    print forward keeps the pause out of both. (`tqdm.unpause` would also drop the training time between the
+    bar's last print and the pause.)
+    """
+    if bar is None or getattr(bar, "disable", True) or seconds <= 0:
+        return
+    bar.start_t += seconds
+    bar.last_print_t += seconds
+    bar.refresh()
 
 
 def caption_images(workspace: Workspace, model: torch.nn.Module, processor: Any, family: Any, images: list[str], *,
@@ -100,6 +136,7 @@ class InteractiveHooks(TrainingHooks):
         self.port = self.sock.getsockname()[1] if self.sock is not None else port
         self.workspace: Workspace | None = None
         self.server: PageServer | None = None
+        self._log_handler: logging.Handler | None = None
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -114,6 +151,7 @@ class InteractiveHooks(TrainingHooks):
         if self.server is not None:
             self.server.stop()
             self.server = None
+        self._route_log(False)
         if self.sock is not None:
             self.sock.close()
             self.sock = None
@@ -140,7 +178,7 @@ class InteractiveHooks(TrainingHooks):
             self.sock = bind_socket(self.host, self.port)
         samples = [sample for dataset in datasets for sample in dataset.samples]
         self.workspace = Workspace(Path(run.cfg.dataset_dir), samples, state_dir=state_dir, mode="training",
-                                   probe=run.sample_items, log=lambda line: print(line, file=sys.stderr, flush=True))
+                                   probe=run.sample_items, log=say)
         self.workspace.update_status(state="running", epoch=run.epoch + 1 if hasattr(run, "epoch") else 1, epochs=run.cfg.epochs,
                                      step=run.global_step, total_steps=run.total_steps, can_generate=True)
         if self.start_paused:
@@ -148,6 +186,7 @@ class InteractiveHooks(TrainingHooks):
         run.tracker = _TeeTracker(run.tracker, self)
         self.server = PageServer(self.workspace, self.host, self.port, token=self.token, sock=self.sock)
         self.sock = None  # the server owns it now
+        self._route_log(True)
         self.server.start()
         if not is_loopback(self.host):
             print(exposure_warning(self.host, self.server.port), file=sys.stderr, flush=True)
@@ -159,6 +198,8 @@ class InteractiveHooks(TrainingHooks):
             workspace.update_status(epoch=epoch + 1, step=run.global_step)
         paused, save = self._agree(run)
         was_paused = False
+        bar = getattr(run, "progress", None)  # the training bar (train.run_training stores it on the run)
+        entered = time.time()  # when paused, all the time spent here is pause (captioning and saving included)
         while True:
             if save is not None:
                 self._save(run, save, epoch)
@@ -174,8 +215,10 @@ class InteractiveHooks(TrainingHooks):
                     workspace.changed.wait_for(lambda: not workspace.pause_requested or workspace.save_requested or bool(workspace.pending) or _stop_signal(run),
                                                timeout=PAUSE_POLL_S)
             paused, save = self._agree(run)
-        if workspace is not None and was_paused:
-            workspace.update_status(state="running")
+        if was_paused:
+            leave_out_of_bar(bar, time.time() - entered)
+            if workspace is not None:
+                workspace.update_status(state="running")
 
     def on_epoch_end(self, run: "Run", epoch: int) -> None:
         if self.workspace is not None:
@@ -187,6 +230,18 @@ class InteractiveHooks(TrainingHooks):
                 self.workspace.pending.clear()
             self.workspace.update_status(state="finished", step=run.global_step, can_generate=False)
         self.close()
+
+    def _route_log(self, on: bool) -> None:
+        """While serving, the page's log records (e.g. a failed action's traceback) print above the bar."""
+        logger = logging.getLogger(PAGE_LOGGER)
+        if on and self._log_handler is None:
+            self._log_handler, self._log_propagate = _AboveTheBar(), logger.propagate
+            logger.addHandler(self._log_handler)
+            logger.propagate = False  # else the root logger's console handler prints it a second time, on the bar
+        elif not on and self._log_handler is not None:
+            logger.removeHandler(self._log_handler)
+            logger.propagate = self._log_propagate
+            self._log_handler = None
 
     # ------------------------------------------------------------------ between steps
 
@@ -216,7 +271,7 @@ class InteractiveHooks(TrainingHooks):
 
         path = save(run, name, epoch=epoch)  # collective: every rank is here, by the broadcast decision
         if self.workspace is not None:
-            print(f"saved {path} (asked for on the interactive page)", file=sys.stderr, flush=True)
+            say(f"saved {path} (asked for on the interactive page)")
             self.workspace.emit("saved", Saved(path=str(path), step=run.global_step))
 
     def _caption_pending(self, run: "Run", limit: int | None) -> None:

@@ -14,6 +14,7 @@ const ui = {
   status: null,
   cards: new Map(),  // image id -> card element
   ws: null,
+  mode: null,        // "training" or "review": which help text and words the page shows
   retry: 500,
   requestId: 0,
 };
@@ -96,8 +97,26 @@ function setState(cls, text) {
   el.textContent = text;
 }
 
+// Words that depend on what a rating of 1 does: in training it leaves the image out; in review nothing trains.
+const MODE_WORDS = {
+  training: { excluded: "excluded from training", rateBad: "1: bad, leave out of training", viewBad: "excluded (rated 1)" },
+  review: { excluded: "rated 1 (bad)", rateBad: "1: bad", viewBad: "bad (rated 1)" },
+};
+
+function words() {
+  return MODE_WORDS[ui.status && ui.status.mode === "review" ? "review" : "training"];
+}
+
+function applyMode(mode) {
+  if (ui.mode === mode) return;
+  ui.mode = mode;
+  for (const el of document.querySelectorAll("[data-mode]")) el.hidden = el.dataset.mode !== mode;
+  $("view").querySelector('option[value="excluded"]').textContent = words().viewBad;
+}
+
 function showStatus(s) {
   ui.status = s;
+  applyMode(s.mode);
   const training = s.mode === "training";
   $("mode").textContent = s.mode;
   $("training-stats").hidden = !training;
@@ -144,6 +163,7 @@ async function loadGallery() {
     ui.cards.set(info.id, card);
     gallery.appendChild(card);
   }
+  fitAllCaptions();  // now that they are laid out
   if (!body.images.length) {
     const empty = document.createElement("div");
     empty.className = "empty-gallery";
@@ -161,6 +181,19 @@ async function loadGallery() {
   $("next").disabled = last >= ui.total;
 }
 
+// A caption box as tall as its text (up to the CSS max-height), so a long caption never scrolls inside a
+// small box. Works in every browser (CSS field-sizing is Chromium-only); re-run when the width changes.
+function fitCaption(textarea) {
+  if (!textarea.isConnected) return;
+  textarea.style.height = "auto";
+  const borders = textarea.offsetHeight - textarea.clientHeight;
+  textarea.style.height = `${textarea.scrollHeight + borders}px`;
+}
+
+function fitAllCaptions() {
+  for (const card of ui.cards.values()) fitCaption(card.querySelector(".caption"));
+}
+
 function makeCard(info) {
   const card = $("card-template").content.firstElementChild.cloneNode(true);
   card.dataset.id = info.id;
@@ -171,6 +204,7 @@ function makeCard(info) {
   const saveButton = card.querySelector(".save-caption");
   const revertButton = card.querySelector(".revert");
   textarea.addEventListener("input", () => {
+    fitCaption(textarea);
     const dirty = textarea.value !== card.dataset.caption;
     textarea.classList.toggle("dirty", dirty);
     saveButton.disabled = !dirty || !textarea.value.trim();
@@ -187,6 +221,7 @@ function makeCard(info) {
     button.addEventListener("click", () => act(card, "caption_quality", { image: info.id, quality: Number(button.dataset.q) }));
   }
   if (ui.status) card.querySelector(".caption-now").disabled = !ui.status.can_generate;
+  card.querySelector('.rating button[data-q="1"]').title = words().rateBad;
   fillCard(card, info, true);
   return card;
 }
@@ -197,6 +232,7 @@ function fillCard(card, info, fresh) {
   card.dataset.caption = info.caption;
   if (fresh || !typing) {
     textarea.value = info.caption;
+    fitCaption(textarea);
     textarea.classList.remove("dirty");
     card.querySelector(".save-caption").disabled = true;
     card.querySelector(".revert").disabled = true;
@@ -208,7 +244,7 @@ function fillCard(card, info, fresh) {
   const badge = (cls, text) => { const el = document.createElement("span"); el.className = cls; el.textContent = text; badges.appendChild(el); };
   if (info.probe) badge("b-probe", "sample");
   if (info.modified) badge("b-modified", "modified");
-  if (info.excluded) badge("b-excluded", "excluded from training");
+  if (info.excluded) badge("b-excluded", words().excluded);
   if (info.rating === 5) badge("b-gold", "gold");
   card.classList.toggle("excluded", info.excluded);
   for (const button of card.querySelectorAll(".rating button")) button.classList.toggle("active", Number(button.dataset.q) === info.rating);
@@ -289,5 +325,15 @@ $("next").addEventListener("click", () => { ui.offset += PAGE_SIZE; loadGallery(
 $("caption-shown").addEventListener("click", () => captionNow([...ui.cards.keys()]));
 $("pause").addEventListener("click", () => send(ui.status && ui.status.pause_requested ? "resume" : "pause", {}).catch(() => {}));
 $("save").addEventListener("click", () => send("save", {}).then(() => toast("saving at the end of this step…")).catch(() => {}));
+
+// Widths change with the window, and when a scrollbar comes or goes: refit the caption boxes then. The refit
+// waits for the next frame, so it never changes layout inside the observer's own callback.
+let lastGalleryWidth = 0;
+new ResizeObserver((entries) => {
+  const width = entries[0].contentRect.width;
+  if (width === lastGalleryWidth) return;
+  lastGalleryWidth = width;
+  requestAnimationFrame(fitAllCaptions);
+}).observe($("gallery"));
 
 connect();
