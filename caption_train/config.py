@@ -366,13 +366,26 @@ def resolve(file_values: dict[str, Any], cli_values: dict[str, Any], *, file_lab
     if problems:
         raise UserError("; ".join(problems))
     cfg = TrainConfig(**merged)
-    if Path(cfg.model_name_or_path).expanduser().is_dir():
-        # Adapters record this as their base model: absolute, so they load from any working directory.
-        cfg.model_name_or_path = str(Path(cfg.model_name_or_path).expanduser().resolve())
+    make_paths_absolute(cfg)
     problems = _check_ranges(cfg)
     if problems:
         raise UserError("; ".join(problems))
     return cfg
+
+
+# Fields that name local folders. The saved config.toml (and adapters, which record their base model) must mean
+# the same folders from any working directory, so they are kept absolute.
+PATH_FIELDS = ("dataset_dir", "output_dir", "config_file")
+
+
+def make_paths_absolute(cfg: TrainConfig) -> None:
+    """Resolve the path fields (and model_name_or_path when it is a local folder, not a hub id) in place."""
+    for name in PATH_FIELDS:
+        value = getattr(cfg, name)
+        if value is not None and value.strip():
+            setattr(cfg, name, str(Path(value).expanduser().resolve()))
+    if Path(cfg.model_name_or_path).expanduser().is_dir():
+        cfg.model_name_or_path = str(Path(cfg.model_name_or_path).expanduser().resolve())
 
 
 def load_train_config(argv: list[str] | None) -> TrainConfig:

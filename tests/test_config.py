@@ -51,7 +51,7 @@ def test_defaults_are_typed():
 def test_precedence_defaults_file_cli(tmp_path):
     path = write(tmp_path, 'dataset_dir = "from_file"\nepochs = 7\nbatch_size = 3\n[scheduler_args]\neta_min = 0.5\n')
     cfg = load_train_config(["--config_file", str(path), "--epochs", "2"])
-    assert cfg.dataset_dir == "from_file"  # file beats default
+    assert cfg.dataset_dir == str(Path("from_file").resolve())  # file beats default; recorded absolute
     assert cfg.batch_size == 3
     assert cfg.epochs == 2  # CLI beats file
     assert cfg.seed == TrainConfig().seed  # default where neither says
@@ -61,7 +61,7 @@ def test_precedence_defaults_file_cli(tmp_path):
 def test_aliases_and_types(tmp_path):
     path = write(tmp_path, 'train_dir = "x"\nlearning_rate = 3e-4\nfrozen_parts = 2\ncaption_dropout = 0.25\nshuffle_captions = true\n')
     cfg = load_train_config(["--config_file", str(path)])
-    assert (cfg.dataset_dir, cfg.lr, cfg.frozen_parts, cfg.caption_dropout, cfg.shuffle_captions) == ("x", 3e-4, 2, 0.25, True)
+    assert (cfg.dataset_dir, cfg.lr, cfg.frozen_parts, cfg.caption_dropout, cfg.shuffle_captions) == (str(Path("x").resolve()), 3e-4, 2, 0.25, True)
     cfg = load_train_config(["--dataset_dir", "d", "--learning_rate", "5e-5", "--shuffle_captions", "--gradient_checkpointing", "false"])
     assert cfg.lr == 5e-5 and cfg.shuffle_captions is True and cfg.gradient_checkpointing is False
 
@@ -83,7 +83,7 @@ def test_dict_flags_take_toml_or_json(text):
 
 def test_shipped_config_toml_loads():
     cfg = load_train_config(["--config_file", str(REPO / "config.toml")])
-    assert cfg.dataset_dir == "dataset" and cfg.optimizer_args == {"weight_decay": 0.01}
+    assert cfg.dataset_dir == str(Path("dataset").resolve()) and cfg.optimizer_args == {"weight_decay": 0.01}
     assert cfg.peft_args == {"r": 16, "lora_alpha": 16}
 
 
