@@ -369,7 +369,7 @@ def main(argv: list[str] | None = None) -> int:
 
     model, processor, family, device = load_model_for_command(args)
     torch.manual_seed(args.seed)
-    print(f"captioning {len(plan.todo)} images under {root} with {args.model} on {device}", flush=True)
+    print(f"captioning {plural(len(plan.todo), 'image')} under {root} with {args.model} on {device}", flush=True)
     caption_into(model, processor, family, root, plan.todo, options, summary, jsonl=jsonl, overwrite=args.overwrite, prefix=args.prefix, suffix=args.suffix,
                  batch_size=args.batch_size, num_workers=args.num_workers)
     print(summary.line(), flush=True)
