@@ -16,6 +16,7 @@ import difflib
 import inspect
 import json
 import math
+import os
 import re
 import tomllib
 import typing
@@ -431,12 +432,20 @@ def _show_toml(value: Any) -> str:
 PATH_FIELDS = ("dataset_dir", "output_dir", "config_file")
 
 
+def _absolute(value: str) -> str:
+    path = Path(value).expanduser()
+    try:
+        return str(path.resolve())
+    except (OSError, RuntimeError):  # a symlink loop: keep it unresolved, the dataset scan reports it by name
+        return os.path.abspath(path)
+
+
 def make_paths_absolute(cfg: TrainConfig) -> None:
     """Resolve the path fields (and model_name_or_path when it is a local folder, not a hub id) in place."""
     for name in PATH_FIELDS:
         value = getattr(cfg, name)
         if value is not None and value.strip():
-            setattr(cfg, name, str(Path(value).expanduser().resolve()))
+            setattr(cfg, name, _absolute(value))
     if Path(cfg.model_name_or_path).expanduser().is_dir():
         cfg.model_name_or_path = str(Path(cfg.model_name_or_path).expanduser().resolve())
 
