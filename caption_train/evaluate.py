@@ -32,7 +32,7 @@ from tqdm.auto import tqdm
 from caption_train.captioning import GenerationOptions, generate_captions
 from caption_train.data.scan import Sample
 from caption_train.errors import UserError
-from caption_train.files import write_text_atomic
+from caption_train.files import absolute_if_local, write_text_atomic
 from caption_train.text import plural
 from caption_train.metrics import ITEM_LABELS, METRIC_LABELS, score_captions
 from caption_train.models import ModelFamily
@@ -181,8 +181,8 @@ def write_report(out_dir: Path, result: EvalResult, *, model: str, dataset: str 
     out_dir.mkdir(parents=True, exist_ok=True)
     root = Path(dataset)
     data = {
-        "model": model,
-        "dataset": str(dataset),
+        "model": absolute_if_local(model),  # absolute: the report must name the same folders wherever it is read
+        "dataset": absolute_if_local(str(dataset)),
         "images": len(result.items),
         "unreadable": [{"file_name": _relative(p, root), "reason": r} for p, r in result.unreadable],
         "seconds": round(result.seconds, 3),

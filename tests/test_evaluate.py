@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+import stat
 from pathlib import Path
 
 import pytest
@@ -11,6 +12,8 @@ import pytest
 from caption_train.cli import main
 from caption_train.evaluate import REPORT_HTML, REPORT_JSON, SAMPLES_HTML, SAMPLES_JSONL, record_samples, score_predictions
 from caption_train.tiny import COLORS, SHAPES, build_tiny_blip, make_shapes_dataset
+
+from test_files import umask  # noqa: F401 - the fixture
 
 
 def evaluate(capsys, *args: str) -> tuple[Path, dict, str]:
@@ -130,6 +133,15 @@ def test_probe_panel_is_resume_safe(tmp_path):
     epochs = [json.loads(line)["epoch"] for line in (tmp_path / SAMPLES_JSONL).read_text().splitlines()]
     assert epochs == [1, 2]
     assert "(open)" in (tmp_path / SAMPLES_HTML).read_text()  # an image that is gone: a link, no thumbnail
+
+
+def test_probe_panel_and_report_files_get_the_umask_mode(tmp_path, umask):
+    from caption_train.evaluate import EvalResult, write_report
+
+    record_samples(tmp_path, [{"image": "/nowhere/a.png", "truth": "a", "prediction": "b"}], epoch=1, step=1)
+    json_path, html_path = write_report(tmp_path / "ev", EvalResult({"cider": 1.0}, []), model="hub/model", dataset=tmp_path)
+    for path in (tmp_path / SAMPLES_JSONL, tmp_path / SAMPLES_HTML, json_path, html_path):
+        assert stat.S_IMODE(path.stat().st_mode) == 0o666 & ~umask, path.name
 
 
 def test_report_sort_line_follows_the_clicked_column(tmp_path):
