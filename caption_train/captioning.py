@@ -27,6 +27,7 @@ from caption_train.data.images import IMAGE_EXTENSIONS, ImageLoadError, is_image
 from caption_train.data.scan import caption_path_for, walk_dataset
 from caption_train.errors import UserError
 from caption_train.files import write_text_atomic
+from caption_train.text import plural
 from caption_train.models import ModelFamily
 
 # ---------------------------------------------------------------------------- decoding options
@@ -167,13 +168,17 @@ def check_images_dir(images_dir: str | os.PathLike, label: str = "IMAGES_DIR") -
 @dataclass
 class CaptionPlan:
     todo: list[Path]
-    already_captioned: list[Path] = field(default_factory=list)
+    already_captioned: list[Path] = field(default_factory=list)  # a .txt exists, or a line in --output_jsonl
     name_clashes: list[Path] = field(default_factory=list)  # a.jpg when a.png already claims a.txt
 
 
-def plan_captions(images: list[Path], *, overwrite: bool, to_jsonl: bool) -> CaptionPlan:
+def plan_captions(images: list[Path], *, overwrite: bool, to_jsonl: bool, root: Path | None = None, done: set[str] = frozenset()) -> CaptionPlan:
+    """Which images to caption. For jsonl, `done` holds the file_names (relative to `root`) the file already has."""
     if to_jsonl:
-        return CaptionPlan(todo=list(images))
+        plan = CaptionPlan(todo=[])
+        for image in images:
+            (plan.already_captioned if jsonl_name(image, root) in done else plan.todo).append(image)
+        return plan
     plan = CaptionPlan(todo=[])
     claimed: set[Path] = set()
     for image in images:
@@ -186,6 +191,52 @@ def plan_captions(images: list[Path], *, overwrite: bool, to_jsonl: bool) -> Cap
             plan.todo.append(image)
         claimed.add(target)
     return plan
+
+
+# ---------------------------------------------------------------------------- --output_jsonl: append, resumable
+
+
+# How every line we write starts; only such a last line is ours to repair.
+JSONL_LINE_START = b'{"file_name": '
+
+
+def jsonl_name(image: Path, root: Path | None) -> str:
+    return image.relative_to(root).as_posix() if root is not None else image.as_posix()
+
+
+def read_jsonl_done(jsonl: Path) -> set[str]:
+    """file_names already in an --output_jsonl file; a half-written last line (a crash mid-write) is cut off.
+
+    Any other line that is not a {"file_name", "text"} object means the file is not ours: refuse rather than append.
+    """
+    data = jsonl.read_bytes()
+    done: set[str] = set()
+    offset = 0
+    for number, line in enumerate(data.splitlines(keepends=True), start=1):
+        try:
+            row = json.loads(line)
+            complete = line.endswith(b"\n") and isinstance(row, dict) and isinstance(row.get("file_name"), str)
+        except ValueError:
+            complete = False
+        if not complete:
+            if offset + len(line) == len(data) and line.startswith(JSONL_LINE_START):
+                os.truncate(jsonl, offset)  # our last line, cut short by a crash: drop it, the image is captioned again
+                break
+            raise UserError(f"--output_jsonl {jsonl}: line {number} is not a {{\"file_name\", \"text\"}} object; pass another file, or --overwrite to replace it")
+        done.add(row["file_name"])
+        offset += len(line)
+    return done
+
+
+def open_jsonl(jsonl: Path, *, overwrite: bool) -> Any:
+    """The --output_jsonl file opened for appending (emptied first with --overwrite; its mode is kept)."""
+    try:
+        jsonl.parent.mkdir(parents=True, exist_ok=True)
+        if overwrite and jsonl.exists():
+            write_text_atomic(jsonl, "")
+        return jsonl.open("a", encoding="utf-8")
+    except OSError as err:
+        raise UserError(f"--output_jsonl {jsonl}: cannot write it ({err.strerror or err}); check the folder's permissions and free space") from None
 
 
 def write_caption(path: Path, text: str) -> None:
@@ -209,9 +260,11 @@ class CaptionSummary:
     def line(self) -> str:
         rate = self.captioned / self.seconds if self.seconds > 0 else 0.0
         where = f"wrote {self.output_jsonl}" if self.output_jsonl else "wrote a .txt beside each"
-        text = f"captioned {self.captioned} images in {self.seconds:.1f} s ({rate:.1f} images/s); {where}"
+        text = f"captioned {plural(self.captioned, 'image')} in {self.seconds:.1f} s ({rate:.1f} images/s); {where}"
         skipped = []
-        if self.already_captioned:
+        if self.already_captioned and self.output_jsonl:
+            skipped.append(f"{self.already_captioned} already in it (pass --overwrite to start it afresh)")
+        elif self.already_captioned:
             skipped.append(f"{self.already_captioned} that already had a .txt (pass --overwrite to replace them)")
         if self.name_clashes:
             skipped.append(f"{self.name_clashes} whose .txt another image with the same name already gets (e.g. a.png and a.jpg -> a.txt)")
@@ -220,7 +273,7 @@ class CaptionSummary:
         if skipped:
             text += "; skipped " + ", ".join(skipped)
         if self.empty:
-            text += f"; {self.empty} captions came out empty"
+            text += f"; {plural(self.empty, 'caption')} came out empty"
         return text
 
 
@@ -282,8 +335,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = command_parser("caption-train caption", "Caption every image under IMAGES_DIR (recursively), writing <image>.txt beside each.")
     parser.add_argument("model", metavar="MODEL", help="a run's final/ or epoch-N/ folder, a merged model folder, or a hub id")
     parser.add_argument("images_dir", metavar="IMAGES_DIR", help="folder of images, searched recursively")
-    parser.add_argument("--overwrite", action="store_true", help="replace existing .txt captions (or an existing --output_jsonl file)")
-    parser.add_argument("--output_jsonl", default=None, metavar="FILE", help='write {"file_name", "text"} lines (paths relative to IMAGES_DIR) to FILE instead of .txt files')
+    parser.add_argument("--overwrite", action="store_true", help="replace existing .txt captions (or start an existing --output_jsonl file afresh instead of continuing it)")
+    parser.add_argument("--output_jsonl", default=None, metavar="FILE", help='write {"file_name", "text"} lines (paths relative to IMAGES_DIR) to FILE instead of .txt files; an existing FILE is continued: images already in it are skipped')
     parser.add_argument("--prefix", default="", help='text put before every caption, e.g. "mystyle, " (trigger words)')
     parser.add_argument("--suffix", default="", help="text put after every caption")
     add_model_arguments(parser)
@@ -301,21 +354,23 @@ def main(argv: list[str] | None = None) -> int:
     root, images = check_images_dir(args.images_dir)  # local checks first: a typo should not wait on the hub
     resolve_model_source(args.model, base_model=args.base_model)  # before loading anything heavy
     jsonl = Path(args.output_jsonl).expanduser() if args.output_jsonl else None
+    done: set[str] = set()
     if jsonl is not None:
         if jsonl.is_dir():
             raise UserError(f"--output_jsonl {jsonl}: is a directory; pass a file name")
         if jsonl.exists() and not args.overwrite:
-            raise UserError(f"--output_jsonl {jsonl}: exists; pass --overwrite to replace it")
-    plan = plan_captions(images, overwrite=args.overwrite, to_jsonl=jsonl is not None)
+            done = read_jsonl_done(jsonl)  # continue an earlier run: skip what it already wrote
+    plan = plan_captions(images, overwrite=args.overwrite, to_jsonl=jsonl is not None, root=root, done=done)
     summary = CaptionSummary(already_captioned=len(plan.already_captioned), name_clashes=len(plan.name_clashes), output_jsonl=jsonl)
     if not plan.todo:
-        print(f"nothing to caption: all {len(images)} images under {root} already have a .txt (pass --overwrite to replace them)", flush=True)
+        where = f"are already in {jsonl}" if jsonl is not None else "already have a .txt"
+        print(f"nothing to caption: all {plural(len(images), 'image')} under {root} {where} (pass --overwrite to replace them)", flush=True)
         return 0
 
     model, processor, family, device = load_model_for_command(args)
     torch.manual_seed(args.seed)
-    print(f"captioning {len(plan.todo)} images under {root} with {args.model} on {device}", flush=True)
-    caption_into(model, processor, family, root, plan.todo, options, summary, jsonl=jsonl, prefix=args.prefix, suffix=args.suffix,
+    print(f"captioning {plural(len(plan.todo), 'image')} under {root} with {args.model} on {device}", flush=True)
+    caption_into(model, processor, family, root, plan.todo, options, summary, jsonl=jsonl, overwrite=args.overwrite, prefix=args.prefix, suffix=args.suffix,
                  batch_size=args.batch_size, num_workers=args.num_workers)
     print(summary.line(), flush=True)
     return 0
@@ -323,14 +378,15 @@ def main(argv: list[str] | None = None) -> int:
 
 def caption_into(
     model: torch.nn.Module, processor: Any, family: ModelFamily, root: Path, paths: list[Path], options: GenerationOptions,
-    summary: CaptionSummary, *, jsonl: Path | None, prefix: str = "", suffix: str = "", batch_size: int = 16, num_workers: int = 0,
+    summary: CaptionSummary, *, jsonl: Path | None, overwrite: bool = False, prefix: str = "", suffix: str = "", batch_size: int = 16,
+    num_workers: int = 0,
 ) -> CaptionSummary:
-    """Caption `paths`, writing .txt files (or `jsonl`, replaced atomically at the end); fills in `summary`."""
-    handle = tmp = None
-    if jsonl is not None:
-        jsonl.parent.mkdir(parents=True, exist_ok=True)
-        tmp = jsonl.with_name(f".{jsonl.name}.tmp-{os.getpid()}")
-        handle = tmp.open("w", encoding="utf-8")
+    """Caption `paths`, writing .txt files (or appending lines to `jsonl`: --overwrite empties it first); fills in `summary`.
+
+    Each jsonl line is written whole and flushed, so an interrupted run loses at most the line being written,
+    which the next run drops (`read_jsonl_done`) before it continues.
+    """
+    handle = open_jsonl(jsonl, overwrite=overwrite) if jsonl is not None else None
     progress = tqdm(total=len(paths), desc="captioning", unit="img", file=sys.stderr, dynamic_ncols=True)
     start = time.perf_counter()
     try:
@@ -342,18 +398,16 @@ def caption_into(
             summary.empty += not item.text
             text = f"{prefix}{item.text}{suffix}"
             if handle is not None:
-                handle.write(json.dumps({"file_name": item.path.relative_to(root).as_posix(), "text": text}, ensure_ascii=False) + "\n")
+                handle.write(json.dumps({"file_name": jsonl_name(item.path, root), "text": text}, ensure_ascii=False) + "\n")
+                handle.flush()
             else:
                 write_caption(caption_path_for(item.path), text)
             summary.captioned += 1
         if handle is not None:
-            handle.close()
-            os.replace(tmp, jsonl)
+            os.fsync(handle.fileno())
     finally:
         progress.close()
-        if handle is not None and not handle.closed:
+        if handle is not None:
             handle.close()
-        if tmp is not None and tmp.exists():
-            tmp.unlink()  # our own partial output after an error or Ctrl-C
     summary.seconds = time.perf_counter() - start
     return summary

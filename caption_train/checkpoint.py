@@ -26,6 +26,7 @@ import tomli_w
 import torch
 
 from caption_train.errors import UserError
+from caption_train.files import give_default_modes
 
 CONFIG_NAME = "config.toml"
 STATE_NAME = "training_state.pt"
@@ -130,6 +131,7 @@ def finish_checkpoint(tmp: Path, target: Path, model: torch.nn.Module, processor
     processor.save_pretrained(tmp)
     write_config(tmp / CONFIG_NAME, config)
     torch.save(state, tmp / STATE_NAME)
+    give_default_modes(tmp)  # transformers writes model.safetensors 0600 through a temp file
     _fsync_tree(tmp)
     os.replace(tmp, target)
     _fsync_dir(target.parent)

@@ -16,6 +16,7 @@ import difflib
 import inspect
 import json
 import math
+import os
 import re
 import tomllib
 import typing
@@ -134,6 +135,28 @@ def parse_dict(text: str) -> dict:
     if not isinstance(value, dict):
         raise ValueError(f"expected a table/object, got {text!r}")
     return value
+
+
+# What a TOML value of each field type must be (bool is an int in Python, hence its own check).
+_TOML_TYPES = {"int": (int,), "float": (int, float), "str": (str,), "bool": (bool,), "dict": (dict,)}
+_EXPECTED = {"int": "an integer", "float": "a number", "str": "a string", "bool": "true or false", "dict": "a table"}
+
+
+def _toml_kind(value: Any) -> str:
+    """The TOML name of a parsed value's type, for messages."""
+    for kind, name in ((bool, "a boolean"), (int, "an integer"), (float, "a float"), (str, "a string"), (dict, "a table"), (list, "an array")):
+        if isinstance(value, kind):
+            return name
+    return f"a {type(value).__name__}"  # dates and times
+
+
+def _check_toml_type(name: str, value: Any) -> None:
+    """A config file's value must already have the field's type: `batch_size = "8"` is a mistake worth naming
+    (only command-line values, which are always strings, are parsed)."""
+    kind = _base_type({f.name: f.type for f in dataclasses.fields(TrainConfig)}[name])
+    allowed = _TOML_TYPES[kind]
+    if isinstance(value, bool) and bool not in allowed or not isinstance(value, allowed):
+        raise ValueError(f"expected {_EXPECTED[kind]}, got {_toml_kind(value)}")
 
 
 def _coerce(name: str, value: Any) -> Any:
@@ -261,14 +284,15 @@ def build_arg_parser(prog: str = "caption-train train") -> argparse.ArgumentPars
 # Validation
 
 
-def _check_ranges(cfg: TrainConfig) -> list[str]:
+def _check_ranges(cfg: TrainConfig, skip: set[str] = frozenset()) -> list[str]:
+    """Range and cross-field checks, nested tables included; fields in `skip` were rejected already."""
     problems = []
 
     def need(ok: bool, message: str) -> None:
         if not ok:
             problems.append(message)
 
-    need(cfg.dataset_dir is not None and cfg.dataset_dir.strip() != "", "dataset_dir is required: pass --dataset_dir DIR (a folder of images with .txt captions)")
+    need("dataset_dir" in skip or cfg.dataset_dir is not None and cfg.dataset_dir.strip() != "", "dataset_dir is required: pass --dataset_dir DIR (a folder of images with .txt captions)")
     if cfg.dataset_dir and _inside(Path(cfg.output_dir), Path(cfg.dataset_dir)):
         problems.append(f"output_dir {cfg.output_dir} is inside dataset_dir {cfg.dataset_dir}: checkpoints would be read as data; put runs elsewhere")
     if cfg.dataset_dir and cfg.cache_dir and _inside(Path(cfg.cache_dir), Path(cfg.dataset_dir)):
@@ -303,8 +327,12 @@ def _check_ranges(cfg: TrainConfig) -> list[str]:
             parse_interactive(cfg.interactive)
         except UserError as err:
             problems.append(str(err))
-    problems += _check_call_args("optimizer_args", optimizer_class(cfg.optimizer), cfg.optimizer_args, reserved={"params"})
-    problems += _check_call_args("scheduler_args", scheduler_class(cfg.lr_scheduler), cfg.scheduler_args, reserved={"optimizer"})
+    if not skip & {"optimizer", "optimizer_args"}:
+        problems += _check_call_args("optimizer_args", optimizer_class(cfg.optimizer), cfg.optimizer_args, reserved={"params"})
+    if not skip & {"lr_scheduler", "scheduler_args"}:
+        problems += _check_call_args("scheduler_args", scheduler_class(cfg.lr_scheduler), cfg.scheduler_args, reserved={"optimizer"})
+    if cfg.peft_args and not skip & {"peft_module", "peft_args"}:
+        problems += _check_peft_args(cfg.peft_module, cfg.peft_args)
     return problems
 
 
@@ -331,6 +359,16 @@ def scheduler_class(name: str) -> type:
     return getattr(torch.optim.lr_scheduler, name)
 
 
+def _check_peft_args(peft_module: str, peft_args: dict) -> list[str]:
+    if peft_module == "none":
+        return [f"peft_args {sorted(peft_args)} given but peft_module is none (full fine-tune); remove them or pick LoRA/IA3"]
+    from peft import IA3Config, LoraConfig  # only when there are peft_args: peft takes seconds to import
+
+    # peft_type/task_type are set by us, the rest by peft itself when it saves the adapter.
+    reserved = {"peft_type", "task_type", "auto_mapping", "peft_version", "base_model_name_or_path", "revision", "inference_mode"}
+    return _check_call_args("peft_args", LoraConfig if peft_module == "LoRA" else IA3Config, peft_args, reserved=reserved)
+
+
 def _check_call_args(key: str, target: type, args: dict, *, reserved: set[str]) -> list[str]:
     """Names in `args` that `target` does not accept, found before anything is loaded or written."""
     accepted = [p for p in inspect.signature(target).parameters if p not in reserved and p not in ("self", "args", "kwargs")]
@@ -349,38 +387,75 @@ def _check_call_args(key: str, target: type, args: dict, *, reserved: set[str]) 
 
 
 def resolve(file_values: dict[str, Any], cli_values: dict[str, Any], *, file_label: str = "config file") -> TrainConfig:
-    """Merge defaults < file < CLI into a validated TrainConfig, reporting every problem at once."""
+    """Merge defaults < file < CLI into a validated TrainConfig, reporting every problem at once.
+
+    Values from the file must have the field's TOML type; values from the command line are strings to parse
+    (or, from Python callers, already typed values).
+    """
     problems: list[str] = []
     merged: dict[str, Any] = {}
+    failed: set[str] = set()  # fields whose value was rejected: later checks must not judge their default instead
     valid = set(field_names())
     for values, label in ((file_values, file_label), (cli_values, "command line")):
+        from_file = values is file_values
         for key, value in values.items():
             name = ALIASES.get(key, key)
             if name not in valid:
                 problems.append(_unknown_key_message(key, label))
                 continue
-            if name == "config_file" and values is file_values:
+            if name == "config_file" and from_file:
                 problems.append(f"{label}: config_file cannot be set inside a config file")
                 continue
             try:
+                if from_file:
+                    _check_toml_type(name, value)
                 value = _coerce(name, value)
                 if isinstance(value, str) and _metadata(name).get("choices"):
                     value = _canonical_choice(name, value)
             except ValueError as err:
-                flag = f"--{key}" if label == "command line" else key
-                problems.append(f"{label}: {flag}: {err}")
+                where = f"{key} = {_show_toml(value)}" if from_file else f"--{key}"
+                problems.append(f"{label}: {where}: {err}")
+                failed.add(name)
                 continue
             merged[name] = value
-    if problems:
-        raise UserError("; ".join(problems))
+            failed.discard(name)  # a valid command-line value replaces a bad file value
     cfg = TrainConfig(**merged)
-    if Path(cfg.model_name_or_path).expanduser().is_dir():
-        # Adapters record this as their base model: absolute, so they load from any working directory.
-        cfg.model_name_or_path = str(Path(cfg.model_name_or_path).expanduser().resolve())
-    problems = _check_ranges(cfg)
+    make_paths_absolute(cfg)
+    problems += _check_ranges(cfg, skip=failed)
     if problems:
         raise UserError("; ".join(problems))
     return cfg
+
+
+def _show_toml(value: Any) -> str:
+    """A config-file value as it would be spelled in TOML (near enough for a message)."""
+    try:
+        return json.dumps(value, ensure_ascii=False)
+    except (TypeError, ValueError):
+        return str(value)
+
+
+# Fields that name local folders. The saved config.toml (and adapters, which record their base model) must mean
+# the same folders from any working directory, so they are kept absolute.
+PATH_FIELDS = ("dataset_dir", "output_dir", "config_file")
+
+
+def _absolute(value: str) -> str:
+    path = Path(value).expanduser()
+    try:
+        return str(path.resolve())
+    except (OSError, RuntimeError):  # a symlink loop: keep it unresolved, the dataset scan reports it by name
+        return os.path.abspath(path)
+
+
+def make_paths_absolute(cfg: TrainConfig) -> None:
+    """Resolve the path fields (and model_name_or_path when it is a local folder, not a hub id) in place."""
+    for name in PATH_FIELDS:
+        value = getattr(cfg, name)
+        if value is not None and value.strip():
+            setattr(cfg, name, _absolute(value))
+    if Path(cfg.model_name_or_path).expanduser().is_dir():
+        cfg.model_name_or_path = str(Path(cfg.model_name_or_path).expanduser().resolve())
 
 
 def load_train_config(argv: list[str] | None) -> TrainConfig:

@@ -14,6 +14,7 @@ from pathlib import Path
 
 from caption_train.config import resolve
 from caption_train.errors import UserError
+from caption_train.text import plural
 from caption_train.inference import caption_paths, load_for_inference
 from caption_train.tiny import COLORS, SHAPES, build_tiny_blip, make_shapes_dataset, shape_caption_accuracy
 
@@ -34,12 +35,24 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
-def prepare(workdir: Path, images: int, heldout: int, seed: int) -> tuple[Path, Path, list[tuple[Path, str]]]:
-    """(model dir, training data dir, held-out pairs); refuses to reuse a workdir that already has them."""
-    model_dir, data_dir, heldout_dir = workdir / "tiny-blip", workdir / "shapes", workdir / "heldout"
-    for folder in (model_dir, data_dir, heldout_dir):
+def demo_folders(workdir: Path) -> tuple[Path, Path, Path]:
+    """(model dir, training data dir, held-out dir) inside the workdir."""
+    return workdir / "tiny-blip", workdir / "shapes", workdir / "heldout"
+
+
+def check_workdir(workdir: Path) -> None:
+    """Refuse a workdir that is a file or already holds a demo's model or data: before anything is built."""
+    if workdir.exists() and not workdir.is_dir():
+        raise UserError(f"demo: --workdir {workdir} is a file; pass a folder")
+    for folder in demo_folders(workdir):
         if folder.exists():
             raise UserError(f"demo: {folder} already exists; pass a new --workdir (the demo never overwrites files)")
+
+
+def prepare(workdir: Path, images: int, heldout: int, seed: int) -> tuple[Path, Path, list[tuple[Path, str]]]:
+    """(model dir, training data dir, held-out pairs); refuses to reuse a workdir that already has them."""
+    check_workdir(workdir)
+    model_dir, data_dir, heldout_dir = demo_folders(workdir)
     texts = [f"a {color} {shape}" for color in COLORS for shape in SHAPES]
     build_tiny_blip(model_dir, texts, seed=seed, **MODEL_SHAPE)
     make_shapes_dataset(data_dir, images, seed=seed, size=MODEL_SHAPE["image_size"])
@@ -49,9 +62,10 @@ def prepare(workdir: Path, images: int, heldout: int, seed: int) -> tuple[Path, 
 
 def demo_train_config(model_dir: Path, data_dir: Path, runs_dir: Path, epochs: int, seed: int):
     """The settings that work for a from-scratch tiny model: full fine-tune, AdamW, one-cycle LR."""
+    # Absolute already: the model folder may not exist yet, and only existing local models are made absolute.
     return resolve({}, {
-        "dataset_dir": str(data_dir),
-        "model_name_or_path": str(model_dir),
+        "dataset_dir": str(data_dir.resolve()),
+        "model_name_or_path": str(model_dir.resolve()),
         "output_dir": str(runs_dir),
         "training_name": "demo",
         "peft_module": "none",
@@ -70,7 +84,7 @@ def demo_train_config(model_dir: Path, data_dir: Path, runs_dir: Path, epochs: i
 
 def show(title: str, pairs: list[tuple[Path, str]], predictions: list[str], limit: int = 8) -> float:
     accuracy = shape_caption_accuracy(predictions, [caption for _, caption in pairs])
-    print(f"\n{title}: {accuracy:.0%} of {len(pairs)} held-out captions exactly right")
+    print(f"\n{title}: {accuracy:.0%} of {plural(len(pairs), 'held-out caption')} exactly right")
     for (path, truth), prediction in list(zip(pairs, predictions))[:limit]:
         mark = "ok " if prediction.strip().lower() == truth else "   "
         print(f"  {mark}{path.name}: truth {truth!r:<20} model {prediction!r}")
@@ -78,10 +92,14 @@ def show(title: str, pairs: list[tuple[Path, str]], predictions: list[str], limi
 
 
 def main(argv: list[str] | None = None) -> int:
-    from caption_train.train import train
-
     args = parse_args(argv)
     workdir = Path(args.workdir)
+    check_workdir(workdir)  # a used workdir is refused at once, not after a model is built
+    model_dir, data_dir, _ = demo_folders(workdir)
+    train_config = demo_train_config(model_dir, data_dir, workdir / "runs", args.epochs, args.seed)  # validated up front too
+
+    from caption_train.train import train
+
     print(f"building a tiny BLIP and {args.images} + {args.heldout} shapes images in {workdir}/ ...", flush=True)
     model_dir, data_dir, pairs = prepare(workdir, args.images, args.heldout, args.seed)
     paths = [path for path, _ in pairs]
@@ -89,7 +107,7 @@ def main(argv: list[str] | None = None) -> int:
     model, processor, family = load_for_inference(model_dir)
     show("before training", pairs, caption_paths(model, processor, family, paths))
 
-    final_dir = train(demo_train_config(model_dir, data_dir, workdir / "runs", args.epochs, args.seed))
+    final_dir = train(train_config)
 
     model, processor, family = load_for_inference(final_dir)
     accuracy = show("after training", pairs, caption_paths(model, processor, family, paths))

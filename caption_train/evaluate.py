@@ -32,7 +32,8 @@ from tqdm.auto import tqdm
 from caption_train.captioning import GenerationOptions, generate_captions
 from caption_train.data.scan import Sample
 from caption_train.errors import UserError
-from caption_train.files import write_text_atomic
+from caption_train.files import absolute_if_local, write_text_atomic
+from caption_train.text import plural
 from caption_train.metrics import ITEM_LABELS, METRIC_LABELS, score_captions
 from caption_train.models import ModelFamily
 
@@ -180,8 +181,8 @@ def write_report(out_dir: Path, result: EvalResult, *, model: str, dataset: str 
     out_dir.mkdir(parents=True, exist_ok=True)
     root = Path(dataset)
     data = {
-        "model": model,
-        "dataset": str(dataset),
+        "model": absolute_if_local(model),  # absolute: the report must name the same folders wherever it is read
+        "dataset": absolute_if_local(str(dataset)),
         "images": len(result.items),
         "unreadable": [{"file_name": _relative(p, root), "reason": r} for p, r in result.unreadable],
         "seconds": round(result.seconds, 3),
@@ -207,10 +208,17 @@ img{display:block;max-width:128px;max-height:128px;border-radius:3px} .file{colo
 """
 
 _SCRIPT = """
-const table = document.getElementById('items'), body = table.tBodies[0];
+const table = document.getElementById('items'), body = table.tBodies[0], sorted = document.getElementById('sorted');
+// The line above the table says what the order is, so it must follow every click.
+const describe = (th, asc) => {
+  if (th.cellIndex === 0) return asc ? 'Sorted worst first by CIDEr-D' : 'Sorted best first by CIDEr-D';
+  const numeric = body.rows.length > 0 && body.rows[0].cells[th.cellIndex].dataset.v !== undefined;
+  return 'Sorted by ' + th.textContent + ', ' + (numeric ? (asc ? 'lowest first' : 'highest first') : (asc ? 'A to Z' : 'Z to A'));
+};
 table.querySelectorAll('th.sort').forEach((th, _) => th.addEventListener('click', () => {
   const col = th.cellIndex, asc = th.dataset.dir !== 'asc';
   table.querySelectorAll('th.sort').forEach(h => { h.dataset.dir = ''; h.textContent = h.textContent.replace(/ [▲▼]$/, ''); });
+  sorted.textContent = describe(th, asc);
   th.dataset.dir = asc ? 'asc' : 'desc'; th.textContent += asc ? ' ▲' : ' ▼';
   const key = r => { const c = r.cells[col]; return c.dataset.v !== undefined ? parseFloat(c.dataset.v) : c.textContent.toLowerCase(); };
   [...body.rows].sort((a, b) => { const x = key(a), y = key(b); return (x < y ? -1 : x > y ? 1 : 0) * (asc ? 1 : -1); }).forEach(r => body.appendChild(r));
@@ -266,7 +274,7 @@ def render_report_html(result: EvalResult, *, model: str, dataset: Path, out_dir
 <table class="metrics"><tr>{"".join(f"<th>{METRIC_LABELS[k]}</th>" for k in metric_keys)}</tr>
 <tr>{"".join(f'<td class="num">{result.metrics[k]:.2f}</td>' for k in metric_keys)}</tr></table>
 {f"<p>Unreadable images, not scored:</p><ul>{unreadable}</ul>" if unreadable else ""}
-<div class="controls"><input id="filter" placeholder="filter by text or file name"> Sorted worst first by CIDEr-D; click a column to sort.</div>
+<div class="controls"><input id="filter" placeholder="filter by text or file name"> <span id="sorted">Sorted worst first by CIDEr-D</span>; click a column to sort.</div>
 <table id="items"><thead><tr><th class="sort">#</th><th>image</th><th class="sort">reference</th><th class="sort">prediction</th>
 {"".join(f'<th class="sort">{ITEM_LABELS[k]}</th>' for k in item_keys)}</tr></thead>
 <tbody>
@@ -442,11 +450,11 @@ def main(argv: list[str] | None = None) -> int:
     tags = {"auto": None, "on": True, "off": False}[args.tags]
     result = evaluate_samples(model, processor, family, samples, options, batch_size=args.batch_size, num_workers=args.num_workers, progress=True, tags=tags)
     if not result.items:
-        raise UserError(f"DATASET_DIR {args.dataset_dir}: none of the {len(samples)} images could be read")
+        raise UserError(f"DATASET_DIR {args.dataset_dir}: none of the {plural(len(samples), 'image')} could be read")
     out_dir = new_run_dir(Path(args.output_dir), f"eval-{model_label(args.model)}")
     _, html_path = write_report(out_dir, result, model=args.model, dataset=root, thumbnails=args.thumbnail_size)
     rate = len(result.items) / result.seconds if result.seconds else 0.0
-    print(f"{len(result.items)} images in {result.seconds:.1f} s ({rate:.1f} images/s) on {device}" + (f"; {len(result.unreadable)} unreadable, skipped" if result.unreadable else ""))
+    print(f"{plural(len(result.items), 'image')} in {result.seconds:.1f} s ({rate:.1f} images/s) on {device}" + (f"; {len(result.unreadable)} unreadable, skipped" if result.unreadable else ""))
     print(format_table([(model_label(args.model), result.metrics)]))
     print(html_path, flush=True)  # the last line: the report to open
     return 0

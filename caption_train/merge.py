@@ -30,6 +30,7 @@ from typing import Any, Sequence
 import torch
 
 from caption_train.errors import UserError
+from caption_train.files import absolute_if_local, give_default_modes
 from caption_train.models import ModelFamily, resolve_family
 
 MERGE_INFO = "merge_info.json"
@@ -183,6 +184,7 @@ def save_merged(model: torch.nn.Module, processor: Any, out_dir: Path, info: dic
         model.to(dtype).save_pretrained(tmp)
         processor.save_pretrained(tmp)
         (tmp / MERGE_INFO).write_text(json.dumps(info, indent=1) + "\n", encoding="utf-8")
+        give_default_modes(tmp)  # transformers writes model.safetensors 0600 through a temp file
         if not out_dir.exists():
             os.replace(tmp, out_dir)
             return out_dir
@@ -277,12 +279,13 @@ def main(argv: list[str] | None = None) -> int:
     inputs.model.to(device="cpu", dtype=torch.float32)  # back to full precision before loading the chosen weights
     model = apply_alpha(inputs, chosen)
     info = {
-        "merged_from": inputs.source,
+        # Absolute: the record must name the same folders from wherever it is read.
+        "merged_from": absolute_if_local(inputs.source),
         "kind": inputs.kind,
-        "base_model": inputs.base,
+        "base_model": absolute_if_local(inputs.base),
         "alpha": chosen,
         "dtype": args.dtype,
-        "eval_dir": args.eval_dir,
+        "eval_dir": absolute_if_local(args.eval_dir),
         "sweep": [{"alpha": a, "metrics": m} for a, m in sweep] or None,
     }
     save_merged(model, inputs.processor, out_dir, info, dtype=SAVE_DTYPES[args.dtype])

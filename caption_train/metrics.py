@@ -11,8 +11,9 @@ before scoring (that one needs Java; this is a regex).
 Where the numbers come from:
 - BLEU-4: sacrebleu (corpus BLEU; per item, sentence BLEU with effective order so short captions are not 0).
   Corpus BLEU-4 is 0 when no caption has 4 words: there are no 4-grams to match.
-- ROUGE-L: rouge-score's LCS F1 (ROUGE-1.5.5), with our tokenizer so non-ASCII words are kept; the corpus value
-  is the mean over items, the best reference per item.
+- ROUGE-L: coco-caption's (`rouge.py`), written here: LCS precision and recall, each the best over the item's
+  references, combined as an F-measure with beta = 1.2; the corpus value is the mean over items. rouge-score's
+  LCS F1 (beta = 1, one best reference) is a different, usually slightly higher number; papers report this one.
 - CIDEr-D: no maintained package provides it (pycocoevalcap, the coco-caption port, last released in 2020 and
   ships 100 MB of Java), so it is written here to match coco-caption's `cider_scorer.py` exactly: n = 1..4,
   sigma = 6, idf over the evaluated set's references, clipped counts, x10. It is a corpus metric: an item's
@@ -92,22 +93,38 @@ def bleu(predictions: Sequence[str], references: Sequence[Sequence[str]]) -> tup
     return corpus, items
 
 
-# ---------------------------------------------------------------------------- ROUGE-L (rouge-score)
+# ---------------------------------------------------------------------------- ROUGE-L (coco-caption's, written here)
 
 
-class _WhitespaceTokenizer:
-    """rouge-score's own tokenizer keeps only [a-z0-9]; ours has already run, so split on spaces."""
+def lcs_length(a: Sequence[str], b: Sequence[str]) -> int:
+    """Length of the longest common subsequence of two token lists (one row of the DP table at a time)."""
+    if len(a) < len(b):
+        a, b = b, a
+    row = [0] * (len(b) + 1)
+    for token in a:
+        diagonal = 0
+        for j, other in enumerate(b, start=1):
+            diagonal, row[j] = row[j], diagonal + 1 if token == other else max(row[j], row[j - 1])
+    return row[-1]
 
-    def tokenize(self, text: str) -> list[str]:
-        return text.split()
 
+def rouge_l(predictions: Sequence[Sequence[str]], references: Sequence[Sequence[Sequence[str]]], *, beta: float = 1.2) -> tuple[float, list[float]]:
+    """(mean, per-item) ROUGE-L x100 on token lists, as coco-caption's rouge.py computes it.
 
-def rouge_l(predictions: Sequence[str], references: Sequence[Sequence[str]]) -> tuple[float, list[float]]:
-    """(mean, per-item) ROUGE-L F1 x100 against the best reference, on pre-tokenized text."""
-    from rouge_score.rouge_scorer import RougeScorer
-
-    scorer = RougeScorer(["rougeL"], tokenizer=_WhitespaceTokenizer())
-    items = [100.0 * scorer.score_multi(list(refs), p)["rougeL"].fmeasure for p, refs in zip(predictions, references)]
+    Per item: precision = LCS / prediction length and recall = LCS / reference length, each the maximum over the
+    references (taken separately, so two references can supply them), then the F-measure with beta = 1.2,
+    (1 + b^2) P R / (R + b^2 P), which weighs recall higher. This is what captioning papers report as ROUGE-L;
+    rouge-score's LCS F1 (beta = 1, best single reference) gives different numbers.
+    """
+    items = []
+    for prediction, refs in zip(predictions, references):
+        lcs = [lcs_length(prediction, ref) for ref in refs]
+        precision = max((n / len(prediction) if prediction else 0.0) for n in lcs)
+        recall = max((n / len(ref) if ref else 0.0) for n, ref in zip(lcs, refs))
+        if precision and recall:
+            items.append(100.0 * (1 + beta**2) * precision * recall / (recall + beta**2 * precision))
+        else:
+            items.append(0.0)
     return _mean(items), items
 
 
@@ -232,7 +249,7 @@ def score_captions(predictions: Sequence[str], references: Sequence[str | Sequen
     corpus: dict[str, float] = {}
     columns: dict[str, list[float]] = {}
     corpus["bleu4"], columns["bleu"] = bleu(hyp_text, ref_text)
-    corpus["rougeL"], columns["rougeL"] = rouge_l(hyp_text, ref_text)
+    corpus["rougeL"], columns["rougeL"] = rouge_l(hyp_tokens, ref_tokens)
     corpus["cider"], columns["cider"] = cider_d(hyp_tokens, ref_tokens)
     corpus["exact_match"], columns["exact_match"] = exact_match(hyp_tokens, ref_tokens)
     if tags:

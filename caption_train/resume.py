@@ -12,6 +12,7 @@ reproduces the uninterrupted run exactly.
 
 from __future__ import annotations
 
+import os
 import tomllib
 import warnings
 from pathlib import Path
@@ -54,10 +55,26 @@ def saved_config(folder: Path) -> dict[str, Any]:
         return tomllib.load(handle)
 
 
+# Values that may be local paths: equal when they name the same file or folder (a relative dataset_dir recorded by
+# an older version, or a symlink, against today's absolute one).
+PATH_KEYS = ("dataset_dir", "output_dir", "model_name_or_path")
+
+
+def same_value(key: str, old: Any, new: Any) -> bool:
+    if old == new:
+        return True
+    if key not in PATH_KEYS or not isinstance(old, str) or not isinstance(new, str):
+        return False
+    try:
+        return os.path.samefile(Path(old).expanduser(), Path(new).expanduser())
+    except OSError:  # either one does not exist (a hub id, a moved folder): only equal strings are the same
+        return False
+
+
 def check_config_compatible(cfg: TrainConfig, folder: Path) -> list[str]:
     """Raise for structural differences; return one note per other difference, saying the new value wins."""
     old, new = saved_config(folder), to_toml_dict(cfg)
-    changed = [key for key in sorted(set(old) | set(new)) if old.get(key) != new.get(key) and key not in QUIET_KEYS]
+    changed = [key for key in sorted(set(old) | set(new)) if not same_value(key, old.get(key), new.get(key)) and key not in QUIET_KEYS]
     structural = [key for key in changed if key in STRUCTURAL_KEYS]
     if structural:
         details = ", ".join(f"{key} {old.get(key)!r} -> {new.get(key)!r}" for key in structural)

@@ -14,6 +14,8 @@ import random
 from pathlib import Path
 from typing import TYPE_CHECKING, Iterable
 
+from caption_train.files import give_default_modes
+
 if TYPE_CHECKING:
     from transformers import BertTokenizerFast
 
@@ -226,6 +228,7 @@ def build_tiny_blip(
     with _quiet_progress_bars():
         model.save_pretrained(out_dir)
         processor.save_pretrained(out_dir)
+    give_default_modes(out_dir)  # transformers writes model.safetensors 0600 through a temp file
     return out_dir
 
 

@@ -25,6 +25,7 @@ from tqdm.auto import tqdm
 from caption_train import checkpoint, resume
 from caption_train.adapters import count_parameters, load_adapter_for_training, wrap_model
 from caption_train.config import TrainConfig, resolved_lr, to_toml_dict
+from caption_train.text import plural
 from caption_train.data.captions import CaptionTransform
 from caption_train.data.dataset import CaptionDataset, drop_failed
 from caption_train.data.scan import Sample, scan_dataset, split_validation
@@ -373,7 +374,7 @@ def setup(cfg: TrainConfig, hooks: TrainingHooks) -> Run:
         if not state:
             checkpoint.write_config(run_dir / checkpoint.CONFIG_NAME, to_toml_dict(cfg))
         print(f"run directory: {run_dir}", flush=True)
-        print(f"{len(train_samples)} training / {len(val_samples)} validation images; {steps_per_epoch} optimizer steps per epoch x {cfg.epochs} epochs = {total_steps} steps", flush=True)
+        print(f"{len(train_samples)} training / {plural(len(val_samples), 'validation image')}; {plural(steps_per_epoch, 'optimizer step')} per epoch x {plural(cfg.epochs, 'epoch')} = {plural(total_steps, 'step')}", flush=True)
 
     run = Run(
         cfg=cfg, accelerator=accelerator, family=family, model=model, processor=processor, optimizer=optimizer,

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import stat
 from pathlib import Path
 
 import pytest
@@ -13,6 +15,7 @@ from caption_train.cli import main
 from caption_train.inference import caption_paths, load_for_inference
 
 from conftest import base_args
+from test_files import umask  # noqa: F401 - the fixture
 
 
 @pytest.fixture
@@ -86,9 +89,50 @@ def test_output_jsonl_instead_of_txt(capsys, images, tiny_blip, tmp_path):
     assert [r["file_name"] for r in rows] == [p.relative_to(images).as_posix() for p in find_images(images)]
     assert rows[0]["file_name"] == "part0/img_0000.png" and all(isinstance(r["text"], str) for r in rows)
     assert not list(images.rglob("*.txt"))  # jsonl mode writes no .txt files
-    # An existing jsonl is ours to replace only when asked.
-    assert run(capsys, str(tiny_blip), str(images), "--output_jsonl", str(target))[0] == 2
+
+
+def test_output_jsonl_continues_and_repairs_a_cut_last_line(capsys, images, tiny_blip, tmp_path):
+    target = tmp_path / "captions.jsonl"
+    names = [p.relative_to(images).as_posix() for p in find_images(images)]
+    # An interrupted earlier run: 5 whole lines and a sixth cut off mid-write (no newline).
+    earlier = [json.dumps({"file_name": name, "text": f"earlier {i}"}) + "\n" for i, name in enumerate(names[:5])]
+    target.write_text("".join(earlier) + json.dumps({"file_name": names[5], "text": "cut"})[:20], encoding="utf-8")
+    os.chmod(target, 0o640)
+    code, out, _ = run(capsys, str(tiny_blip), str(images), "--output_jsonl", str(target), "--num_workers", "0", "--max_new_tokens", "4")
+    assert code == 0 and "captioned 19 images" in out and "skipped 5 already in it" in out
+    text = target.read_text(encoding="utf-8")
+    assert text.startswith("".join(earlier)) and text.endswith("\n")
+    rows = [json.loads(line) for line in text.splitlines()]
+    assert sorted(r["file_name"] for r in rows) == sorted(names)  # every image once: none twice, the cut one redone
+    assert stat.S_IMODE(target.stat().st_mode) == 0o640  # continued in place
+    # A finished file: nothing to do, nothing appended.
+    code, out, _ = run(capsys, str(tiny_blip), str(images), "--output_jsonl", str(target))
+    assert code == 0 and "nothing to caption: all 24 images" in out and target.read_text(encoding="utf-8") == text
+    # --overwrite starts afresh.
     assert run(capsys, str(tiny_blip), str(images), "--output_jsonl", str(target), "--overwrite", "--num_workers", "0", "--max_new_tokens", "4")[0] == 0
+    rows = [json.loads(line) for line in target.read_text(encoding="utf-8").splitlines()]
+    assert [r["file_name"] for r in rows] == names and not any(r["text"].startswith("earlier") for r in rows)
+
+
+def test_output_jsonl_that_is_not_ours_is_refused(capsys, images, tiny_blip, tmp_path):
+    target = tmp_path / "notes.jsonl"
+    target.write_text("my notes\nmore notes", encoding="utf-8")
+    code, _, err = run(capsys, str(tiny_blip), str(images), "--output_jsonl", str(target))
+    assert code == 2 and "line 1 is not a" in err and target.read_text(encoding="utf-8") == "my notes\nmore notes"
+    target.write_text("one line without newline", encoding="utf-8")  # not cut from one of ours: never truncated
+    code, _, err = run(capsys, str(tiny_blip), str(images), "--output_jsonl", str(target))
+    assert code == 2 and target.read_text(encoding="utf-8") == "one line without newline"
+
+
+def test_captions_get_the_umask_mode_and_replaced_ones_keep_theirs(capsys, images, tiny_blip, umask):
+    kept = images / "part0" / "img_0000.txt"
+    kept.write_text("mine", encoding="utf-8")
+    os.chmod(kept, 0o640)
+    code, _, _ = run(capsys, str(tiny_blip), str(images), "--overwrite", "--num_workers", "0", "--max_new_tokens", "4")
+    assert code == 0 and kept.read_text(encoding="utf-8") != "mine"
+    modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in images.rglob("*.txt") if p != kept}
+    assert len(modes) == 23 and set(modes.values()) == {0o666 & ~umask}
+    assert stat.S_IMODE(kept.stat().st_mode) == 0o640
 
 
 def test_adapter_final_dir_captions_with_its_base(capsys, images, lora_final, tiny_blip):

@@ -51,7 +51,7 @@ def test_defaults_are_typed():
 def test_precedence_defaults_file_cli(tmp_path):
     path = write(tmp_path, 'dataset_dir = "from_file"\nepochs = 7\nbatch_size = 3\n[scheduler_args]\neta_min = 0.5\n')
     cfg = load_train_config(["--config_file", str(path), "--epochs", "2"])
-    assert cfg.dataset_dir == "from_file"  # file beats default
+    assert cfg.dataset_dir == str(Path("from_file").resolve())  # file beats default; recorded absolute
     assert cfg.batch_size == 3
     assert cfg.epochs == 2  # CLI beats file
     assert cfg.seed == TrainConfig().seed  # default where neither says
@@ -61,7 +61,7 @@ def test_precedence_defaults_file_cli(tmp_path):
 def test_aliases_and_types(tmp_path):
     path = write(tmp_path, 'train_dir = "x"\nlearning_rate = 3e-4\nfrozen_parts = 2\ncaption_dropout = 0.25\nshuffle_captions = true\n')
     cfg = load_train_config(["--config_file", str(path)])
-    assert (cfg.dataset_dir, cfg.lr, cfg.frozen_parts, cfg.caption_dropout, cfg.shuffle_captions) == ("x", 3e-4, 2, 0.25, True)
+    assert (cfg.dataset_dir, cfg.lr, cfg.frozen_parts, cfg.caption_dropout, cfg.shuffle_captions) == (str(Path("x").resolve()), 3e-4, 2, 0.25, True)
     cfg = load_train_config(["--dataset_dir", "d", "--learning_rate", "5e-5", "--shuffle_captions", "--gradient_checkpointing", "false"])
     assert cfg.lr == 5e-5 and cfg.shuffle_captions is True and cfg.gradient_checkpointing is False
 
@@ -83,7 +83,7 @@ def test_dict_flags_take_toml_or_json(text):
 
 def test_shipped_config_toml_loads():
     cfg = load_train_config(["--config_file", str(REPO / "config.toml")])
-    assert cfg.dataset_dir == "dataset" and cfg.optimizer_args == {"weight_decay": 0.01}
+    assert cfg.dataset_dir == str(Path("dataset").resolve()) and cfg.optimizer_args == {"weight_decay": 0.01}
     assert cfg.peft_args == {"r": 16, "lora_alpha": 16}
 
 
@@ -127,7 +127,55 @@ def test_unknown_key_in_file_names_it_and_closest(tmp_path):
 def test_wrong_type_in_file(tmp_path):
     path = write(tmp_path, 'dataset_dir = "d"\nepochs = "three"\nshuffle_captions = 3\n')
     message = error_of(["--config_file", str(path)])
-    assert "epochs: expected an integer" in message and "shuffle_captions: expected true or false" in message
+    assert 'epochs = "three": expected an integer, got a string' in message
+    assert "shuffle_captions = 3: expected true or false, got an integer" in message
+
+
+@pytest.mark.parametrize("line, message", [
+    ('batch_size = "8"', 'batch_size = "8": expected an integer, got a string'),
+    ("batch_size = 8.0", "batch_size = 8.0: expected an integer, got a float"),
+    ('lr = "1e-4"', 'lr = "1e-4": expected a number, got a string'),
+    ("shuffle_captions = 1", "shuffle_captions = 1: expected true or false, got an integer"),
+    ('shuffle_captions = "true"', 'shuffle_captions = "true": expected true or false, got a string'),
+    ("training_name = 5", "training_name = 5: expected a string, got an integer"),
+    ('scheduler_args = "{eta_min = 0.1}"', 'scheduler_args = "{eta_min = 0.1}": expected a table, got a string'),
+])
+def test_toml_values_must_have_the_fields_type(tmp_path, line, message):
+    """A string in TOML is a string: only command-line values (always strings) are parsed."""
+    path = write(tmp_path, f'dataset_dir = "d"\n{line}\n')
+    assert f"{path}: {message}" in error_of(["--config_file", str(path)])
+
+
+def test_command_line_strings_are_still_parsed(tmp_path):
+    path = write(tmp_path, 'dataset_dir = "d"\nlr = 1\n')  # an integer where a float goes is fine in TOML
+    cfg = load_train_config(["--config_file", str(path), "--batch_size", "8", "--shuffle_captions", "true", "--scheduler_args", "{eta_min = 0.1}"])
+    assert (cfg.lr, cfg.batch_size, cfg.shuffle_captions, cfg.scheduler_args) == (1.0, 8, True, {"eta_min": 0.1})
+
+
+def test_every_problem_in_one_pass(tmp_path):
+    """A top-level typo, typos inside the optimizer/scheduler/peft tables and a wrong type: one error names them all."""
+    path = write(tmp_path, 'dataset_dir = "d"\nepoch = 3\nbatch_size = "8"\nlr_scheduler = "CosineAnnealingLR"\n'
+                           "[optimizer_args]\nweight_decy = 0.1\n[scheduler_args]\neta_mn = 0.1\n[peft_args]\nlora_alpah = 8\n")
+    message = error_of(["--config_file", str(path), "--epochs", "0"])
+    assert "unknown key 'epoch' (did you mean 'epochs'?)" in message
+    assert 'batch_size = "8": expected an integer' in message
+    assert "optimizer_args: AdamW does not accept 'weight_decy' (did you mean 'weight_decay'?)" in message
+    assert "scheduler_args: CosineAnnealingLR does not accept 'eta_mn' (did you mean 'eta_min'?)" in message
+    assert "peft_args: LoraConfig does not accept 'lora_alpah' (did you mean 'lora_alpha'?)" in message
+    assert "epochs must be >= 1, got 0" in message and "\n" not in message
+
+
+def test_a_rejected_value_is_not_judged_again_by_its_default(tmp_path):
+    path = write(tmp_path, 'dataset_dir = 5\noptimizer = "adamx"\n[optimizer_args]\nd_coef = 2\n')
+    message = error_of(["--config_file", str(path)])
+    assert "dataset_dir = 5: expected a string" in message and "unknown value 'adamx'" in message
+    assert "dataset_dir is required" not in message and "d_coef" not in message  # no noise from the stand-in defaults
+
+
+def test_peft_args_for_a_full_fine_tune_or_ia3(tmp_path):
+    assert "peft_module is none" in error_of(["--dataset_dir", "d", "--peft_module", "none", "--peft_args", "{r = 4}"])
+    assert "IA3Config does not accept 'r'" in error_of(["--dataset_dir", "d", "--peft_module", "IA3", "--peft_args", "{r = 4}"])
+    assert load_train_config(["--dataset_dir", "d", "--peft_args", "{r = 4, lora_dropout = 0.0}"]).peft_args == {"r": 4, "lora_dropout": 0.0}
 
 
 def test_toml_syntax_error_gives_line(tmp_path):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+import stat
 from pathlib import Path
 
 import pytest
@@ -11,6 +12,8 @@ import pytest
 from caption_train.cli import main
 from caption_train.evaluate import REPORT_HTML, REPORT_JSON, SAMPLES_HTML, SAMPLES_JSONL, record_samples, score_predictions
 from caption_train.tiny import COLORS, SHAPES, build_tiny_blip, make_shapes_dataset
+
+from test_files import umask  # noqa: F401 - the fixture
 
 
 def evaluate(capsys, *args: str) -> tuple[Path, dict, str]:
@@ -130,3 +133,42 @@ def test_probe_panel_is_resume_safe(tmp_path):
     epochs = [json.loads(line)["epoch"] for line in (tmp_path / SAMPLES_JSONL).read_text().splitlines()]
     assert epochs == [1, 2]
     assert "(open)" in (tmp_path / SAMPLES_HTML).read_text()  # an image that is gone: a link, no thumbnail
+
+
+def test_probe_panel_and_report_files_get_the_umask_mode(tmp_path, umask):
+    from caption_train.evaluate import EvalResult, write_report
+
+    record_samples(tmp_path, [{"image": "/nowhere/a.png", "truth": "a", "prediction": "b"}], epoch=1, step=1)
+    json_path, html_path = write_report(tmp_path / "ev", EvalResult({"cider": 1.0}, []), model="hub/model", dataset=tmp_path)
+    for path in (tmp_path / SAMPLES_JSONL, tmp_path / SAMPLES_HTML, json_path, html_path):
+        assert stat.S_IMODE(path.stat().st_mode) == 0o666 & ~umask, path.name
+
+
+def test_report_sort_line_follows_the_clicked_column(tmp_path):
+    """In a browser: clicking a column header re-sorts the table and the "Sorted ..." line says by what."""
+    sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is not installed (pip install playwright)")
+    chromium = Path("/usr/bin/chromium")
+    if not chromium.is_file():
+        pytest.skip(f"{chromium} not found (apt-get install -y chromium)")
+    from caption_train.evaluate import EvalItem, EvalResult, render_report_html
+
+    items = [EvalItem(tmp_path / f"{name}.png", "a red circle", prediction, {"cider": cider, "bleu": 10.0, "rougeL": rouge, "exact_match": 0.0})
+             for name, prediction, cider, rouge in (("a", "a blue square", 5.0, 80.0), ("b", "red", 50.0, 20.0))]
+    page_path = tmp_path / "report.html"
+    page_path.write_text(render_report_html(EvalResult({"cider": 27.5}, items), model="m", dataset=tmp_path, out_dir=tmp_path, thumbnails=0), encoding="utf-8")
+    with sync_api.sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=str(chromium), headless=True, args=["--no-sandbox", "--disable-gpu"])
+        page = browser.new_page()
+        page.goto(page_path.as_uri())
+        sorted_line = page.locator("#sorted")
+        predictions = lambda: page.locator("#items tbody td.pred").all_text_contents()  # noqa: E731
+        assert sorted_line.text_content() == "Sorted worst first by CIDEr-D" and predictions() == ["a blue square", "red"]
+        page.click("#items th:has-text('ROUGE-L')")
+        assert sorted_line.text_content() == "Sorted by ROUGE-L, lowest first" and predictions() == ["red", "a blue square"]
+        page.click("#items th:has-text('ROUGE-L')")
+        assert sorted_line.text_content() == "Sorted by ROUGE-L, highest first" and predictions() == ["a blue square", "red"]
+        page.click("#items th:has-text('prediction')")
+        assert sorted_line.text_content() == "Sorted by prediction, A to Z"
+        page.click("#items th:has-text('#')")
+        assert sorted_line.text_content() == "Sorted worst first by CIDEr-D" and predictions() == ["a blue square", "red"]
+        browser.close()

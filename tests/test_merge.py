@@ -4,7 +4,9 @@ the alpha sweep, and refusing to clobber folders."""
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import stat
 from pathlib import Path
 
 import pytest
@@ -18,6 +20,7 @@ from caption_train.inference import load_for_inference
 from caption_train.merge import MERGE_INFO
 
 from conftest import base_args
+from test_files import umask  # noqa: F401 - the fixture
 
 
 def train(out: Path, tiny_blip: Path, shapes_dir: Path, *extra: str) -> Path:
@@ -208,3 +211,15 @@ def test_missing_base_and_bad_sources(capsys, tmp_path, lora_final, full_final, 
 
     code, _, err = merge(capsys, str(tmp_path / "nothing"), str(tmp_path / "out3"))
     assert code == 2 and "ADAPTER_DIR" in err and "no such folder" in err
+
+
+def test_merged_files_get_the_umask_mode_and_absolute_sources(capsys, tmp_path, lora_final, umask, monkeypatch):
+    """model.safetensors (which transformers writes 0600 via a temp file) gets what open("w") would give; merge_info
+    names the adapter absolutely, so a relative ADAPTER_DIR still means the same folder from anywhere else."""
+    monkeypatch.chdir(lora_final.parent)
+    assert merge(capsys, "final", str(tmp_path / "merged"))[0] == 0
+    files = [p for p in (tmp_path / "merged").iterdir() if p.is_file()]
+    assert "model.safetensors" in {p.name for p in files}
+    assert {p.name: stat.S_IMODE(p.stat().st_mode) for p in files} == {p.name: 0o666 & ~umask for p in files}
+    info = json.loads((tmp_path / "merged" / MERGE_INFO).read_text())
+    assert info["merged_from"] == str(lora_final.resolve()) and os.path.isabs(info["base_model"])

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from caption_train.metrics import bleu, cider_d, is_tag_style, score_captions, split_tags, tokenize
+from caption_train.metrics import bleu, cider_d, is_tag_style, lcs_length, score_captions, split_tags, tokenize
 
 # Two items with 4-gram matches, a third without a reference match, several references per item.
 COCO_PREDICTIONS = ["a man riding a wave on top of a surfboard", "a cat sitting on a red sofa", "a dog runs in the snow"]
@@ -67,10 +67,43 @@ def test_cider_d_second_example_and_properties():
     assert repeated[0] < plain[0]
 
 
-def test_rouge_l_matches_rouge_score_readme():
-    # rouge-score's README example: rougeL precision 0.625, recall 0.5556, fmeasure 0.5882352941176471.
-    scores = score_captions(["The quick brown dog jumps on the log."], ["The quick brown fox jumps over the lazy dog"])
-    assert scores.corpus["rougeL"] == pytest.approx(58.82352941176471, abs=1e-9)
+def test_rouge_l_is_coco_captions_f_measure_with_beta_1_2():
+    """Hand-computed with coco-caption's definition (pycocoevalcap/rouge/rouge.py), F = (1 + b^2) P R / (R + b^2 P),
+    b = 1.2, P and R each the maximum over the references:
+
+    1. "the quick brown dog jumps on the log" (8 words) vs "the quick brown fox jumps over the lazy dog" (9):
+       LCS "the quick brown jumps the" = 5, P = 5/8, R = 5/9; F = 2.44 * (25/72) / (5/9 + 1.44 * 5/8)
+       = (61/72) / (131/90) = 5490/9432 = 0.5820610687 (rouge-score's F1 would be 0.5882352941).
+    2. "a red circle" vs ["a red circle on white", "red circle"]: LCS 3 -> P 1, R 3/5; LCS 2 -> P 2/3, R 1.
+       Max P = 1 and max R = 1 come from different references: F = 1 (a best-single-reference F1 would be 0.8).
+    3. "a blue square" vs "red circle": LCS 0 -> 0.   4. "" vs "a red circle": P undefined -> 0.
+    The corpus value is the mean: (58.20610687 + 100 + 0 + 0) / 4 = 39.55152672.
+    """
+    scores = score_captions(
+        ["The quick brown dog jumps on the log.", "A red circle", "a blue square", ""],
+        ["The quick brown fox jumps over the lazy dog", ["a red circle on white", "red circle"], "red circle", "a red circle"],
+    )
+    assert [item["rougeL"] for item in scores.items] == pytest.approx([100 * 5490 / 9432, 100.0, 0.0, 0.0], abs=1e-9)
+    assert scores.corpus["rougeL"] == pytest.approx((100 * 5490 / 9432 + 100.0) / 4, abs=1e-9)
+
+
+def test_lcs_length_against_brute_force():
+    import itertools
+    import random
+
+    def brute(a, b):
+        return max((k for k in range(len(a) + 1) for sub in itertools.combinations(a, k) if _is_subsequence(sub, b)), default=0)
+
+    rng = random.Random(0)
+    for _ in range(200):
+        a = [rng.choice("abc") for _ in range(rng.randint(0, 7))]
+        b = [rng.choice("abc") for _ in range(rng.randint(0, 7))]
+        assert lcs_length(a, b) == brute(a, b) == lcs_length(b, a)
+
+
+def _is_subsequence(sub, seq) -> bool:
+    it = iter(seq)
+    return all(token in it for token in sub)
 
 
 def test_exact_match_and_sentence_bleu_for_short_captions():
@@ -100,3 +133,9 @@ def test_bad_input():
     with pytest.raises(ValueError, match="2 predictions but 1 references"):
         score_captions(["a", "b"], ["a"])
     assert score_captions([], []).corpus["cider"] == 0.0
+
+
+def test_rouge_l_matches_pycocoevalcap():
+    """Values from pycocoevalcap 1.2's Rouge().compute_score on these items (tokenized as `tokenize` does)."""
+    scores = score_captions(COCO_PREDICTIONS, COCO_REFERENCES)
+    assert [item["rougeL"] for item in scores.items] == pytest.approx([90.70631970260223, 85.91549295774648, 50.0], abs=1e-9)

@@ -4,16 +4,19 @@ from __future__ import annotations
 
 import os
 import random
+import shutil
 import signal
 import subprocess
 import sys
 import time
+import tomllib
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
+from caption_train import resume
 from caption_train.checkpoint import checkpoints_in, find_resumable
 from caption_train.config import load_train_config
 from caption_train.errors import UserError
@@ -226,3 +229,33 @@ def test_sigkill_at_random_moments_always_resumes(tmp_path, tiny_blip, shapes_di
     for _, folder in checkpoints_in(final.parent):
         PeftModel.from_pretrained(BlipForConditionalGeneration.from_pretrained(tiny_blip), folder)
     assert [row["step"] for row in read_metrics(final.parent / "metrics.jsonl") if "train/loss" in row] == list(range(1, 91))
+
+
+def test_resume_from_another_directory_and_with_the_same_folder_spelled_differently(tmp_path, tiny_blip, shapes_dir, monkeypatch):
+    """config.toml records absolute paths, so `--config_file <ckpt>/config.toml --resume <ckpt>` works from any
+    working directory; a dataset_dir naming the same folder another way (absolute, relative, a symlink) is no change."""
+    (tmp_path / "here").mkdir()
+    (tmp_path / "elsewhere").mkdir()
+    (tmp_path / "here" / "data").symlink_to(shapes_dir, target_is_directory=True)
+    monkeypatch.chdir(tmp_path / "here")
+    args = base_args(Path("data"), tiny_blip, Path("runs"), "--epochs", "2", "--num_sample_captions", "0")
+    with pytest.raises(TrainingStopped):
+        train(load_train_config(args), hooks=StopAtStep(2))
+    (ckpt,) = (tmp_path / "here" / "runs").glob("*/step-2")
+    saved = tomllib.loads((ckpt / "config.toml").read_text())
+    assert saved["dataset_dir"] == str(shapes_dir.resolve()) and saved["output_dir"] == str(tmp_path / "here" / "runs")
+
+    # The same folder as an absolute path (and through the symlink) is accepted.
+    for spelling in (str(shapes_dir), "data"):
+        assert resume.check_config_compatible(load_train_config([*args, "--dataset_dir", spelling, "--resume", str(ckpt)]), ckpt) == []
+    # A config.toml from before paths were recorded absolute: relative to where the run started.
+    old_style = tmp_path / "old-style" / "step-2"
+    shutil.copytree(ckpt, old_style)
+    (old_style / "config.toml").write_text((ckpt / "config.toml").read_text().replace(str(shapes_dir.resolve()), "data"))
+    assert resume.check_config_compatible(load_train_config([*args, "--dataset_dir", str(shapes_dir), "--resume", str(old_style)]), old_style) == []
+    with pytest.raises(UserError, match="cannot change dataset_dir"):
+        resume.check_config_compatible(load_train_config([*args, "--dataset_dir", str(tmp_path / "elsewhere"), "--resume", str(ckpt)]), ckpt)
+
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    final = train(load_train_config(["--config_file", str(ckpt / "config.toml"), "--resume", str(ckpt)]))
+    assert final == ckpt.parent / "final" and [r["step"] for r in read_metrics(final.parent / "metrics.jsonl") if "train/loss" in r] == [1, 2, 3, 4, 5, 6]

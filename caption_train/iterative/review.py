@@ -20,7 +20,7 @@ import typing
 from pathlib import Path
 from typing import Any
 
-from caption_train.data.scan import scan_dataset
+from caption_train.data.scan import _check_root, scan_dataset
 from caption_train.errors import UserError
 from caption_train.iterative.address import exposure_warning, is_loopback, parse_interactive
 from caption_train.iterative.store import Workspace, inside
@@ -54,7 +54,7 @@ class Review:
                  state_dir: str | Path | None = None, token: str | None = None):
         from caption_train.iterative.server import bind_socket
 
-        self.dataset = Path(dataset_dir).expanduser()
+        self.dataset = _check_root(dataset_dir, "DATASET_DIR")  # name review's own argument, not train's --dataset_dir
         host, port = parse_interactive(listen, "--listen")
         scan = scan_dataset(self.dataset)
         print(scan.summary(), flush=True)

@@ -1,0 +1,51 @@
+"""Small user-facing messages: plurals, review naming its own argument, demo refusing a used workdir up front."""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+
+from caption_train.cli import main
+from caption_train.text import plural
+
+
+def test_plural():
+    assert [plural(n, "image") for n in (0, 1, 2)] == ["0 images", "1 image", "2 images"]
+    assert plural(1, "epoch") == "1 epoch" and plural(3, "optimizer step") == "3 optimizer steps"
+    assert plural(2, "index", "indices") == "2 indices"
+
+
+def test_one_image_is_one_image(capsys, tmp_path, shapes_dir, tiny_blip):
+    """caption and train say "1 image", "1 optimizer step per epoch x 1 epoch = 1 step" (not "1 images", "1 steps")."""
+    one = tmp_path / "one"
+    one.mkdir()
+    shutil.copy(shapes_dir / "part0" / "img_0000.png", one)
+    assert main(["caption", str(tiny_blip), str(one), "--num_workers", "0", "--max_new_tokens", "3"]) == 0
+    out = capsys.readouterr().out
+    assert "captioning 1 image under" in out and "captioned 1 image in" in out
+    shutil.copy(shapes_dir / "part0" / "img_0000.txt", one)
+    assert main(["train", "--dataset_dir", str(one), "--model_name_or_path", str(tiny_blip), "--output_dir", str(tmp_path / "runs"),
+                 "--epochs", "1", "--batch_size", "1", "--num_workers", "0", "--log_with", "none", "--num_sample_captions", "0"]) == 0
+    assert "1 training / 0 validation images; 1 optimizer step per epoch x 1 epoch = 1 step" in capsys.readouterr().out
+
+
+def test_review_names_its_own_argument(capsys, tmp_path):
+    assert main(["review", str(tmp_path / "nosuchdir")]) == 2
+    err = capsys.readouterr().err
+    assert f"DATASET_DIR {tmp_path / 'nosuchdir'}: no such directory" in err and "--dataset_dir" not in err
+
+
+@pytest.mark.parametrize("used", ["tiny-blip", "shapes", "heldout"])
+def test_demo_refuses_a_used_workdir_before_building_anything(capsys, tmp_path, used):
+    (tmp_path / used).mkdir()
+    assert main(["demo", "--workdir", str(tmp_path), "--images", "12", "--epochs", "1"]) == 2
+    captured = capsys.readouterr()
+    assert f"{tmp_path / used} already exists" in captured.err and "building" not in captured.out
+    assert sorted(p.name for p in tmp_path.iterdir()) == [used]  # nothing built beside it
+
+
+def test_demo_refuses_a_file_as_workdir(capsys, tmp_path):
+    (tmp_path / "f").write_text("x")
+    assert main(["demo", "--workdir", str(tmp_path / "f")]) == 2
+    assert "is a file" in capsys.readouterr().err
