@@ -20,13 +20,10 @@ corrupt or unreadable entry is recomputed; a cache folder that cannot be written
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
-import logging
 import os
 import sys
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -34,8 +31,8 @@ from typing import Any, Callable, Sequence
 import torch
 
 from caption_train.errors import UserError
+from caption_train.files import write_bytes_atomic
 
-log = logging.getLogger(__name__)
 
 CACHE_MODES = ("auto", "off", "memory", "disk")
 MEMORY_SHARE = 0.25  # `auto` keeps features in memory while they take at most this share of the machine's RAM
@@ -189,15 +186,8 @@ class DiskStore:
         path = self.entry(key)
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-            try:
-                with os.fdopen(fd, "wb") as handle:
-                    handle.write(save({"features": tensor.contiguous()}))
-                os.replace(tmp, path)  # atomic: a reader sees no entry or a whole one
-            except BaseException:
-                with contextlib.suppress(FileNotFoundError):
-                    os.unlink(tmp)
-                raise
+            # Atomic: a reader sees no entry or a whole one. No fsync: a torn entry after a crash is recomputed.
+            write_bytes_atomic(path, save({"features": tensor.contiguous()}), durable=False)
         except OSError as error:
             self.writable = False
             _warn_once(f"feature cache: cannot write to {self.folder} ({error.strerror or error}); "

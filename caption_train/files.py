@@ -57,20 +57,28 @@ def give_default_modes(folder: Path) -> None:
 
 
 def write_text_atomic(path: Path, text: str, *, mode: int | None = None, errors: str = "strict") -> None:
-    """Write `text` to a temp file in `path`'s folder, fsync, then os.replace: readers see old or new, never half.
+    """Write `text` as UTF-8 to a temp file in `path`'s folder, fsync, then os.replace: readers see old or new,
+    never half.
 
     `errors` is the UTF-8 encoder's error handler ("backslashreplace" where file names that are not valid UTF-8
     may appear in the text); `mode` sets the file's permission bits (default: see `mode_for`).
     """
+    write_bytes_atomic(path, text.encode("utf-8", errors), mode=mode)
+
+
+def write_bytes_atomic(path: Path, data: bytes, *, mode: int | None = None, durable: bool = True) -> None:
+    """`write_text_atomic` for bytes. durable=False skips the fsync, for files that are only a cache: a torn one
+    after a crash is detected and rebuilt by its reader."""
     path = Path(path)
     final_mode = mode_for(path) if mode is None else mode
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
-        with os.fdopen(fd, "w", encoding="utf-8", errors=errors, newline="") as handle:
-            handle.write(text)
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
             handle.flush()
             os.fchmod(handle.fileno(), final_mode)
-            os.fsync(handle.fileno())
+            if durable:
+                os.fsync(handle.fileno())
         os.replace(tmp, path)
     except BaseException:
         try:

@@ -227,6 +227,9 @@ def parse_args(argv: list[str] | None):
     parser.add_argument("--overwrite", action="store_true", help="write into a non-empty OUT_DIR, replacing only the files the merge writes")
     parser.add_argument("--dtype", default="float32", choices=list(SAVE_DTYPES), help="dtype of the saved weights (default: float32)")
     parser.add_argument("--device", default="auto", help="device for --eval_dir evaluation (default: auto)")
+    parser.add_argument("--eval_dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+                        help="autocast precision of the --eval_dir evaluation; the weights are interpolated in float32 "
+                             "(default: auto = bfloat16 where the GPU or CPU runs it natively, float16 on other GPUs, else float32)")
     add_generation_arguments(parser)
     return parser.parse_args(argv)
 
@@ -295,17 +298,21 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def evaluate_alphas(inputs: MergeInputs, alphas: list[float], samples: list, options, args) -> list[tuple[float, dict[str, float]]]:
-    """Evaluate each alpha on `samples` (float32, on --device); print the table; return [(alpha, metrics)]."""
+    """Evaluate each alpha on `samples` (float32 weights on --device, --eval_dtype autocast); print the table;
+    return [(alpha, metrics)]."""
     from caption_train.evaluate import evaluate_samples, format_table
     from caption_train.inference import pick_device
+    from caption_train.precision import inference_dtype
 
     device = pick_device(args.device)
+    dtype = inference_dtype(args.eval_dtype, device)
     inputs.model.to(device)
     torch.manual_seed(args.seed)
     results = []
     for alpha in alphas:
         model = apply_alpha(inputs, alpha)
-        result = evaluate_samples(model, inputs.processor, inputs.family, samples, options, batch_size=args.batch_size, num_workers=args.num_workers, progress=True)
+        with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
+            result = evaluate_samples(model, inputs.processor, inputs.family, samples, options, batch_size=args.batch_size, num_workers=args.num_workers, progress=True)
         results.append((alpha, result.metrics))
     best = best_alpha(results) if len(results) > 1 else alphas[0]
     print(format_table([(f"alpha {a:g}" + (" *" if a == best and len(results) > 1 else ""), m) for a, m in results]), flush=True)

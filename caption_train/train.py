@@ -25,7 +25,6 @@ from tqdm.auto import tqdm
 from caption_train import checkpoint, resume
 from caption_train.adapters import count_parameters, load_adapter_for_training, wrap_model
 from caption_train.config import TrainConfig, resolved_lr, to_toml_dict
-from caption_train.text import plural
 from caption_train.data.captions import CaptionTransform
 from caption_train.data.dataset import CaptionDataset, drop_failed
 from caption_train.data.scan import Sample, scan_dataset, split_validation
@@ -36,6 +35,7 @@ from caption_train.models import ModelFamily, resolve_family
 from caption_train.models.base import unwrap_peft
 from caption_train.optim import build_optimizer, build_scheduler, current_lr, optimizer_steps_per_epoch
 from caption_train.precision import Precision, enable_fast_gpu_matmul, resolve_precision
+from caption_train.text import plural
 from caption_train.tracking import Tracker, make_tracker, plot_losses
 
 

@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterable
 
 from caption_train.data.scan import Sample, caption_path_for
-from caption_train.files import write_text_atomic
+from caption_train.files import new_file_mode, write_text_atomic
 from caption_train.iterative.schema import ImageInfo, ModelCaption, Status, normalize_caption_text
 
 HISTORY_FILE = "history.jsonl"
@@ -58,12 +58,6 @@ def inside(path: Path, root_real: str) -> bool:
     """True when `path`, with every symlink resolved, is `root_real` or lies below it."""
     real = os.path.realpath(path)
     return real == root_real or real.startswith(root_real.rstrip(os.sep) + os.sep)
-
-
-def _default_file_mode() -> int:
-    umask = os.umask(0)
-    os.umask(umask)
-    return 0o666 & ~umask
 
 
 @dataclass
@@ -243,7 +237,7 @@ class Workspace:
             raise WorkspaceError("not_writable", f"{entry.rel}: its folder leads outside the dataset; edit it by hand")
         if path.is_symlink():
             raise WorkspaceError("not_writable", f"{entry.rel}: its caption file {path.name} is a symbolic link; edit it by hand")
-        old_raw, mode = None, _default_file_mode()
+        old_raw, mode = None, new_file_mode()
         if path.exists():
             if not path.is_file():
                 raise WorkspaceError("not_writable", f"{entry.rel}: {path.name} is not a regular file")
