@@ -338,6 +338,8 @@ def setup(cfg: TrainConfig, hooks: TrainingHooks) -> Run:
         print(f"model {cfg.model_name_or_path} ({family.name}), {cfg.peft_module}: {trainable:,} of {total:,} parameters trainable ({100 * trainable / total:.2f}%)", flush=True)
         print(precision.describe(), flush=True)
         print(plan.message, flush=True)
+        if cfg.compile:
+            print("compiled: text decoder (torch.compile; the first steps are slow while it compiles)", flush=True)
 
     # ---- loaders
     collate = functools.partial(collate_batch, family=family, processor=processor, max_length=max_length)

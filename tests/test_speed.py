@@ -258,3 +258,22 @@ def test_planning_sizes_the_cache_and_picks_disk_when_memory_is_short(tiny_blip,
         family.vision_tower(model).post_layernorm.bias.add_(1.0)
     assert plan_feature_cache(n_images=10, **common).fingerprint != plan.fingerprint
     assert not os.path.exists(tmp_path / "c")  # planning writes nothing
+
+
+@pytest.mark.slow
+def test_compile_trains_the_compiled_text_decoder_to_the_same_losses(capsys, tmp_path, tiny_blip, shapes_dir):
+    """--compile compiles the text decoder in place (torch.compile; on this CPU through inductor and the C compiler):
+    the run is the same run, and checkpoints keep their parameter names (they load with peft as usual)."""
+    from caption_train.inference import load_for_inference
+
+    common = ("--epochs", "1", "--num_sample_captions", "0", "--save_every_n_epochs", "0", "--mixed_precision", "no")
+    assert main(["train", *base_args(shapes_dir, tiny_blip, tmp_path / "eager", *common)]) == 0
+    eager_out = capsys.readouterr().out
+    assert main(["train", *base_args(shapes_dir, tiny_blip, tmp_path / "compiled", *common, "--compile", "true")]) == 0
+    compiled_out = capsys.readouterr().out
+    (eager,) = (tmp_path / "eager").glob("*/metrics.jsonl")
+    (compiled,) = (tmp_path / "compiled").glob("*/metrics.jsonl")
+    losses = [[r["train/loss"] for r in read_metrics(p) if "train/loss" in r] for p in (eager, compiled)]
+    assert losses[0] == pytest.approx(losses[1], rel=1e-4)
+    assert "compiled: text decoder (torch.compile" in compiled_out and "compiled:" not in eager_out
+    load_for_inference(Path(compiled_out.strip().splitlines()[-1]))  # the adapter's names are the usual ones
