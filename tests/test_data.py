@@ -177,7 +177,7 @@ def test_scan_no_pairs_explains_layout(tmp_path):
 
 
 def test_scan_empty_dir(tmp_path):
-    with pytest.raises(UserError, match="found 0 images"):
+    with pytest.raises(UserError, match=r"found no images; caption-train reads \.bmp \.jpeg \.jpg \.png \.webp\)"):
         scan_dataset(tmp_path)
 
 

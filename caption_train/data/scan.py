@@ -2,6 +2,8 @@
 
     result = scan_dataset("dataset")          # dataset/**/img.png + dataset/**/img.txt
     result = scan_dataset("dataset", verify=True)   # also skip truncated images now, not when first loaded
+    result = scan_dataset("dataset", probe=False, spot_check=256)   # training start-up: captions, plus the headers
+                                                    # of at most 256 evenly spaced images
     print(result.summary())                   # dataset dataset: 120 images with captions; skipped 2 (2 missing caption)
     train, val = split_validation(result.samples, fraction=0.05, seed=0)
 
@@ -11,6 +13,10 @@ Hidden files and folders (names starting with ".") are ignored: they are tool de
 resource forks or `.ipynb_checkpoints`, not training data. Symlinked folders are not followed (a link to a parent
 would loop); symlinked files are read. Caption files that are not regular files (named pipes, devices) are
 skipped as unreadable rather than read: reading them would block or never end.
+
+Repeat folders (kohya's convention): a top-level folder named `N_name` (`30_mystyle/`) gives every image under it
+`Sample.repeats == N`; CaptionDataset(repeat=True) serves it N times per epoch. Only the leading integer before the
+first underscore of the folder directly under the root counts, as in kohya; N must be at least 1.
 """
 
 from __future__ import annotations
@@ -22,6 +28,7 @@ import os
 import stat
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
+from typing import Iterable
 
 from caption_train.data.images import IMAGE_EXTENSIONS, is_image_file, probe_image, verify_image
 from caption_train.errors import UserError
@@ -38,10 +45,12 @@ UNREADABLE_IMAGE = "unreadable image"
 BAD_METADATA_LINE = "bad metadata line"
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Sample:
     image_path: Path
     caption: str
+    repeats: int = 1
+    """Times per epoch training serves this image: N for images under a top-level `N_name/` folder, else 1."""
 
 
 @dataclass
@@ -50,41 +59,83 @@ class ScanResult:
     samples: list[Sample]
     skipped: collections.Counter[str] = field(default_factory=collections.Counter)
     """Reason -> count. Counts images, except "bad metadata line", which counts lines of metadata.jsonl."""
+    problems: list[tuple[Path, str]] = field(default_factory=list)
+    """(image path, skip reason) of each skipped image, in walk order (metadata lines are only counted)."""
+    probed: bool = True
+    """Image headers were read (False: only captions were; unreadable images are found when first loaded)."""
 
     def summary(self) -> str:
         """One line for the log, e.g. `dataset /x: 120 images with captions; skipped 1 (1 missing caption)`."""
-        line = f"dataset {self.root}: {len(self.samples)} images with captions"
+        line = f"dataset {self.root}: {plural(len(self.samples), 'image')} with captions"
         total = sum(self.skipped.values())
         if total:
             line += f"; skipped {total} ({_format_counts(self.skipped)})"
         return line
 
+    def repeat_folders(self) -> dict[str, tuple[int, int]]:
+        """Top-level `N_name` folder -> (N, usable images under it), in walk order."""
+        return repeat_folders((s.image_path for s in self.samples), self.root)
 
-def scan_dataset(root: str | os.PathLike, *, probe: bool = True, verify: bool = False) -> ScanResult:
+
+def scan_dataset(root: str | os.PathLike, *, probe: bool = True, verify: bool = False, spot_check: int = 0) -> ScanResult:
     """Walk `root` recursively in sorted order and pair each image with its caption. Never writes to `root`.
 
     probe=True opens each image's header so that obviously broken files are skipped here, not mid-epoch.
     verify=True also reads each image's last bytes and fully decodes those that look truncated (see
     images.verify_image), so truncated files are counted here too; it costs one more small read per image.
+    spot_check=N (with probe=False): open the headers of at most N evenly spaced captioned images, skipping the
+    broken ones, so that the cost stays flat however large the dataset (a dataset of at most N images is probed
+    in full). Raises UserError when every image checked is broken: a folder of bad files fails here, not after
+    an epoch that trained on nothing.
     """
     check = verify_image if verify else probe_image
     root = _check_root(root)
     skipped: collections.Counter[str] = collections.Counter()
     metadata = _read_metadata(root / METADATA_FILE, skipped)
     samples = []
-    images_found = 0
-    for image_path, sidecar in _walk_images(root):
-        images_found += 1
-        caption, reason = _caption_for(image_path, sidecar, metadata.get(_relative_key(image_path, root)))
+    problems = []
+    extensions: collections.Counter[str] = collections.Counter()
+    for image_path, sidecar, repeats in _walk_images(root):
+        extensions[image_path.suffix.lower()] += 1
+        # The relative key is built only when there is a metadata.jsonl to look it up in: it is the one
+        # per-image cost here that is not a file read.
+        meta_text = metadata.get(_relative_key(image_path, root)) if metadata else None
+        caption, reason = _caption_for(image_path, sidecar, meta_text)
         if reason is None and (probe or verify):
             reason = UNREADABLE_IMAGE if check(image_path) is not None else None
         if reason is not None:
             skipped[reason] += 1
+            problems.append((image_path, reason))
         else:
-            samples.append(Sample(image_path, caption))
+            samples.append(Sample(image_path, caption, repeats))
+    probed = probe or verify
+    if not probed and spot_check > 0 and samples:
+        samples, probed = _spot_check(root, samples, spot_check, skipped, problems)
     if not samples:
-        raise UserError(_no_pairs_message(root, images_found, skipped))
-    return ScanResult(root=root, samples=samples, skipped=skipped)
+        raise UserError(_no_pairs_message(root, extensions, skipped))
+    return ScanResult(root=root, samples=samples, skipped=skipped, problems=problems, probed=probed)
+
+
+def _spot_check(root: Path, samples: list[Sample], limit: int, skipped: collections.Counter[str],
+                problems: list[tuple[Path, str]]) -> tuple[list[Sample], bool]:
+    """Probe at most `limit` evenly spaced samples; return the samples without the broken ones, and whether every
+    sample was probed."""
+    step = -(-len(samples) // limit)  # ceil: every sample when there are at most `limit`
+    broken: dict[int, str] = {}
+    for index in range(0, len(samples), step):
+        reason = probe_image(samples[index].image_path)
+        if reason is not None:
+            broken[index] = reason
+    checked = len(range(0, len(samples), step))
+    if broken and len(broken) == checked and step > 1:
+        index, reason = next(iter(broken.items()))
+        raise UserError(f"--dataset_dir {root}: none of the {checked} images checked can be read "
+                        f"(e.g. {samples[index].image_path}: {reason}); run `caption-train lint {root}` to check every image")
+    for index in broken:
+        skipped[UNREADABLE_IMAGE] += 1
+        problems.append((samples[index].image_path, UNREADABLE_IMAGE))
+    kept = [sample for index, sample in enumerate(samples) if index not in broken] if broken else samples
+    return kept, step == 1
 
 
 def split_validation(samples: list[Sample], fraction: float, seed: int) -> tuple[list[Sample], list[Sample]]:
@@ -139,15 +190,60 @@ def walk_dataset(root: Path):
 
 
 def _walk_images(root: Path):
-    """Yield (image path, sidecar .txt path or None) in a deterministic order. Symlinked files are read."""
+    """Yield (image path, sidecar .txt path or None, repeats) in a deterministic order. Symlinked files are read."""
     for dirpath, _dirnames, filenames in walk_dataset(root):
         names = set(filenames)
+        folder = Path(dirpath)
+        repeats = repeats_of(folder, root)
         for name in filenames:
             if not is_image_file(name):
                 continue
-            sidecar = caption_path_for(Path(dirpath, name))
-            sidecar = sidecar if sidecar.name in names else None
-            yield Path(dirpath, name), sidecar
+            image_path = folder / name
+            sidecar = caption_path_for(image_path)
+            yield image_path, (sidecar if sidecar.name in names else None), repeats
+
+
+# ---------------------------------------------------------------------------- repeat folders (kohya)
+
+
+def repeat_count(folder_name: str) -> int | None:
+    """N of a kohya repeat folder name `N_name` (`30_mystyle` -> 30); None for any other name (or N = 0)."""
+    head, underscore, _ = folder_name.partition("_")
+    if not underscore or not head.isascii() or not head.isdigit():
+        return None
+    return int(head) or None
+
+
+def repeats_of(folder: Path, root: Path) -> int:
+    """Repeats of the images in `folder`: from the name of its top-level folder under `root`, else 1."""
+    parts = folder.relative_to(root).parts
+    return (repeat_count(parts[0]) or 1) if parts else 1
+
+
+def repeat_folders(image_paths: Iterable[Path], root: Path) -> dict[str, tuple[int, int]]:
+    """Top-level `N_name` folder -> (N, how many of `image_paths` lie under it), in first-seen order."""
+    folders: dict[str, tuple[int, int]] = {}
+    top_of: dict[Path, str] = {}  # parent folder -> its top-level folder name: one relative_to per folder
+    for path in image_paths:
+        parent = path.parent
+        name = top_of.get(parent)
+        if name is None:
+            parts = parent.relative_to(root).parts
+            name = top_of[parent] = parts[0] if parts else ""
+        repeats = repeat_count(name)
+        if repeats is not None:
+            folders[name] = (repeats, folders.get(name, (repeats, 0))[1] + 1)
+    return folders
+
+
+def format_repeat_folders(folders: dict[str, tuple[int, int]], limit: int = 8) -> str:
+    """`30_mystyle x30 (12 images), 10_extra x10 (4 images)`; at most `limit` folders, then `and N more`."""
+    shown = [f"{name} x{repeats} ({plural(count, 'image')})" for name, (repeats, count) in list(folders.items())[:limit]]
+    if len(folders) > limit:
+        shown.append(f"and {len(folders) - limit} more")
+    return ", ".join(shown)
+
+# ---------------------------------------------------------------------------- captions
 
 
 def caption_path_for(image_path: Path) -> Path:
@@ -242,16 +338,22 @@ def _relative_key(image_path: Path, root: Path) -> str:
 # ---------------------------------------------------------------------------- messages and splitting
 
 
+def plural(n: int, noun: str) -> str:
+    """`1 image`, `2 images`, `0 images` (regular English plurals only)."""
+    return f"{n} {noun}{'' if n == 1 else 's'}"
+
+
 def _format_counts(counts: collections.Counter[str]) -> str:
     return ", ".join(f"{n} {reason}" for reason, n in counts.most_common())
 
 
-def _no_pairs_message(root: Path, images_found: int, skipped: collections.Counter[str]) -> str:
+def _no_pairs_message(root: Path, extensions: collections.Counter[str], skipped: collections.Counter[str]) -> str:
     detail = f"; skipped {_format_counts(skipped)}" if skipped else ""
-    return (
-        f"--dataset_dir {root}: no usable image+caption pairs (found {images_found} images "
-        f"with extensions {' '.join(sorted(IMAGE_EXTENSIONS))}{detail}); {EXPECTED_LAYOUT}"
-    )
+    if extensions:
+        found = f"found {plural(sum(extensions.values()), 'image')} ({' '.join(sorted(extensions))}){detail}"
+    else:
+        found = f"found no images; caption-train reads {' '.join(sorted(IMAGE_EXTENSIONS))}"
+    return f"--dataset_dir {root}: no usable image+caption pairs ({found}); {EXPECTED_LAYOUT}"
 
 
 def _split_rank(seed: int, sample: Sample) -> bytes:
