@@ -789,6 +789,7 @@ _SHORT = {
     "duplicate_image_conflict": "duplicate with differing captions",
     "duplicate_image": "duplicate image",
     "no_words_caption": "caption without words",
+    "unknown_characters": "caption with unknown characters",
     "sidecar_overrides_metadata": ".txt overriding metadata.jsonl",
     "orphan_metadata": "metadata.jsonl entry without image",
     "orphan_caption": "caption without image",
