@@ -396,7 +396,7 @@ def summarize_scan(
         report.findings.append(Finding("bad_metadata_line", scan.METADATA_FILE, "not a JSON object with string \"file_name\" and \"text\""))
     report.image_files = len(result.samples) + len(result.problems)
     report.usable = len(result.samples)
-    report.repeat_folders = result.repeat_folders()
+    report.repeat_folders = result.repeat_folders
     pairs = [_ScannedPair(sample, root) for sample in result.samples]
     _lint_captions(pairs, report, tokenizer, max_tokens, max_tokenized=max_tokenized)
     return report

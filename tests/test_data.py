@@ -510,10 +510,20 @@ def test_scan_reads_repeats_from_the_top_level_folder(repeat_dataset):
     # Only the folder right under the dataset root counts (kohya's rule); nested folders inherit it.
     assert repeats == {"10_extra/c.png": 10, "30_mystyle/a.png": 30, "30_mystyle/deeper/b.png": 30,
                        "f.png": 1, "plain/5_nested/e.png": 1, "plain/d.png": 1}
-    folders = result.repeat_folders()
+    folders = result.repeat_folders
     assert folders == {"10_extra": (10, 1), "30_mystyle": (30, 2)}
     assert format_repeat_folders(folders) == "10_extra x10 (1 image), 30_mystyle x30 (2 images)"
     assert format_repeat_folders({f"{i}_x": (i, 1) for i in range(1, 12)}, limit=2) == "1_x x1 (1 image), 2_x x2 (1 image), and 9 more"
+
+
+def test_repeat_folder_counts_leave_out_images_the_scan_skipped(repeat_dataset):
+    (repeat_dataset / "30_mystyle" / "z.png").write_text("not an image")
+    (repeat_dataset / "30_mystyle" / "z.txt").write_text("caption")
+    (repeat_dataset / "10_extra" / "nocaption.png").write_bytes((repeat_dataset / "f.png").read_bytes())
+    for kwargs in ({}, {"probe": False, "spot_check": 100}):
+        result = scan_dataset(repeat_dataset, **kwargs)
+        assert result.repeat_folders == {"10_extra": (10, 1), "30_mystyle": (30, 2)}, kwargs
+    assert scan_dataset(repeat_dataset, probe=False).repeat_folders == {"10_extra": (10, 1), "30_mystyle": (30, 3)}
 
 
 def test_dataset_serves_each_image_repeats_times_with_its_own_caption_draws(repeat_dataset):

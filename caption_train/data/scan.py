@@ -63,6 +63,8 @@ class ScanResult:
     """(image path, skip reason) of each skipped image, in walk order (metadata lines are only counted)."""
     probed: bool = True
     """Image headers were read (False: only captions were; unreadable images are found when first loaded)."""
+    repeat_folders: dict[str, tuple[int, int]] = field(default_factory=dict)
+    """Top-level `N_name` folder -> (N, samples under it), in walk order."""
 
     def summary(self) -> str:
         """One line for the log, e.g. `dataset /x: 120 images with captions; skipped 1 (1 missing caption)`."""
@@ -71,10 +73,6 @@ class ScanResult:
         if total:
             line += f"; skipped {total} ({_format_counts(self.skipped)})"
         return line
-
-    def repeat_folders(self) -> dict[str, tuple[int, int]]:
-        """Top-level `N_name` folder -> (N, usable images under it), in walk order."""
-        return repeat_folders((s.image_path for s in self.samples), self.root)
 
 
 def scan_dataset(root: str | os.PathLike, *, probe: bool = True, verify: bool = False, spot_check: int = 0) -> ScanResult:
@@ -95,7 +93,8 @@ def scan_dataset(root: str | os.PathLike, *, probe: bool = True, verify: bool = 
     samples = []
     problems = []
     extensions: collections.Counter[str] = collections.Counter()
-    for image_path, sidecar, repeats in _walk_images(root):
+    repeated: collections.Counter[tuple[str, int]] = collections.Counter()  # (N_name folder, N) -> samples
+    for image_path, sidecar, repeat_folder in _walk_images(root):
         extensions[image_path.suffix.lower()] += 1
         # The relative key is built only when there is a metadata.jsonl to look it up in: it is the one
         # per-image cost here that is not a file read.
@@ -107,19 +106,22 @@ def scan_dataset(root: str | os.PathLike, *, probe: bool = True, verify: bool = 
             skipped[reason] += 1
             problems.append((image_path, reason))
         else:
-            samples.append(Sample(image_path, caption, repeats))
+            samples.append(Sample(image_path, caption, repeat_folder[1] if repeat_folder else 1))
+            if repeat_folder:
+                repeated[repeat_folder] += 1
     probed = probe or verify
     if not probed and spot_check > 0 and samples:
-        samples, probed = _spot_check(root, samples, spot_check, skipped, problems)
+        samples, probed = _spot_check(root, samples, spot_check, skipped, problems, repeated)
     if not samples:
         raise UserError(_no_pairs_message(root, extensions, skipped))
-    return ScanResult(root=root, samples=samples, skipped=skipped, problems=problems, probed=probed)
+    folders = {name: (n, count) for (name, n), count in repeated.items() if count}
+    return ScanResult(root=root, samples=samples, skipped=skipped, problems=problems, probed=probed, repeat_folders=folders)
 
 
 def _spot_check(root: Path, samples: list[Sample], limit: int, skipped: collections.Counter[str],
-                problems: list[tuple[Path, str]]) -> tuple[list[Sample], bool]:
+                problems: list[tuple[Path, str]], repeated: collections.Counter[tuple[str, int]]) -> tuple[list[Sample], bool]:
     """Probe at most `limit` evenly spaced samples; return the samples without the broken ones, and whether every
-    sample was probed."""
+    sample was probed. Broken ones are counted in `skipped` and `problems`, and taken out of `repeated`."""
     step = -(-len(samples) // limit)  # ceil: every sample when there are at most `limit`
     broken: dict[int, str] = {}
     for index in range(0, len(samples), step):
@@ -134,6 +136,10 @@ def _spot_check(root: Path, samples: list[Sample], limit: int, skipped: collecti
     for index in broken:
         skipped[UNREADABLE_IMAGE] += 1
         problems.append((samples[index].image_path, UNREADABLE_IMAGE))
+        if repeated:
+            folder = _repeat_folder_of(samples[index].image_path.parent, root)
+            if folder:
+                repeated[folder] -= 1
     kept = [sample for index, sample in enumerate(samples) if index not in broken] if broken else samples
     return kept, step == 1
 
@@ -190,17 +196,17 @@ def walk_dataset(root: Path):
 
 
 def _walk_images(root: Path):
-    """Yield (image path, sidecar .txt path or None, repeats) in a deterministic order. Symlinked files are read."""
+    """Yield (image path, sidecar .txt path or None, (repeat folder name, N) or None) in a deterministic order.
+    Symlinked files are read."""
     for dirpath, _dirnames, filenames in walk_dataset(root):
         names = set(filenames)
         folder = Path(dirpath)
-        repeats = repeats_of(folder, root)
+        repeat_folder = _repeat_folder_of(folder, root)
         for name in filenames:
             if not is_image_file(name):
                 continue
-            image_path = folder / name
-            sidecar = caption_path_for(image_path)
-            yield image_path, (sidecar if sidecar.name in names else None), repeats
+            sidecar = caption_name_for(name)
+            yield folder / name, (os.path.join(dirpath, sidecar) if sidecar in names else None), repeat_folder
 
 
 # ---------------------------------------------------------------------------- repeat folders (kohya)
@@ -214,10 +220,11 @@ def repeat_count(folder_name: str) -> int | None:
     return int(head) or None
 
 
-def repeats_of(folder: Path, root: Path) -> int:
-    """Repeats of the images in `folder`: from the name of its top-level folder under `root`, else 1."""
+def _repeat_folder_of(folder: Path, root: Path) -> tuple[str, int] | None:
+    """(name, N) of the top-level `N_name` folder under `root` that holds `folder`, or None."""
     parts = folder.relative_to(root).parts
-    return (repeat_count(parts[0]) or 1) if parts else 1
+    repeats = repeat_count(parts[0]) if parts else None
+    return (parts[0], repeats) if repeats else None
 
 
 def repeat_folders(image_paths: Iterable[Path], root: Path) -> dict[str, tuple[int, int]]:
@@ -248,10 +255,15 @@ def format_repeat_folders(folders: dict[str, tuple[int, int]], limit: int = 8) -
 
 def caption_path_for(image_path: Path) -> Path:
     """The caption file of an image: img.png -> img.txt in the same folder (the one rule every reader and writer uses)."""
-    return image_path.with_name(image_path.stem + ".txt")
+    return image_path.with_name(caption_name_for(image_path.name))
 
 
-def _caption_for(image_path: Path, sidecar: Path | None, metadata_text: str | None) -> tuple[str, str | None]:
+def caption_name_for(image_name: str) -> str:
+    """caption_path_for on a bare file name (img.png -> img.txt); a string operation, as the scan runs it per image."""
+    return os.path.splitext(image_name)[0] + ".txt"
+
+
+def _caption_for(image_path: Path, sidecar: str | os.PathLike | None, metadata_text: str | None) -> tuple[str, str | None]:
     """(caption, None) or ("", skip reason). The sidecar wins over metadata.jsonl: it is the file users edit."""
     if sidecar is not None:
         try:
@@ -268,7 +280,7 @@ def _caption_for(image_path: Path, sidecar: Path | None, metadata_text: str | No
     return (caption, None) if caption else ("", EMPTY_CAPTION)
 
 
-def read_caption_bytes(path: Path) -> bytes:
+def read_caption_bytes(path: str | os.PathLike) -> bytes:
     """The bytes of a caption file; OSError if it cannot be read or is not a regular file (symlinks followed).
 
     A named pipe would block the scan forever and a device such as /dev/zero would never end, so only regular
@@ -276,10 +288,21 @@ def read_caption_bytes(path: Path) -> bytes:
     """
     # O_NONBLOCK: opening a named pipe for reading would otherwise wait for a writer. No effect on regular files.
     fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
-    with os.fdopen(fd, "rb") as handle:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
+    try:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
             raise OSError(f"{path}: not a regular file")
-        return handle.read()
+        # Plain os.read, no file object: this runs once per image at start-up. A regular file returns fewer bytes
+        # than asked only at its end, so one read usually does; a file that grew since fstat is read to the end.
+        data = os.read(fd, info.st_size + 1)
+        if len(data) <= info.st_size:
+            return data
+        chunks = [data]
+        while chunk := os.read(fd, 1 << 16):
+            chunks.append(chunk)
+        return b"".join(chunks)
+    finally:
+        os.close(fd)
 
 
 def normalize_caption(text: str) -> str:
