@@ -646,10 +646,14 @@ def tokenize_captions(tokenizer: Any, captions: list[str], batch: int = 1024) ->
         chunk = captions[start:start + batch]
         # verbose=False: no "sequence length is longer than the maximum" warning; reporting that is our job.
         encoded = tokenizer(chunk, add_special_tokens=True, truncation=False, verbose=False)
+        flagged = []
         for offset, ids in enumerate(encoded["input_ids"]):
             counts.append(len(ids))
             if unk is not None and unk in ids:
-                spans[start + offset] = _unknown_spans(tokenizer, chunk[offset], unk)
+                flagged.append(offset)
+        if flagged:
+            found = _unknown_spans(tokenizer, [chunk[offset] for offset in flagged], unk)
+            spans.update({start + offset: caption_spans for offset, caption_spans in zip(flagged, found)})
     return counts, spans
 
 
@@ -658,11 +662,13 @@ def count_tokens(tokenizer: Any, captions: list[str], batch: int = 1024) -> list
     return tokenize_captions(tokenizer, captions, batch)[0]
 
 
-def _unknown_spans(tokenizer: Any, caption: str, unk: int) -> list[str]:
+def _unknown_spans(tokenizer: Any, captions: list[str], unk: int) -> list[list[str]]:
+    """Per caption, the source text of each unknown token (one batched call with offsets)."""
     if not getattr(tokenizer, "is_fast", False):
-        return [caption]
-    encoded = tokenizer(caption, add_special_tokens=False, truncation=False, verbose=False, return_offsets_mapping=True)
-    return [caption[a:b] for token, (a, b) in zip(encoded["input_ids"], encoded["offset_mapping"]) if token == unk] or [caption]
+        return [[caption] for caption in captions]
+    encoded = tokenizer(captions, add_special_tokens=False, truncation=False, verbose=False, return_offsets_mapping=True)
+    return [[caption[a:b] for token, (a, b) in zip(ids, offsets) if token == unk] or [caption]
+            for caption, ids, offsets in zip(captions, encoded["input_ids"], encoded["offset_mapping"])]
 
 
 def _unknown_characters(tokenizer: Any, pairs: list, spans: dict[int, list[str]], findings: list[Finding]) -> UnknownCharacters:
