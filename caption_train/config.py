@@ -56,6 +56,7 @@ class TrainConfig:
     frozen_parts: int = _field(0, "Keep the first N comma-separated caption parts in place when shuffling or dropping.")
     caption_dropout: float = _field(0.0, "Drop each non-frozen caption part with this probability (never the whole caption).")
     random_flip: float = _field(0.0, "Probability of flipping an image horizontally (off by default: flips break 'left'/'right' captions).")
+    kohya_repeats: bool = _field(True, "Top-level folders named N_name (e.g. 30_mystyle/) repeat their images N times per epoch, as in kohya; false = every image once per epoch.")
     num_workers: int = _field(2, "DataLoader worker processes for image loading (0 = load in the training process).")
     # ---- model
     model_name_or_path: str = _field("Salesforce/blip-image-captioning-base", "Hub id or local folder of the model to fine-tune.")

@@ -30,7 +30,7 @@ from caption_train.data.dataset import CaptionDataset, drop_failed
 from caption_train.data.scan import Sample, scan_dataset, split_validation
 from caption_train.errors import UserError
 from caption_train.features import FeatureCache, plan_feature_cache, vision_is_frozen
-from caption_train.lint import lint_dataset
+from caption_train.lint import summarize_scan
 from caption_train.models import ModelFamily, resolve_family
 from caption_train.models.base import unwrap_peft
 from caption_train.optim import build_optimizer, build_scheduler, current_lr, optimizer_steps_per_epoch
@@ -308,18 +308,18 @@ def setup(cfg: TrainConfig, hooks: TrainingHooks) -> Run:
     elif cfg.resume == "auto" and main:
         print(f"--resume auto: no checkpoint of a run named {cfg.training_name!r} in {cfg.output_dir}; starting a new run", flush=True)
 
-    # ---- data (read-only; every process scans the same sorted list)
-    scan = scan_dataset(Path(cfg.dataset_dir))
-    if main:
-        print(scan.summary(), flush=True)
+    # ---- data (read-only; every process scans the same sorted list). One walk that reads captions and at most
+    # 256 image headers, so start-up does not grow with the dataset: the loader skips (and names) any other broken
+    # image. The split is over distinct images; repeat folders repeat training samples only.
+    scan = scan_dataset(Path(cfg.dataset_dir), probe=False, spot_check=256)
     train_samples, val_samples = split_validation(scan.samples, cfg.validation_split, cfg.seed)
 
     # ---- model
     family, _ = resolve_family(cfg.model_name_or_path)
     model, processor = load_model(cfg, family, resume_dir)
     max_length = min(cfg.max_length, family.max_text_length(model))
-    if main:  # the dataset check of `caption-train lint --quick` (headers and file ends, no full decode)
-        report = lint_dataset(scan.root, tokenizer=getattr(processor, "tokenizer", None), max_tokens=max_length, decode=False)
+    if main:  # the dataset summary, from the scan above: skips, repeat folders, caption lengths, unknown characters
+        report = summarize_scan(scan, tokenizer=getattr(processor, "tokenizer", None), max_tokens=max_length, repeats=cfg.kohya_repeats)
         for line in report.summary_lines():
             print(line, flush=True)
     if cfg.freeze_vision_tower:
@@ -344,7 +344,7 @@ def setup(cfg: TrainConfig, hooks: TrainingHooks) -> Run:
     # ---- loaders
     collate = functools.partial(collate_batch, family=family, processor=processor, max_length=max_length)
     transform = CaptionTransform(shuffle=cfg.shuffle_captions, frozen_parts=cfg.frozen_parts, dropout=cfg.caption_dropout)
-    train_dataset = CaptionDataset(train_samples, transform, seed=cfg.seed, random_flip=cfg.random_flip)
+    train_dataset = CaptionDataset(train_samples, transform, seed=cfg.seed, random_flip=cfg.random_flip, repeat=cfg.kohya_repeats)
     train_loader = make_loader(train_dataset, cfg, collate, shuffle=True)
     val_loader = make_loader(CaptionDataset(val_samples), cfg, collate, shuffle=False) if val_samples else None
 
@@ -376,7 +376,8 @@ def setup(cfg: TrainConfig, hooks: TrainingHooks) -> Run:
         if not state:
             checkpoint.write_config(run_dir / checkpoint.CONFIG_NAME, to_toml_dict(cfg))
         print(f"run directory: {run_dir}", flush=True)
-        print(f"{len(train_samples)} training / {plural(len(val_samples), 'validation image')}; {plural(steps_per_epoch, 'optimizer step')} per epoch x {plural(cfg.epochs, 'epoch')} = {plural(total_steps, 'step')}", flush=True)
+        repeated = f" ({len(train_dataset)} with repeats)" if len(train_dataset) != len(train_samples) else ""
+        print(f"{len(train_samples)} training{repeated} / {plural(len(val_samples), 'validation image')}; {plural(steps_per_epoch, 'optimizer step')} per epoch x {plural(cfg.epochs, 'epoch')} = {plural(total_steps, 'step')}", flush=True)
 
     run = Run(
         cfg=cfg, accelerator=accelerator, family=family, model=model, processor=processor, optimizer=optimizer,

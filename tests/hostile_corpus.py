@@ -45,7 +45,7 @@ class Case:
     what: str
     outcome: str
     skip_reason: str | None = None
-    lint: tuple[str, ...] = ()
+    lint: tuple[str, ...] = ()  # lint codes for this case, with the tests' tiny tokenizer (--model)
     build: Callable[[Path, str, Path], None] | None = field(default=None, repr=False)
     kept: int | None = None  # images of this case the scan keeps (default: 1 if TRAINED or LOAD_SKIPPED, else 0)
     skips: int = 1  # how many times skip_reason is counted
@@ -393,9 +393,9 @@ def cases() -> list[Case]:
         Case("bom_caption", "a UTF-8 caption with BOM", TRAINED, None, (), lazy_pair(good_png, caption=b"\xef\xbb\xbfa red circle")),
         Case("crlf_multiline_caption", "a caption over several CRLF lines", TRAINED, None, (), lazy_pair(good_png, caption=b"a red\r\ncircle\r\n")),
         Case("ten_thousand_words", "a 10,000-word caption", TRAINED, None, ("long_caption",), lazy_pair(good_png, caption=long_caption)),
-        Case("control_characters_caption", "a caption with NUL and escape characters", TRAINED, None, (), lazy_pair(good_png, caption=b"a red\x00 circle \x1b[31m")),
-        Case("separators_only_caption", "a caption of commas only", TRAINED, None, ("no_words_caption",), lazy_pair(good_png, caption=", , ,")),
-        Case("unicode_caption", "emoji, right-to-left and combining characters", TRAINED, None, (), lazy_pair(good_png, caption="a red circle \U0001f534 \u05e2\u05d9\u05d2\u05d5\u05dc e\u0301")),
+        Case("control_characters_caption", "a caption with NUL and escape characters", TRAINED, None, ("unknown_characters",), lazy_pair(good_png, caption=b"a red\x00 circle \x1b[31m")),
+        Case("separators_only_caption", "a caption of commas only", TRAINED, None, ("no_words_caption", "unknown_characters"), lazy_pair(good_png, caption=", , ,")),
+        Case("unicode_caption", "emoji, right-to-left and combining characters", TRAINED, None, ("unknown_characters",), lazy_pair(good_png, caption="a red circle \U0001f534 \u05e2\u05d9\u05d2\u05d5\u05dc e\u0301")),
         # ---- odd file names
         Case("non_utf8_file_name", "image and caption named with a Latin-1 byte", TRAINED, None, (), build_bytes_name),
         Case("newline_in_file_name", "image and caption names with a newline", TRAINED, None, (), build_newline_name),

@@ -177,7 +177,7 @@ def test_scan_no_pairs_explains_layout(tmp_path):
 
 
 def test_scan_empty_dir(tmp_path):
-    with pytest.raises(UserError, match="found 0 images"):
+    with pytest.raises(UserError, match=r"found no images; caption-train reads \.bmp \.jpeg \.jpg \.png \.webp\)"):
         scan_dataset(tmp_path)
 
 
@@ -421,3 +421,202 @@ def test_split_validation_errors():
         split_validation(fake_samples(5), 1.0, seed=0)
     with pytest.raises(UserError):
         split_validation(fake_samples(5), -0.1, seed=0)
+
+
+# ---------------------------------------------------------------------------- start-up scan: spot check, messages
+
+
+def test_no_pairs_message_lists_the_extensions_found(tmp_path):
+    root = tmp_path / "ds"
+    save_image(root / "a.png")
+    save_image(root / "sub" / "b.JPG")
+    with pytest.raises(UserError) as info:
+        scan_dataset(root)
+    assert "found 2 images (.jpg .png); skipped 2 missing caption)" in str(info.value)
+    save_image(tmp_path / "one" / "c.webp")
+    with pytest.raises(UserError, match=r"found 1 image \(\.webp\); skipped 1 missing caption\)"):
+        scan_dataset(tmp_path / "one")
+
+
+def test_summary_says_image_for_one():
+    result = ScanResult(root="/x", samples=[Sample("/x/a.png", "a")], skipped=collections.Counter())
+    assert result.summary() == "dataset /x: 1 image with captions"
+
+
+def broken_and_good(root, good, broken):
+    """`good` readable and `broken` unreadable (text named .png) images, all captioned, named so that they sort in
+    the order given: (kind, index) pairs in a list."""
+    for i, kind in enumerate(["good"] * good + ["broken"] * broken):
+        path = root / f"{i:02d}_{kind}.png"
+        if kind == "good":
+            save_image(path)
+        else:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text("not an image")
+        write_caption(path.with_suffix(".txt"), f"caption {i}")
+
+
+def test_spot_check_probes_at_most_n_evenly_spaced_images(tmp_path):
+    root = tmp_path / "ds"
+    broken_and_good(root, good=6, broken=2)  # 00..05 good, 06 and 07 broken
+    # 8 images, at most 4 checked: every second one (00 02 04 06): 06 is caught, 07 is left to the loader.
+    result = scan_dataset(root, probe=False, spot_check=4)
+    assert [p.name for p, _ in result.problems] == ["06_broken.png"] and result.skipped == {"unreadable image": 1}
+    assert [s.image_path.name for s in result.samples][-1] == "07_broken.png" and not result.probed
+    # A dataset no bigger than the spot check is probed in full, like probe=True.
+    full = scan_dataset(root, probe=False, spot_check=8)
+    assert full.probed and full.skipped == {"unreadable image": 2} and len(full.samples) == 6
+    # Without a spot check no image is opened at all.
+    assert len(scan_dataset(root, probe=False).samples) == 8
+
+
+def test_spot_check_fails_when_every_checked_image_is_broken(tmp_path):
+    root = tmp_path / "ds"
+    broken_and_good(root, good=0, broken=6)
+    with pytest.raises(UserError, match=r"none of the 3 images checked can be read \(e\.g\. .*00_broken\.png: not an image"):
+        scan_dataset(root, probe=False, spot_check=3)
+    with pytest.raises(UserError, match="no usable image"):  # all of them checked: nothing left
+        scan_dataset(root, probe=False, spot_check=10)
+
+
+# ---------------------------------------------------------------------------- kohya repeat folders
+
+
+@pytest.mark.parametrize("name, repeats", [
+    ("30_mystyle", 30), ("10_extra", 10), ("1_once", 1), ("007_bond", 7), ("5_a_b", 5),
+    ("mystyle", None), ("30", None), ("30mystyle", None), ("v2_style", None), ("0_none", None), ("_x", None),
+    ("\u0663_arabic_digit", None), ("-3_neg", None),
+])
+def test_repeat_count_follows_kohya(name, repeats):
+    from caption_train.data.scan import repeat_count
+
+    assert repeat_count(name) == repeats
+
+
+@pytest.fixture
+def repeat_dataset(tmp_path):
+    root = tmp_path / "ds"
+    for rel in ["30_mystyle/a.png", "30_mystyle/deeper/b.png", "10_extra/c.png", "plain/d.png", "plain/5_nested/e.png", "f.png"]:
+        save_image(root / rel)
+        write_caption((root / rel).with_suffix(".txt"), f"caption of {rel}, red, small, square, plain")
+    return root
+
+
+def test_scan_reads_repeats_from_the_top_level_folder(repeat_dataset):
+    from caption_train.data.scan import format_repeat_folders
+
+    result = scan_dataset(repeat_dataset)
+    repeats = {s.image_path.relative_to(repeat_dataset).as_posix(): s.repeats for s in result.samples}
+    # Only the folder right under the dataset root counts (kohya's rule); nested folders inherit it.
+    assert repeats == {"10_extra/c.png": 10, "30_mystyle/a.png": 30, "30_mystyle/deeper/b.png": 30,
+                       "f.png": 1, "plain/5_nested/e.png": 1, "plain/d.png": 1}
+    folders = result.repeat_folders
+    assert folders == {"10_extra": (10, 1), "30_mystyle": (30, 2)}
+    assert format_repeat_folders(folders) == "10_extra x10 (1 image), 30_mystyle x30 (2 images)"
+    assert format_repeat_folders({f"{i}_x": (i, 1) for i in range(1, 12)}, limit=2) == "1_x x1 (1 image), 2_x x2 (1 image), and 9 more"
+
+
+def test_repeat_folder_counts_leave_out_images_the_scan_skipped(repeat_dataset):
+    (repeat_dataset / "30_mystyle" / "z.png").write_text("not an image")
+    (repeat_dataset / "30_mystyle" / "z.txt").write_text("caption")
+    (repeat_dataset / "10_extra" / "nocaption.png").write_bytes((repeat_dataset / "f.png").read_bytes())
+    for kwargs in ({}, {"probe": False, "spot_check": 100}):
+        result = scan_dataset(repeat_dataset, **kwargs)
+        assert result.repeat_folders == {"10_extra": (10, 1), "30_mystyle": (30, 2)}, kwargs
+    assert scan_dataset(repeat_dataset, probe=False).repeat_folders == {"10_extra": (10, 1), "30_mystyle": (30, 3)}
+
+
+def test_dataset_serves_each_image_repeats_times_with_its_own_caption_draws(repeat_dataset):
+    samples = scan_dataset(repeat_dataset).samples
+    transform = CaptionTransform(dropout=0.0, shuffle=True)
+    dataset = CaptionDataset(samples, transform, seed=3, repeat=True)
+    assert len(dataset) == 10 + 30 + 30 + 1 + 1 + 1
+    assert dataset.samples == samples  # the distinct images, e.g. for the interactive page
+    served = collections.Counter(dataset.sample_at(i).image_path.name for i in range(len(dataset)))
+    assert served == {"c.png": 10, "a.png": 30, "b.png": 30, "f.png": 1, "e.png": 1, "d.png": 1}
+    with pytest.raises(IndexError):
+        dataset.sample_at(len(dataset))
+    # Walk order: f.png (root files first), then 10_extra/c.png x10 at indices 1..10, and so on. Items come from the
+    # right image; repeats are distinct indices, so each gets its own seeded caption shuffle.
+    assert [s.image_path.name for s in samples[:2]] == ["f.png", "c.png"]
+    items = [dataset[i] for i in range(1, 11)]
+    assert {path for _, _, path in items} == {str(samples[1].image_path)}
+    assert len({caption for _, caption, _ in items}) > 3
+    assert len(CaptionDataset(samples, transform, repeat=False)) == len(samples) == 6
+    assert len(CaptionDataset(samples)) == 6  # validation datasets: every image once
+
+
+def test_split_is_over_distinct_images_before_repeating(repeat_dataset):
+    samples = scan_dataset(repeat_dataset).samples
+    for seed in range(5):
+        train, val = split_validation(samples, 0.34, seed=seed)
+        assert len(val) == 2 and len(train) == 4
+        dataset = CaptionDataset(train, repeat=True)
+        served = {dataset.sample_at(i) for i in range(len(dataset))}
+        assert served == set(train) and not served & set(val)
+        assert len(dataset) == sum(s.repeats for s in train)
+
+
+# ---------------------------------------------------------------------------- the trainer with repeat folders
+
+
+def make_repeat_shapes(root):
+    """2 images in 3_rep/ and 2 at the root: 8 training samples per epoch with repeats, 4 without."""
+    from caption_train.tiny import make_shapes_dataset
+
+    pairs = make_shapes_dataset(root, 4, seed=2, size=32, subfolders=0)
+    (root / "3_rep").mkdir()
+    for image, _ in pairs[:2]:
+        for path in (image, image.with_suffix(".txt")):
+            path.rename(root / "3_rep" / path.name)
+    return root
+
+
+class _StopAfter:
+    """A TrainingHooks that asks the loop to stop (like SIGINT) once step `k` is done."""
+
+    def __new__(cls, k):
+        import signal
+
+        from caption_train.train import TrainingHooks
+
+        class Hooks(TrainingHooks):
+            def on_step_end(self, run, epoch):
+                if run.global_step == k:
+                    run.stop.signum = int(signal.SIGINT)
+
+        return Hooks()
+
+
+@pytest.mark.slow
+def test_training_with_repeats_counts_steps_and_resumes_mid_epoch(tmp_path, tiny_blip, capsys):
+    from caption_train.config import load_train_config
+    from caption_train.tracking import read_metrics
+    from caption_train.train import TrainingStopped, train
+
+    from conftest import base_args
+
+    root = make_repeat_shapes(tmp_path / "ds")
+    stochastic = ["--batch_size", "2", "--epochs", "2", "--shuffle_captions", "--random_flip", "0.5", "--lr", "3e-3", "--num_sample_captions", "0"]
+
+    def losses(final):
+        return [row["train/loss"] for row in read_metrics(final.parent / "metrics.jsonl") if "train/loss" in row]
+
+    full = train(load_train_config(base_args(root, tiny_blip, tmp_path / "full", *stochastic)))
+    out = capsys.readouterr().out
+    assert "  repeat folders: 3_rep x3 (2 images)" in out.splitlines()
+    assert "4 training (8 with repeats) / 0 validation images; 4 optimizer steps per epoch x 2 epochs = 8 steps" in out
+    assert len(losses(full)) == 8
+
+    # Stopped mid-epoch (step 3 of epoch 1's 4), resumed: skip_first_batches skips 3 of the 4 repeated batches.
+    args = base_args(root, tiny_blip, tmp_path / "stopped", *stochastic)
+    with pytest.raises(TrainingStopped):
+        train(load_train_config(args), hooks=_StopAfter(3))
+    resumed = train(load_train_config([*args, "--resume", "auto"]))
+    assert losses(resumed) == pytest.approx(losses(full), rel=1e-5)
+
+    off = train(load_train_config(base_args(root, tiny_blip, tmp_path / "off", *stochastic, "--kohya_repeats", "false")))
+    out = capsys.readouterr().out
+    assert "  repeat folders ignored (kohya_repeats = false): 3_rep x3 (2 images)" in out.splitlines()
+    assert "4 training / 0 validation images; 2 optimizer steps per epoch x 2 epochs = 4 steps" in out
+    assert len(losses(off)) == 4

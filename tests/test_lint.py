@@ -98,7 +98,8 @@ def test_token_and_image_stats(report):
 def test_quick_mode_finds_the_same_problems(corpus, report):
     quick = lint_dataset(corpus[0], decode=False)
     assert not quick.decoded
-    key = lambda r: sorted((f.code, f.path) for f in r.findings if f.code != "long_caption")  # noqa: E731
+    # Without a tokenizer there are no token checks (long captions, unknown characters).
+    key = lambda r: sorted((f.code, f.path) for f in r.findings if f.code not in ("long_caption", "unknown_characters"))  # noqa: E731
     assert key(quick) == key(report)  # truncated files too: the end-of-file check decodes just the suspects
 
 
@@ -141,7 +142,8 @@ def test_clean_dataset_exits_zero(shapes_dir, tiny_blip, capsys):
     assert "ERRORS" not in out and "WARNINGS" not in out
     assert "result: 0 errors, 0 warnings" in out and "24 usable image+caption pairs" in out
     report = lint_dataset(shapes_dir)
-    assert report.summary_lines()[0] == "dataset check: 24 images, 24 usable with captions"
+    assert report.summary_lines() == [f"dataset {shapes_dir}: 24 images with captions", "  images: 24 PNG; modes 24 RGB; width 32, height 32 px",
+                                      "  captions: 3 words (token lengths and unknown characters not checked: pass --model)"]
 
 
 def test_strict_fails_on_warnings(tmp_path, capsys):
@@ -233,11 +235,12 @@ def test_only_unusable_images_is_an_error(tmp_path):
 
 def test_summary_lines_for_training_start(corpus, report):
     lines = report.summary_lines()
-    assert 3 <= len(lines) <= 6
-    assert lines[0] == (f"dataset check: {report.image_files} images, {report.usable} usable with captions; "
-                        f"{len(report.errors)} errors, {len(report.warnings)} warnings (list them: caption-train lint {corpus[0]})")
-    assert lines[1].startswith("  errors (skipped): 13 unreadable image, ") and "2 caption not UTF-8" in lines[1]
-    assert lines[2].startswith("  warnings: ") and "1 duplicate with differing captions" in lines[2]
+    assert 3 <= len(lines) <= 7
+    # One head line (the trainer prints no other dataset line): what is trained on, what is skipped and why.
+    assert lines[0] == (f"dataset {corpus[0]}: {report.usable} images with captions; skipped {len(report.errors)} "
+                        f"(13 unreadable image, 4 unreadable caption, 3 empty caption, 3 missing caption, 2 caption not UTF-8, "
+                        f"1 bad metadata.jsonl line); {len(report.warnings)} warnings (list them: caption-train lint {corpus[0]})")
+    assert lines[1].startswith("  warnings: ") and "1 duplicate with differing captions" in lines[1]
     assert any(line.strip().startswith("captions:") and "over the limit of 32" in line for line in lines)
 
 
@@ -259,3 +262,120 @@ def test_fifo_caption_does_not_hang_the_scanner(tmp_path):
     os.mkfifo(tmp_path / "b.txt")
     result = scan_dataset(tmp_path)
     assert result.skipped == {"unreadable caption": 1}
+
+
+# ---------------------------------------------------------------------------------------------
+# captions the tokenizer cannot write
+
+
+@pytest.fixture
+def odd_captions(tmp_path):
+    """4 captions; the tests' tiny vocabulary has no ',' and no emoji (it lowercases and strips accents)."""
+    root = tmp_path / "ds"
+    captions = {"a.png": "a red circle", "b.png": "a red circle, big", "sub/c.png": "a blue 😀square, small", "d.png": "a Bluë square"}
+    for i, (rel, caption) in enumerate(captions.items()):
+        save(root / rel, color=(i * 50, 0, 0), caption=caption)
+    return root
+
+
+def test_unknown_characters_share_characters_and_example(odd_captions, tiny_blip, capsys):
+    tokenizer, limit = load_tokenizer(str(tiny_blip))
+    report = lint_dataset(odd_captions, tokenizer=tokenizer, max_tokens=limit)
+    unknown = report.unknown
+    assert (unknown.checked, unknown.flagged, unknown.unk_token) == (4, 2, "[UNK]")
+    # Per caption, the characters inside each [UNK]'s source span that the tokenizer cannot read alone: the comma
+    # (its own token), the emoji (which turns the whole word "😀square" into one [UNK]) - not the letters around it.
+    assert unknown.chars == {",": 2, "😀": 1}
+    assert unknown.example == ("b.png", "a red circle, big")
+    assert {(f.code, f.path) for f in report.findings} == {("unknown_characters", "b.png"), ("unknown_characters", "sub/c.png")}
+    line = next(line for line in report.summary_lines() if "[UNK]" in line)
+    assert line == ("  warning: 50.0% of captions (2 of 4) contain characters the tokenizer reads as [UNK], so the model "
+                    "can never write them: ',' (2), '😀' U+1F600 (1); e.g. b.png: 'a red circle, big'")
+
+    assert main(["lint", str(odd_captions), "--model", str(tiny_blip)]) == 0
+    out = capsys.readouterr().out
+    assert "[unknown_characters] (2)" in out and "sub/c.png: '😀' U+1F600, ',' read as [UNK]: 'a blue 😀square, small'" in out
+    assert main(["lint", str(odd_captions), "--model", str(tiny_blip), "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)["unknown_characters"]
+    assert data == {"captions_checked": 4, "captions_with_unknown": 2, "unknown_token": "[UNK]", "top": [[",", 2], ["😀", 1]]}
+
+
+def test_no_unknown_characters_no_line(shapes_dir, tiny_blip):
+    tokenizer, limit = load_tokenizer(str(tiny_blip))
+    report = lint_dataset(shapes_dir, tokenizer=tokenizer, max_tokens=limit)
+    assert report.unknown.flagged == 0 and not any("[UNK]" in line for line in report.summary_lines())
+
+
+# ---------------------------------------------------------------------------------------------
+# the trainer's start-up summary: built from the scan, without walking or opening anything again
+
+
+def test_summary_from_the_scan_needs_no_second_walk(odd_captions, tiny_blip):
+    import shutil
+
+    from caption_train.lint import summarize_scan
+
+    (odd_captions / "e.png").write_text("not an image")
+    (odd_captions / "e.txt").write_text("a caption")
+    (odd_captions / "f.png").write_bytes(b"")  # no caption
+    result = scan_dataset(odd_captions, probe=False)
+    tokenizer, limit = load_tokenizer(str(tiny_blip))
+    shutil.rmtree(odd_captions)  # proof: the summary reads nothing from the dataset folder
+    report = summarize_scan(result, tokenizer=tokenizer, max_tokens=limit, max_tokenized=3)
+    lines = report.summary_lines()
+    assert lines[0] == (f"dataset {odd_captions}: 5 images with captions; skipped 1 (1 missing caption); 1 warning "
+                        f"(list them and open every image: caption-train lint {odd_captions})")
+    assert lines[1] == "  warnings: 1 caption with unknown characters"
+    # Token checks on an evenly spaced sample (every second caption: a.png, d.png, sub/c.png), and the lines say so.
+    assert report.captions_tokenized == 3 and len(report.tokens) == 3
+    assert "tokens, 0 over the limit of 32 (in an evenly spaced sample of 3 of 5 captions)" in lines[2]
+    assert "33.3% of captions (1 of 3, an evenly spaced sample of 5)" in lines[3] and "e.g. sub/c.png: " in lines[3]
+    assert not report.widths and not report.images_checked  # no image was opened
+
+
+def test_start_up_summary_line_without_findings(shapes_dir):
+    from caption_train.lint import summarize_scan
+
+    report = summarize_scan(scan_dataset(shapes_dir, probe=False, spot_check=256))
+    assert report.summary_lines()[0] == f"dataset {shapes_dir}: 24 images with captions"  # all 24 probed: nothing to add
+    report = summarize_scan(scan_dataset(shapes_dir, probe=False, spot_check=4))
+    assert report.summary_lines()[0] == f"dataset {shapes_dir}: 24 images with captions (open every image: caption-train lint {shapes_dir})"
+
+
+# ---------------------------------------------------------------------------------------------
+# repeat folders and plurals
+
+
+def test_lint_reports_repeat_folders(tmp_path):
+    from caption_train.lint import summarize_scan
+
+    root = tmp_path / "ds"
+    save(root / "30_mystyle" / "a.png", caption="a red square")
+    save(root / "30_mystyle" / "b.png", color=(0, 0, 200), caption="a blue square")
+    save(root / "10_extra" / "deep" / "c.png", color=(0, 200, 0), caption="a green square")
+    save(root / "other" / "d.png", color=(9, 9, 9), caption="a dark square")
+    report = lint_dataset(root)
+    assert report.repeat_folders == {"10_extra": (10, 1), "30_mystyle": (30, 2)}
+    assert ("repeat folders (training serves each image N times per epoch; kohya_repeats = false turns this off): "
+            "10_extra x10 (1 image), 30_mystyle x30 (2 images)") in report.format_text().splitlines()
+    assert report.to_dict()["repeat_folders"] == {"10_extra": {"repeats": 10, "images": 1}, "30_mystyle": {"repeats": 30, "images": 2}}
+    assert "  repeat folders: 10_extra x10 (1 image), 30_mystyle x30 (2 images)" in report.summary_lines()
+    off = summarize_scan(scan_dataset(root), repeats=False)
+    assert "  repeat folders ignored (kohya_repeats = false): 10_extra x10 (1 image), 30_mystyle x30 (2 images)" in off.summary_lines()
+    assert not any(line.startswith("repeat folders") for line in lint_dataset(root / "other").format_text().splitlines())
+
+
+def test_counts_in_messages_are_singular_for_one(tmp_path):
+    root = tmp_path / "ds"
+    save(root / "a.png", caption="a red square")
+    save(root / "b.png", size=(8, 8), caption="a red square")  # one warning: tiny image
+    text = lint_dataset(root).format_text()
+    assert "  2 image files, 2 usable image+caption pairs, 2 caption files (every image decoded; 0 files hashed for duplicates)" in text
+    (root / "b.png").unlink()
+    (root / "b.txt").unlink()
+    report = lint_dataset(root)
+    assert "  1 image file, 1 usable image+caption pair, 1 caption file (every image decoded; 0 files hashed for duplicates)" in report.format_text()
+    assert report.format_text().endswith("result: 0 errors, 0 warnings")
+    assert report.summary_lines()[0] == f"dataset {root}: 1 image with captions"
+    save(root / "c.png", size=(8, 8), caption="x")
+    assert lint_dataset(root).format_text().endswith("result: 0 errors, 1 warning")

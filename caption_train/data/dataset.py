@@ -6,6 +6,10 @@
         for batch in DataLoader(dataset, batch_size=8, collate_fn=collate):   # collate calls drop_failed(items)
             ...
 
+Repeat folders: `CaptionDataset(samples, repeat=True)` serves each sample `sample.repeats` times per epoch (kohya's
+`30_mystyle/` folders, see data/scan.py); `dataset.samples` stays the list of distinct images. Each repeat has its
+own index, so it gets its own caption shuffle, dropout and flip.
+
 An image that fails to decode yields None instead of raising, so one bad file cannot end a long run; the collator
 must drop those items with `drop_failed` (and cope with a batch that ends up empty).
 With DataLoader workers, call set_epoch before creating the epoch's iterator and do not use persistent_workers:
@@ -18,6 +22,8 @@ captions and lists excluded images; an excluded sample yields None, exactly like
 
 from __future__ import annotations
 
+import bisect
+import itertools
 import json
 import logging
 import os
@@ -91,10 +97,16 @@ class CaptionDataset(torch.utils.data.Dataset):
         *,
         seed: int = 0,
         random_flip: float = 0.0,
+        repeat: bool = False,
     ):
         if not 0.0 <= random_flip <= 1.0:
             raise ValueError(f"random_flip must be a probability between 0 and 1, got {random_flip!r}")
         self.samples = list(samples)
+        # Cumulative repeat counts (None when every sample is served once): index i belongs to the first sample
+        # whose running total exceeds i. One int per distinct image, however large the repeats.
+        self._ends: list[int] | None = None
+        if repeat and any(s.repeats != 1 for s in self.samples):
+            self._ends = list(itertools.accumulate(s.repeats for s in self.samples))
         self.transform = transform
         self.seed = seed
         # Off by default: flipping breaks captions that say "left"/"right" or contain text.
@@ -117,10 +129,18 @@ class CaptionDataset(torch.utils.data.Dataset):
         self.live = LiveCaptions(path)
 
     def __len__(self) -> int:
-        return len(self.samples)
+        return self._ends[-1] if self._ends else len(self.samples)
+
+    def sample_at(self, index: int) -> Sample:
+        """The distinct image behind dataset index `index` (repeats counted)."""
+        if self._ends is None:
+            return self.samples[index]
+        if not 0 <= index < self._ends[-1]:
+            raise IndexError(f"index {index} out of range for {self._ends[-1]} samples")
+        return self.samples[bisect.bisect_right(self._ends, index)]
 
     def __getitem__(self, index: int) -> Item | None:
-        sample = self.samples[index]
+        sample = self.sample_at(index)
         text = sample.caption
         if self.live is not None:
             # Checked before loading the image: an excluded sample costs a dict lookup, not a decode.
