@@ -14,7 +14,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from caption_train.checkpoint import checkpoints_in, find_resumable
+from caption_train.checkpoint import CHECKPOINT_NAME, STATE_NAME, checkpoints_in, find_resumable, is_complete
 from caption_train.config import load_train_config
 from caption_train.errors import UserError
 from caption_train.tracking import read_metrics
@@ -193,11 +193,31 @@ def test_signal_saves_resumable_checkpoint(tmp_path, tiny_blip, shapes_dir, sign
     assert stderr.strip().splitlines()[-1].startswith("error: training interrupted by")
 
 
+# What every checkpoint folder holds once it is finished (training_state.pt, written last, is the completion marker).
+CHECKPOINT_FILES = {"adapter_config.json", "adapter_model.safetensors", "config.toml", STATE_NAME, "rng_state_0.pt",
+                    "processor_config.json", "tokenizer.json", "tokenizer_config.json"}
+
+
+def assert_no_partial_checkpoint(runs: Path) -> None:
+    """No folder under a checkpoint's final name (step-N/, epoch-N/, final/) may be half-written: each has the
+    completion marker and the full file set, and every file reads back whole. Half-written work belongs in a
+    hidden temp folder, which resume ignores."""
+    for folder in sorted(runs.glob("*/*")):
+        if not CHECKPOINT_NAME.match(folder.name):
+            continue
+        files = {p.name for p in folder.iterdir()}
+        assert is_complete(folder) and CHECKPOINT_FILES <= files, f"{folder} is incomplete: {sorted(files)}"
+        torch.load(folder / STATE_NAME, map_location="cpu", weights_only=False)
+        torch.load(folder / "rng_state_0.pt", map_location="cpu", weights_only=False)
+        weights(folder)
+
+
 @pytest.mark.slow
 def test_sigkill_at_random_moments_always_resumes(tmp_path, tiny_blip, shapes_dir):
     """10 trials in a chain: start (or resume) a run that saves every step, SIGKILL it at a random moment (often
     inside a checkpoint write), and resume with --resume auto. Every resume must find an intact checkpoint, the
-    run must finish, every checkpoint left behind must load, and each step must be logged exactly once."""
+    run must finish, every checkpoint left behind must load, and each step must be logged exactly once. After
+    every kill, nothing half-written may sit under a checkpoint's final name (the temp folder + rename)."""
     from peft import PeftModel
     from transformers import BlipForConditionalGeneration
 
@@ -217,6 +237,7 @@ def test_sigkill_at_random_moments_always_resumes(tmp_path, tiny_blip, shapes_di
             time.sleep(rng.uniform(0.0, 0.4))
             os.kill(process.pid, signal.SIGKILL)
             process.wait()
+        assert_no_partial_checkpoint(runs)
         if trial:
             assert "resuming from" in log.read_text(), log.read_text()[-2000:]
     resumed = subprocess.run([sys.executable, str(REPO / "train2.py"), *args], capture_output=True, text=True, cwd=tmp_path, timeout=600)
