@@ -193,6 +193,33 @@ def test_signal_saves_resumable_checkpoint(tmp_path, tiny_blip, shapes_dir, sign
     assert stderr.strip().splitlines()[-1].startswith("error: training interrupted by")
 
 
+@pytest.mark.slow
+def test_real_sigint_then_resume_matches_uninterrupted(tmp_path, tiny_blip, shapes_dir):
+    """Ctrl-C on a real training process (the signal handler, not a hook setting the stop flag), then
+    --resume auto in a new process: same losses, validation losses and weights as a run never interrupted."""
+    stochastic = (*STOCHASTIC, "--epochs", "12", "--save_every_n_epochs", "0")  # 36 steps: the signal lands mid-run
+    args = base_args(shapes_dir, tiny_blip, tmp_path / "runs", *stochastic)
+    process = subprocess.Popen([sys.executable, str(REPO / "train2.py"), *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path)
+    wait_for_steps(tmp_path / "runs", 3)
+    process.send_signal(signal.SIGINT)
+    _, stderr = process.communicate(timeout=300)
+    assert process.returncode == 130, stderr[-2000:]
+    stopped_at = find_resumable(tmp_path / "runs", "caption-train")
+    assert stopped_at.name.startswith("step-") and 0 < int(stopped_at.name.split("-")[1]) < 36, stopped_at
+
+    resumed = subprocess.run([sys.executable, str(REPO / "train2.py"), *args, "--resume", "auto"], capture_output=True, text=True, cwd=tmp_path, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert f"resuming from {stopped_at}" in resumed.stdout
+    final = Path(resumed.stdout.strip().splitlines()[-1])
+    assert final.parent == stopped_at.parent
+
+    reference = train(load_train_config(base_args(shapes_dir, tiny_blip, tmp_path / "reference", *stochastic)))
+    assert len(losses(final.parent)) == 36
+    assert losses(final.parent) == pytest.approx(losses(reference.parent), rel=1e-5)
+    assert losses(final.parent, "val/loss") == pytest.approx(losses(reference.parent, "val/loss"), rel=1e-5)
+    assert_same_weights(final, reference)
+
+
 # What every checkpoint folder holds once it is finished (training_state.pt, written last, is the completion marker).
 CHECKPOINT_FILES = {"adapter_config.json", "adapter_model.safetensors", "config.toml", STATE_NAME, "rng_state_0.pt",
                     "processor_config.json", "tokenizer.json", "tokenizer_config.json"}
