@@ -14,7 +14,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from caption_train.checkpoint import CHECKPOINT_NAME, STATE_NAME, checkpoints_in, find_resumable, is_complete
+from caption_train.checkpoint import checkpoints_in, find_resumable
 from caption_train.config import load_train_config
 from caption_train.errors import UserError
 from caption_train.tracking import read_metrics
@@ -220,20 +220,19 @@ def test_real_sigint_then_resume_matches_uninterrupted(tmp_path, tiny_blip, shap
     assert_same_weights(final, reference)
 
 
-# What every checkpoint folder holds once it is finished (training_state.pt, written last, is the completion marker).
-CHECKPOINT_FILES = {"adapter_config.json", "adapter_model.safetensors", "config.toml", STATE_NAME, "rng_state_0.pt",
-                    "processor_config.json", "tokenizer.json", "tokenizer_config.json"}
-
-
 def assert_no_partial_checkpoint(runs: Path) -> None:
     """No folder under a checkpoint's final name (step-N/, epoch-N/, final/) may be half-written: each has the
-    completion marker and the full file set, and every file reads back whole. Half-written work belongs in a
-    hidden temp folder, which resume ignores."""
+    completion marker (training_state.pt, written last) and the full file set, and every file reads back whole.
+    Half-written work belongs in a hidden temp folder, which resume ignores."""
+    from caption_train.checkpoint import CHECKPOINT_NAME, STATE_NAME, is_complete
+
+    expected = {"adapter_config.json", "adapter_model.safetensors", "config.toml", STATE_NAME, "rng_state_0.pt",
+                "processor_config.json", "tokenizer.json", "tokenizer_config.json"}
     for folder in sorted(runs.glob("*/*")):
         if not CHECKPOINT_NAME.match(folder.name):
             continue
         files = {p.name for p in folder.iterdir()}
-        assert is_complete(folder) and CHECKPOINT_FILES <= files, f"{folder} is incomplete: {sorted(files)}"
+        assert is_complete(folder) and expected <= files, f"{folder} is incomplete: {sorted(files)}"
         torch.load(folder / STATE_NAME, map_location="cpu", weights_only=False)
         torch.load(folder / "rng_state_0.pt", map_location="cpu", weights_only=False)
         weights(folder)
