@@ -123,6 +123,10 @@ def fixed_batch(tiny_blip: Path, shapes_dir: Path) -> dict[str, torch.Tensor]:
     return BlipFamily().collate(BlipProcessor.from_pretrained(tiny_blip), [load_rgb(i) for i in images], captions, max_length=32)
 
 
+# Where a test compares training-time outputs with a float32 reload, training runs in float32 too (no autocast).
+FP32 = ("--mixed_precision", "no")
+
+
 class CaptureTrained(TrainingHooks):
     """As training ends: the trained model's parameters and its logits on a fixed batch (eval mode)."""
 
@@ -145,7 +149,7 @@ def test_ia3_trains_only_its_vectors_and_the_adapter_reproduces_the_model(tmp_pa
 
     capture = CaptureTrained(fixed_batch(tiny_blip, shapes_dir))
     # A high LR so that the trained model's outputs are far from the base model's: "reproduces" then means something.
-    final = train(load_train_config(base_args(shapes_dir, tiny_blip, tmp_path, "--peft_module", "IA3", "--lr", "0.1", "--num_sample_captions", "0")), hooks=capture)
+    final = train(load_train_config(base_args(shapes_dir, tiny_blip, tmp_path, "--peft_module", "IA3", "--lr", "0.1", "--num_sample_captions", "0", *FP32)), hooks=capture)
     base_model = BlipForConditionalGeneration.from_pretrained(tiny_blip).eval()
     with torch.no_grad():
         assert (base_model(**capture.batch).logits - capture.logits).abs().max() > 1e-2
@@ -175,7 +179,7 @@ def test_full_finetune_trains_every_weight_and_saves_the_trained_model(tmp_path,
     from caption_train.inference import load_for_inference
 
     capture = CaptureTrained(fixed_batch(tiny_blip, shapes_dir))
-    final = train(load_train_config(base_args(shapes_dir, tiny_blip, tmp_path, "--peft_module", "none", "--lr", "1e-3", "--num_sample_captions", "0")), hooks=capture)
+    final = train(load_train_config(base_args(shapes_dir, tiny_blip, tmp_path, "--peft_module", "none", "--lr", "1e-3", "--num_sample_captions", "0", *FP32)), hooks=capture)
     base = dict(BlipForConditionalGeneration.from_pretrained(tiny_blip).named_parameters())
     assert capture.params.keys() == base.keys()
     unchanged = [name for name, p in capture.params.items() if torch.equal(p, base[name])]
@@ -365,7 +369,7 @@ def test_two_process_torchrun(tmp_path, tiny_blip, shapes_dir):
 def test_caption_metrics_and_probe_panel_during_training(capsys, tmp_path, tiny_blip, shapes_dir):
     final, stdout = train_cli(capsys, *base_args(shapes_dir, tiny_blip, tmp_path, "--epochs", "2", "--validation_split", "0.25",
                                                  "--peft_module", "none", "--lr", "3e-3",  # learns enough in 2 epochs for non-zero scores
-                                                 "--eval_every_n_epochs", "1", "--eval_max_images", "4"))
+                                                 "--eval_every_n_epochs", "1", "--eval_max_images", "4", *FP32))
     epoch_rows = [r for r in read_metrics(final.parent / "metrics.jsonl") if "val/loss" in r]
     assert len(epoch_rows) == 2
     # Each epoch's scores are those of that epoch's checkpoint captioning the first 4 validation images.
