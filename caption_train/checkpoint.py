@@ -194,5 +194,9 @@ def prune_step_checkpoints(run_dir: Path, keep: int) -> list[Path]:
     steps = sorted((int(p.name.split("-")[1]), p) for p in run_dir.glob("step-*") if CHECKPOINT_NAME.match(p.name))
     removed = [path for _, path in steps[: max(0, len(steps) - keep)]]
     for path in removed:
-        shutil.rmtree(path)
+        # Renamed out of the way first: a crash mid-delete must not leave a partial step-N/ under its final name.
+        doomed = path.parent / f".{path.name}{TMP_MARK}delete"
+        shutil.rmtree(doomed, ignore_errors=True)
+        os.replace(path, doomed)
+        shutil.rmtree(doomed)
     return removed

@@ -27,11 +27,13 @@ import random
 import shutil
 import stat
 import struct
+import tempfile
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
+import pytest
 from PIL import Image
 
 TRAINED, SKIPPED, LOAD_SKIPPED, IGNORED = "trained", "skipped", "load_skipped", "ignored"
@@ -431,10 +433,36 @@ def build_corpus(root: Path, *, good: int = GOOD_IMAGES, only: set[str] | None =
         else:
             if case.name.startswith("unreadable_") and _readable_anyway(folder):
                 # root (as in CI containers) reads mode-000 files: the case degrades to a good pair.
-                case.unavailable = "running as root, which reads a mode-000 file all the same"
+                case.unavailable = NO_PERMISSIONS
                 case.outcome, case.skip_reason, case.lint, case.kept = TRAINED, None, (), 1
         built.append(case)
     return built
+
+
+@functools.cache
+def permissions_enforced() -> bool:
+    """Whether this process is refused a mode-000 file. Root normally is not (CAP_DAC_OVERRIDE), so the cases that
+    need unreadable files or read-only folders cannot happen; .ci/run reruns the `permissions`-marked tests with
+    root's override dropped (setpriv), so they run in CI too."""
+    with tempfile.TemporaryDirectory() as tmp:
+        probe = Path(tmp) / "probe"
+        probe.write_bytes(b"x")
+        os.chmod(probe, 0)
+        try:
+            probe.read_bytes()
+        except PermissionError:
+            return True
+        return False
+
+
+NO_PERMISSIONS = ("this process reads and writes regardless of permission bits (root with CAP_DAC_OVERRIDE); "
+                  ".ci/run reruns the permissions-marked tests with that capability dropped")
+UNREADABLE_CASES = ("unreadable_image_permissions", "unreadable_caption_permissions")  # mode 000
+
+
+def case_params(names: list[str]) -> list:
+    """Case names as pytest parameters, the unreadable-file cases marked `permissions`."""
+    return [pytest.param(name, marks=pytest.mark.permissions) if name in UNREADABLE_CASES else name for name in names]
 
 
 def _readable_anyway(folder: Path) -> bool:

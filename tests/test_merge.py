@@ -67,6 +67,18 @@ def load_merged(folder: Path):
     return BlipForConditionalGeneration.from_pretrained(folder).eval(), AutoProcessor.from_pretrained(folder)
 
 
+def assert_weights_at_alpha(merged_dir: Path, adapter: Path, base_model: Path, alpha: float) -> None:
+    """The merged folder's weights equal base + alpha * (fine-tuned - base), with the fine-tuned weights from
+    peft's own merge of the adapter (not from merge.py), and the difference from both ends is real."""
+    base = BlipForConditionalGeneration.from_pretrained(base_model).state_dict()
+    tuned = load_for_inference(adapter, merge_adapter=True)[0].state_dict()
+    saved = BlipForConditionalGeneration.from_pretrained(merged_dir).state_dict()
+    changed = [name for name in base if base[name].is_floating_point() and not torch.equal(base[name], tuned[name])]
+    assert changed
+    for name in changed:
+        torch.testing.assert_close(saved[name], base[name] + alpha * (tuned[name] - base[name]), rtol=1e-5, atol=1e-6, msg=name)
+
+
 def merge(capsys, *args: str) -> tuple[int, str, str]:
     code = main(["merge", *args])
     captured = capsys.readouterr()
@@ -143,7 +155,7 @@ def test_full_finetune_interpolates_with_the_base_from_config_toml(capsys, tmp_p
     assert torch.equal(greedy_ids(same, processor, probe_images), greedy_ids(tuned_model, processor, probe_images))
 
 
-def test_alpha_sweep_keeps_the_best_by_cider(capsys, tmp_path, lora_final, shapes_dir):
+def test_alpha_sweep_keeps_the_best_by_cider(capsys, tmp_path, lora_final, tiny_blip, shapes_dir):
     code, out, _ = merge(capsys, str(lora_final), str(tmp_path / "best"), "--alpha_sweep", "0,0.5,1", "--eval_dir", str(shapes_dir),
                          "--num_workers", "0", "--max_new_tokens", "5", "--max_images", "12")
     assert code == 0
@@ -153,6 +165,8 @@ def test_alpha_sweep_keeps_the_best_by_cider(capsys, tmp_path, lora_final, shape
     assert set(sweep) == {0.0, 0.5, 1.0}
     best = max(sweep.values(), key=lambda m: m["cider"])["cider"]
     assert sweep[info["alpha"]]["cider"] == best
+    # The saved weights are the chosen alpha's, not just its label.
+    assert_weights_at_alpha(tmp_path / "best", lora_final, tiny_blip, info["alpha"])
 
 
 def test_out_dir_is_never_clobbered(capsys, tmp_path, lora_final):
@@ -189,9 +203,10 @@ def test_bad_alphas(capsys, tmp_path, lora_final, args, message):
     assert not (tmp_path / "out").exists()
 
 
-def test_extrapolation_when_allowed(capsys, tmp_path, lora_final):
+def test_extrapolation_when_allowed(capsys, tmp_path, lora_final, tiny_blip):
     assert merge(capsys, str(lora_final), str(tmp_path / "x"), "--alpha", "1.5", "--allow_extrapolation")[0] == 0
     assert json.loads((tmp_path / "x" / MERGE_INFO).read_text())["alpha"] == 1.5
+    assert_weights_at_alpha(tmp_path / "x", lora_final, tiny_blip, 1.5)
 
 
 def test_missing_base_and_bad_sources(capsys, tmp_path, lora_final, full_final, tiny_blip):

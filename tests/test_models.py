@@ -11,6 +11,7 @@ from PIL import Image
 from caption_train.adapters import peft_config, wrap_model
 from caption_train.errors import UserError
 from caption_train.models import resolve_family
+from caption_train.models.base import unwrap_peft
 from caption_train.models.blip import IGNORE_INDEX, BlipFamily
 from caption_train.train import enable_gradient_checkpointing
 
@@ -166,9 +167,27 @@ def test_checkpointing_keeps_frozen_vision_tower_out_of_backward(tiny_blip):
 
 
 def test_generate_caps_length_to_position_limit(loaded):
+    """Asked for 500 tokens, generation stops at the text model's position limit (32 here, the first taken by the
+    start token) instead of indexing past the position embeddings. The special tokens (the end token among them)
+    are suppressed, so the random model cannot stop early. Each generated token is one text-decoder forward call
+    (with the cache), which counts them exactly (decoded WordPiece text does not re-tokenize to the same count)."""
     family, model, processor = loaded
-    captions = family.generate(model.eval(), processor, images(2), max_new_tokens=500)
-    assert len(captions) == 2 and all(isinstance(c, str) for c in captions)
+    tokenizer = processor.tokenizer
+    steps = []
+    hook = unwrap_peft(model).text_decoder.register_forward_hook(lambda module, inputs, output: steps.append(1))
+
+    def generated_tokens(max_new_tokens: int) -> int:
+        steps.clear()
+        captions = family.generate(model.eval(), processor, images(2), max_new_tokens=max_new_tokens, suppress_tokens=tokenizer.all_special_ids)
+        assert len(captions) == 2 and all(captions)
+        return len(steps)
+
+    try:
+        room = model.config.text_config.max_position_embeddings - 1
+        assert generated_tokens(500) == room
+        assert generated_tokens(5) == 5  # a smaller request is kept as asked
+    finally:
+        hook.remove()
 
 
 def test_adapter_config_records_base_model(tiny_blip, tmp_path):

@@ -197,10 +197,56 @@ def test_signal_saves_resumable_checkpoint(tmp_path, tiny_blip, shapes_dir, sign
 
 
 @pytest.mark.slow
+def test_real_sigint_then_resume_matches_uninterrupted(tmp_path, tiny_blip, shapes_dir):
+    """Ctrl-C on a real training process (the signal handler, not a hook setting the stop flag), then
+    --resume auto in a new process: same losses, validation losses and weights as a run never interrupted."""
+    stochastic = (*STOCHASTIC, "--epochs", "12", "--save_every_n_epochs", "0")  # 36 steps: the signal lands mid-run
+    args = base_args(shapes_dir, tiny_blip, tmp_path / "runs", *stochastic)
+    process = subprocess.Popen([sys.executable, str(REPO / "train2.py"), *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path)
+    wait_for_steps(tmp_path / "runs", 3)
+    process.send_signal(signal.SIGINT)
+    _, stderr = process.communicate(timeout=300)
+    assert process.returncode == 130, stderr[-2000:]
+    stopped_at = find_resumable(tmp_path / "runs", "caption-train")
+    assert stopped_at.name.startswith("step-") and 0 < int(stopped_at.name.split("-")[1]) < 36, stopped_at
+
+    resumed = subprocess.run([sys.executable, str(REPO / "train2.py"), *args, "--resume", "auto"], capture_output=True, text=True, cwd=tmp_path, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert f"resuming from {stopped_at}" in resumed.stdout
+    final = Path(resumed.stdout.strip().splitlines()[-1])
+    assert final.parent == stopped_at.parent
+
+    reference = train(load_train_config(base_args(shapes_dir, tiny_blip, tmp_path / "reference", *stochastic)))
+    assert len(losses(final.parent)) == 36
+    assert losses(final.parent) == pytest.approx(losses(reference.parent), rel=1e-5)
+    assert losses(final.parent, "val/loss") == pytest.approx(losses(reference.parent, "val/loss"), rel=1e-5)
+    assert_same_weights(final, reference)
+
+
+def assert_no_partial_checkpoint(runs: Path) -> None:
+    """No folder under a checkpoint's final name (step-N/, epoch-N/, final/) may be half-written: each has the
+    completion marker (training_state.pt, written last) and the full file set, and every file reads back whole.
+    Half-written work belongs in a hidden temp folder, which resume ignores."""
+    from caption_train.checkpoint import CHECKPOINT_NAME, STATE_NAME, is_complete
+
+    expected = {"adapter_config.json", "adapter_model.safetensors", "config.toml", STATE_NAME, "rng_state_0.pt",
+                "processor_config.json", "tokenizer.json", "tokenizer_config.json"}
+    for folder in sorted(runs.glob("*/*")):
+        if not CHECKPOINT_NAME.match(folder.name):
+            continue
+        files = {p.name for p in folder.iterdir()}
+        assert is_complete(folder) and expected <= files, f"{folder} is incomplete: {sorted(files)}"
+        torch.load(folder / STATE_NAME, map_location="cpu", weights_only=False)
+        torch.load(folder / "rng_state_0.pt", map_location="cpu", weights_only=False)
+        weights(folder)
+
+
+@pytest.mark.slow
 def test_sigkill_at_random_moments_always_resumes(tmp_path, tiny_blip, shapes_dir):
     """10 trials in a chain: start (or resume) a run that saves every step, SIGKILL it at a random moment (often
     inside a checkpoint write), and resume with --resume auto. Every resume must find an intact checkpoint, the
-    run must finish, every checkpoint left behind must load, and each step must be logged exactly once."""
+    run must finish, every checkpoint left behind must load, and each step must be logged exactly once. After
+    every kill, nothing half-written may sit under a checkpoint's final name (the temp folder + rename)."""
     from peft import PeftModel
     from transformers import BlipForConditionalGeneration
 
@@ -220,6 +266,7 @@ def test_sigkill_at_random_moments_always_resumes(tmp_path, tiny_blip, shapes_di
             time.sleep(rng.uniform(0.0, 0.4))
             os.kill(process.pid, signal.SIGKILL)
             process.wait()
+        assert_no_partial_checkpoint(runs)
         if trial:
             assert "resuming from" in log.read_text(), log.read_text()[-2000:]
     resumed = subprocess.run([sys.executable, str(REPO / "train2.py"), *args], capture_output=True, text=True, cwd=tmp_path, timeout=600)

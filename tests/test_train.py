@@ -15,7 +15,9 @@ import torch
 
 from caption_train.cli import main
 from caption_train.config import load_train_config
+from caption_train.models.base import unwrap_peft
 from caption_train.tracking import read_metrics
+from caption_train.train import TrainingHooks, train
 
 from conftest import REPO, base_args
 
@@ -73,6 +75,25 @@ def test_lora_run_writes_the_contract(capsys, tmp_path, tiny_blip, shapes_dir):
     assert state["global_step"] == len(train_losses(run_dir)) and state["epoch"] == 2
 
 
+def cosine(start: float, end: float, fraction: float) -> float:
+    return end + (start - end) * (1 + math.cos(math.pi * fraction)) / 2
+
+
+def expected_schedule(name: str, lr: float, *, steps_per_epoch: int, total: int) -> list[float]:
+    """The LR used at steps 1..total, written from each schedule's definition (not from torch's classes)."""
+    if name == "CosineAnnealingLR":  # T_max = total steps, down to 0
+        return [cosine(lr, 0.0, k / total) for k in range(total)]
+    if name == "CosineAnnealingWarmRestarts":  # T_0 = one epoch: back to lr at each epoch start
+        return [cosine(lr, 0.0, (k % steps_per_epoch) / steps_per_epoch) for k in range(total)]
+    if name == "CyclicLR":  # triangle between lr/10 and lr, half an epoch up (1 step here) and as long down
+        up = max(1, steps_per_epoch // 2)
+        return [lr / 10 + (lr - lr / 10) * (1 - abs((k % (2 * up)) / up - 1)) for k in range(total)]
+    if name == "OneCycleLR":  # from lr/25 up to lr over 30% of the steps, then down to lr/25/1e4 (cosine both ways)
+        start, low, peak = lr / 25, lr / 25 / 1e4, 0.3 * total - 1
+        return [cosine(start, lr, k / peak) if k <= peak else cosine(lr, low, (k - peak) / (total - 1 - peak)) for k in range(total)]
+    raise AssertionError(name)
+
+
 @pytest.mark.parametrize("scheduler", ["CosineAnnealingLR", "CosineAnnealingWarmRestarts", "CyclicLR", "OneCycleLR"])
 @pytest.mark.parametrize("optimizer", ["AdamW", "Prodigy"])
 def test_optimizer_scheduler_matrix(capsys, tmp_path, tiny_blip, shapes_dir, optimizer, scheduler):
@@ -80,20 +101,98 @@ def test_optimizer_scheduler_matrix(capsys, tmp_path, tiny_blip, shapes_dir, opt
                                             "--epochs", "2", "--save_every_n_epochs", "0", "--num_sample_captions", "0"))
     rows = [r for r in read_metrics(final.parent / "metrics.jsonl") if "train/loss" in r]
     assert len(rows) == 2 * math.ceil(24 / 8)
-    assert all(math.isfinite(r["train/loss"]) and r["train/lr"] > 0 for r in rows)
+    assert all(math.isfinite(r["train/loss"]) for r in rows)
+    # The LR in force at each step follows the schedule's formula with the README's defaults (Prodigy's lr is a
+    # multiplier, 1.0): 2 epochs x 3 steps.
+    lr = 1.0 if optimizer == "Prodigy" else 1e-4
+    assert [r["train/lr"] for r in rows] == pytest.approx(expected_schedule(scheduler, lr, steps_per_epoch=3, total=6), rel=1e-6)
     if optimizer == "Prodigy":
         assert all("train/prodigy_d" in r for r in rows)
     assert not (final.parent / "epoch-1").exists()
 
 
-@pytest.mark.parametrize("module, weights", [("IA3", "adapter_model.safetensors"), ("none", "model.safetensors")])
-def test_ia3_and_full_finetune(capsys, tmp_path, tiny_blip, shapes_dir, module, weights):
-    final, _ = train_cli(capsys, *base_args(shapes_dir, tiny_blip, tmp_path, "--peft_module", module))
-    assert (final / weights).is_file()
+def fixed_batch(tiny_blip: Path, shapes_dir: Path) -> dict[str, torch.Tensor]:
+    """Four dataset images with their captions, collated as training collates them."""
+    from transformers import BlipProcessor
+
+    from caption_train.data.images import load_rgb
+    from caption_train.models.blip import BlipFamily
+
+    images = sorted(shapes_dir.rglob("*.png"))[:4]
+    captions = [image.with_suffix(".txt").read_text().strip() for image in images]
+    return BlipFamily().collate(BlipProcessor.from_pretrained(tiny_blip), [load_rgb(i) for i in images], captions, max_length=32)
+
+
+# Where a test compares training-time outputs with a float32 reload, training runs in float32 too (no autocast).
+FP32 = ("--mixed_precision", "no")
+
+
+class CaptureTrained(TrainingHooks):
+    """As training ends: the trained model's parameters and its logits on a fixed batch (eval mode)."""
+
+    def __init__(self, batch: dict[str, torch.Tensor]):
+        self.batch = batch
+
+    def on_train_end(self, run):
+        model = run.accelerator.unwrap_model(run.model)
+        self.params = {name: p.detach().clone() for name, p in unwrap_peft(model).named_parameters()}
+        model.eval()
+        with torch.no_grad():
+            self.logits = model(**self.batch).logits
+        model.train()
+
+
+def test_ia3_trains_only_its_vectors_and_the_adapter_reproduces_the_model(tmp_path, tiny_blip, shapes_dir):
+    from transformers import BlipForConditionalGeneration
+
     from caption_train.inference import load_for_inference
 
-    model, processor, family = load_for_inference(final)
+    capture = CaptureTrained(fixed_batch(tiny_blip, shapes_dir))
+    # A high LR so that the trained model's outputs are far from the base model's: "reproduces" then means something.
+    final = train(load_train_config(base_args(shapes_dir, tiny_blip, tmp_path, "--peft_module", "IA3", "--lr", "0.1", "--num_sample_captions", "0", *FP32)), hooks=capture)
+    base_model = BlipForConditionalGeneration.from_pretrained(tiny_blip).eval()
+    with torch.no_grad():
+        assert (base_model(**capture.batch).logits - capture.logits).abs().max() > 1e-2
+    base = dict(base_model.named_parameters())
+    ia3 = {name: p for name, p in capture.params.items() if ".ia3_l." in name}
+    # IA3's scaling vectors on keys/values/feed-forward of both towers, each moved from its initial 1.0 ...
+    assert any("text_decoder" in n and ".key." in n for n in ia3) and any("vision_model" in n and ".fc2." in n for n in ia3)
+    assert all(not torch.equal(p, torch.ones_like(p)) for p in ia3.values()), [n for n, p in ia3.items() if torch.equal(p, torch.ones_like(p))]
+    # ... and every base weight exactly as loaded.
+    others = {name.replace(".base_layer.", "."): p for name, p in capture.params.items() if name not in ia3}
+    assert others.keys() == base.keys()
+    assert all(torch.equal(p, base[name]) for name, p in others.items())
+
+    from safetensors.torch import load_file
+
+    assert all(".ia3_l" in key for key in load_file(str(final / "adapter_model.safetensors")))
+    model, _, family = load_for_inference(final)
     assert family.name == "blip" and model.training is False
+    with torch.no_grad():
+        torch.testing.assert_close(model(**capture.batch).logits, capture.logits, rtol=1e-5, atol=1e-5)
+
+
+def test_full_finetune_trains_every_weight_and_saves_the_trained_model(tmp_path, tiny_blip, shapes_dir):
+    from safetensors.torch import load_file
+    from transformers import BlipForConditionalGeneration
+
+    from caption_train.inference import load_for_inference
+
+    capture = CaptureTrained(fixed_batch(tiny_blip, shapes_dir))
+    final = train(load_train_config(base_args(shapes_dir, tiny_blip, tmp_path, "--peft_module", "none", "--lr", "1e-3", "--num_sample_captions", "0", *FP32)), hooks=capture)
+    base = dict(BlipForConditionalGeneration.from_pretrained(tiny_blip).named_parameters())
+    assert capture.params.keys() == base.keys()
+    unchanged = [name for name, p in capture.params.items() if torch.equal(p, base[name])]
+    # Every weight of both towers and the LM head moved (AdamW with weight decay moves anything with a gradient).
+    assert not [n for n in unchanged if n.startswith(("vision_model.embeddings", "vision_model.encoder", "text_decoder.bert.encoder"))], unchanged
+
+    saved = load_file(str(final / "model.safetensors"))
+    assert all(torch.equal(saved[name], p) for name, p in capture.params.items() if name in saved)
+    assert len(saved) >= len(capture.params) - 2  # tied weights may be stored once
+    model, _, family = load_for_inference(final)
+    assert family.name == "blip" and model.training is False
+    with torch.no_grad():
+        torch.testing.assert_close(model(**capture.batch).logits, capture.logits, rtol=1e-5, atol=1e-5)
 
 
 def test_accumulation_counts_optimizer_steps_and_schedule_ends_at_zero(capsys, tmp_path, tiny_blip, shapes_dir):
@@ -130,6 +229,62 @@ def test_step_checkpoints_and_options(capsys, tmp_path, tiny_blip, shapes_dir):
                                             "--gradient_checkpointing", "--mixed_precision", "bf16", "--label_smoothing", "0.1",
                                             "--max_length", "6", "--model_config", "{hidden_dropout_prob = 0.1}"))
     assert sorted(p.name for p in final.parent.glob("step-*")) == ["step-2", "step-4", "step-6"]
+
+
+class CountDecoderLayerCalls(TrainingHooks):
+    """Counts forward calls of the first text decoder layer's attention with autograd on (training, not
+    generation). Inside the layer: the checkpoint wraps the layer's whole call, so its own hooks fire once either way."""
+
+    def __init__(self):
+        self.calls = 0
+
+    def on_setup(self, run):
+        attention = unwrap_peft(run.accelerator.unwrap_model(run.model)).text_decoder.bert.encoder.layer[0].attention
+        attention.register_forward_hook(lambda module, inputs, output: setattr(self, "calls", self.calls + torch.is_grad_enabled()))
+
+
+@pytest.mark.parametrize("flag, calls_per_batch", [((), 1), (("--gradient_checkpointing",), 2)])
+def test_gradient_checkpointing_recomputes_activations(tmp_path, tiny_blip, shapes_dir, flag, calls_per_batch):
+    """Checkpointed layers drop their activations in the forward pass and run again during backward."""
+    counter = CountDecoderLayerCalls()
+    train(load_train_config(base_args(shapes_dir, tiny_blip, tmp_path, "--num_sample_captions", "0", "--save_every_n_epochs", "0", *flag)), hooks=counter)
+    assert counter.calls == 3 * calls_per_batch  # 24 images / batch 8 = 3 batches
+
+
+class SmoothedLoss(TrainingHooks):
+    """The loaded model's loss on a fixed batch, with its logits, before training changes anything."""
+
+    def __init__(self, batch: dict[str, torch.Tensor]):
+        self.batch = batch
+
+    def on_setup(self, run):
+        model = run.accelerator.unwrap_model(run.model)
+        model.eval()
+        with torch.no_grad():
+            output = model(**self.batch)
+        model.train()
+        self.loss, self.logits = output.loss, output.logits
+
+
+def smoothed_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, epsilon: float) -> torch.Tensor:
+    """Label-smoothed next-token CE written out: (1 - eps) * NLL(target) + eps * mean over the vocabulary of -log p,
+    averaged over the target positions (labels shifted by one, -100 left out)."""
+    log_probs = torch.log_softmax(logits[:, :-1].double(), dim=-1)
+    targets = labels[:, 1:]
+    keep = targets != -100
+    nll = -log_probs.gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+    uniform = -log_probs.mean(-1)
+    return ((1 - epsilon) * nll + epsilon * uniform)[keep].mean()
+
+
+def test_label_smoothing_flag_smooths_the_training_loss(tmp_path, tiny_blip, shapes_dir):
+    batch = fixed_batch(tiny_blip, shapes_dir)
+    probe = SmoothedLoss(batch)
+    train(load_train_config(base_args(shapes_dir, tiny_blip, tmp_path, "--label_smoothing", "0.3", "--num_sample_captions", "0", "--save_every_n_epochs", "0")), hooks=probe)
+    expected = smoothed_cross_entropy(probe.logits, batch["labels"], 0.3)
+    assert float(probe.loss) == pytest.approx(float(expected), rel=1e-5)
+    # The random model is near uniform, so smoothing moves its loss by only ~0.3%: still 100x the tolerance above.
+    assert abs(float(expected) - float(smoothed_cross_entropy(probe.logits, batch["labels"], 0.0))) > 1e-3 * float(expected)
 
 
 def test_wandb_offline(capsys, tmp_path, tiny_blip, shapes_dir, monkeypatch):
@@ -213,12 +368,22 @@ def test_two_process_torchrun(tmp_path, tiny_blip, shapes_dir):
 
 def test_caption_metrics_and_probe_panel_during_training(capsys, tmp_path, tiny_blip, shapes_dir):
     final, stdout = train_cli(capsys, *base_args(shapes_dir, tiny_blip, tmp_path, "--epochs", "2", "--validation_split", "0.25",
-                                                 "--eval_every_n_epochs", "1", "--eval_max_images", "4"))
+                                                 "--peft_module", "none", "--lr", "3e-3",  # learns enough in 2 epochs for non-zero scores
+                                                 "--eval_every_n_epochs", "1", "--eval_max_images", "4", *FP32))
     epoch_rows = [r for r in read_metrics(final.parent / "metrics.jsonl") if "val/loss" in r]
     assert len(epoch_rows) == 2
-    for row in epoch_rows:
-        for key in ("val/bleu4", "val/rougeL", "val/cider", "val/exact_match"):
-            assert key in row and 0 <= row[key] <= 1000, (key, row)
+    # Each epoch's scores are those of that epoch's checkpoint captioning the first 4 validation images.
+    from caption_train.data.scan import scan_dataset, split_validation
+    from caption_train.evaluate import validation_scores
+    from caption_train.inference import load_for_inference
+
+    _, val_samples = split_validation(scan_dataset(shapes_dir).samples, 0.25, 42)
+    for row, checkpoint in zip(epoch_rows, ("epoch-1", "epoch-2")):
+        model, processor, family = load_for_inference(final.parent / checkpoint)
+        expected = validation_scores(model, processor, family, val_samples[:4], batch_size=8)
+        assert set(expected) == {"val/bleu4", "val/rougeL", "val/cider", "val/exact_match"}
+        assert {key: row[key] for key in expected} == pytest.approx(expected, rel=1e-6, abs=1e-9), (checkpoint, row)
+    assert any(row["val/cider"] > 0 for row in epoch_rows)  # the captions share words with the truth: not vacuous
     samples = [json.loads(line) for line in (final.parent / "samples.jsonl").read_text().splitlines()]
     assert {s["epoch"] for s in samples} == {1, 2} and len(samples) == 4  # 2 probe images x 2 epochs
     assert (final.parent / "samples.html").stat().st_size > 500
