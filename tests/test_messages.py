@@ -49,3 +49,20 @@ def test_demo_refuses_a_file_as_workdir(capsys, tmp_path):
     (tmp_path / "f").write_text("x")
     assert main(["demo", "--workdir", str(tmp_path / "f")]) == 2
     assert "is a file" in capsys.readouterr().err
+
+
+def test_help_into_a_closed_pipe_is_quiet():
+    """`caption-train --help | head -1`: the reader leaves early; no BrokenPipe traceback."""
+    import os
+    import subprocess
+    import sys
+
+    read_end, write_end = os.pipe()
+    os.close(read_end)  # the reader is gone before anything is written: every write fails with EPIPE
+    try:
+        proc = subprocess.run([sys.executable, "-m", "caption_train", "--help"], stdout=write_end, stderr=subprocess.PIPE, timeout=60)
+    finally:
+        os.close(write_end)
+    err = proc.stderr.decode()
+    assert "Traceback" not in err and "BrokenPipeError" not in err, err
+    assert proc.returncode == 141
