@@ -26,7 +26,7 @@ import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 import torch
 
@@ -86,6 +86,10 @@ def vision_is_frozen(family: Any, model: torch.nn.Module) -> bool:
 def plan_feature_cache(*, requested: str, family: Any, model: torch.nn.Module, processor: Any, n_images: int,
                        random_flip: float, mixed_precision: str, cache_dir: str | None, dataset_dir: str) -> CachePlan:
     """What to do with image features, following --cache_image_features (auto|off|memory|disk)."""
+    if not family.supports_feature_cache:
+        if requested in ("memory", "disk"):
+            raise UserError(f"--cache_image_features {requested}: the {family.name} family cannot cache image features yet; use auto or off")
+        return CachePlan("off", f"image features: computed every step (the {family.name} family has no feature cache yet)")
     conflicts = []
     if not vision_is_frozen(family, model):
         conflicts.append("the vision tower has trainable parameters (adapter targets in it, or a full fine-tune without --freeze_vision_tower)")
@@ -237,6 +241,11 @@ class FeatureCache:
     def skip_predicate(self) -> SkipCached:
         """Call at the start of each epoch, before the loader's iterator (and its workers) are created."""
         return SkipCached(frozenset(self.memory), self.disk)
+
+    def covers(self, image_paths: Iterable[str]) -> bool:
+        """Whether every one of these images' features is known without reading an image (memory cache only:
+        for the disk cache that would cost a hash of every file)."""
+        return self.disk is None and all(path in self.memory for path in image_paths)
 
     def _lookup(self, path: str, shape: tuple[int, ...]) -> torch.Tensor | None:
         if self.disk is None:

@@ -402,12 +402,24 @@ def setup(cfg: TrainConfig, hooks: TrainingHooks) -> Run:
 def epoch_batches(run: Run, epoch: int) -> Any:
     """This epoch's loader, past the batches a resumed checkpoint had already consumed."""
     run.train_dataset.set_epoch(epoch)  # new caption shuffles/dropouts/flips each epoch
-    if run.features is not None:
-        run.train_dataset.skip_image = run.features.skip_predicate()  # images whose features are known stay undecoded
+    skip_cached_images(run, run.train_loader)
     run.train_loader.set_epoch(epoch)  # new batch order each epoch (the same on every process)
     if run.batches_done:
         return run.accelerator.skip_first_batches(run.train_loader, run.batches_done)
     return run.train_loader
+
+
+def skip_cached_images(run: Run, loader: Any) -> None:
+    """Call before a loader's iterator is made: images whose features are cached are not decoded, and once every
+    image of the loader is cached there is nothing left for worker processes to do but tokenize a few captions, so
+    the batches are made in-process (on a small CPU the workers would only compete with the training step)."""
+    if run.features is None or loader is None:
+        return
+    dataset = loader.dataset
+    dataset.skip_image = run.features.skip_predicate()
+    in_process = run.features.covers(str(s.image_path) for s in dataset.samples)
+    # accelerate's prepared loader wraps a plain DataLoader (base_dataloader), which is the one that starts workers.
+    getattr(loader, "base_dataloader", loader).num_workers = 0 if in_process else run.cfg.num_workers
 
 
 def train_one_epoch(run: Run, epoch: int, progress: tqdm) -> None:
@@ -489,6 +501,7 @@ def validation_loss(run: Run) -> float | None:
     if run.val_loader is None:
         return None
     run.model.eval()
+    skip_cached_images(run, run.val_loader)
     total = torch.zeros(2, device=run.accelerator.device)  # (sum of batch losses, batch count)
     for batch in run.val_loader:
         if batch is None:

@@ -277,3 +277,38 @@ def test_compile_trains_the_compiled_text_decoder_to_the_same_losses(capsys, tmp
     assert losses[0] == pytest.approx(losses[1], rel=1e-4)
     assert "compiled: text decoder (torch.compile" in compiled_out and "compiled:" not in eager_out
     load_for_inference(Path(compiled_out.strip().splitlines()[-1]))  # the adapter's names are the usual ones
+
+
+def collate_where(items: list) -> tuple[bool, list]:
+    """(made in a worker process?, items)."""
+    return torch.utils.data.get_worker_info() is not None, items
+
+
+def test_loader_goes_in_process_once_every_image_is_cached(tiny_blip, pictures):
+    """Worker processes only decode images; when every image's features are cached, batches are made in-process."""
+    from types import SimpleNamespace
+
+    from accelerate import Accelerator
+
+    from caption_train.data.dataset import CaptionDataset
+    from caption_train.data.scan import Sample
+    from caption_train.train import reset_accelerator_state, skip_cached_images
+
+    def epoch(loader) -> tuple[set[bool], list[bool]]:
+        batches = list(loader)
+        return {in_worker for in_worker, _ in batches}, sorted(image is None for _, items in batches for image, _, _ in items)
+
+    reset_accelerator_state()
+    dataset = CaptionDataset([Sample(p, "a red circle") for p in pictures])
+    loader = Accelerator(cpu=True).prepare(torch.utils.data.DataLoader(dataset, batch_size=2, num_workers=2, collate_fn=collate_where))
+    cache = FeatureCache(torch.float32)
+    run = SimpleNamespace(features=cache, cfg=SimpleNamespace(num_workers=2))
+    skip_cached_images(run, loader)
+    assert epoch(loader) == ({True}, [False] * len(pictures))
+    for path in pictures[:-1]:
+        cache.memory[str(path)] = torch.zeros(1)
+    skip_cached_images(run, loader)
+    assert epoch(loader) == ({True}, [False] + [True] * (len(pictures) - 1))  # one image still to decode: workers
+    cache.memory[str(pictures[-1])] = torch.zeros(1)
+    skip_cached_images(run, loader)
+    assert epoch(loader) == ({False}, [True] * len(pictures))  # nothing to decode: in-process

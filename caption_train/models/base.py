@@ -50,10 +50,13 @@ class ModelFamily:
         raise NotImplementedError
 
     # ---- a frozen vision tower, computed once (features.py)
+    supports_feature_cache: bool = False
+    """True when the family implements the four methods below, so its frozen tower's features can be cached."""
+
     def freeze_vision_tower(self, model: torch.nn.Module) -> None:
         """Make a vision tower without trainable parameters run in eval mode without autograd, and accept the
-        features `image_features` returned (through `feature_inputs`) in place of pixels."""
-        raise NotImplementedError
+        features `image_features` returned (through `feature_inputs`) in place of pixels. Default: nothing more
+        than its parameters not requiring gradients."""
 
     def image_feature_shape(self, model: torch.nn.Module) -> tuple[int, ...]:
         """Shape of one image's features (without the batch dimension), for sizing the cache."""

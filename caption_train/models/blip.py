@@ -34,6 +34,7 @@ IGNORE_INDEX = -100  # positions with this label are left out of the loss (torch
 class BlipFamily(ModelFamily):
     name = "blip"
     model_types = ("blip",)
+    supports_feature_cache = True
 
     def load(self, name_or_path: str, overrides: dict[str, Any], *, label_smoothing: float = 0.0) -> tuple[torch.nn.Module, Any]:
         from transformers import BlipForConditionalGeneration, BlipProcessor
