@@ -61,6 +61,7 @@ class TrainConfig:
     # ---- model
     model_name_or_path: str = _field("Salesforce/blip-image-captioning-base", "Hub id or local folder of the model to fine-tune.")
     model_config: dict = _field({}, "Overrides for the model config, e.g. {hidden_dropout_prob = 0.1} or {text_config = {...}, dtype = 'bfloat16'}.")
+    prompt: str | None = _field(None, "Instruction or task prompt for families that take one (chat VLMs, Florence-2, PaliGemma; default: the family's own). BLIP trains without one.")
     label_smoothing: float = _field(0.0, "Label smoothing of the caption loss (original BLIP used 0.1).")
     peft_module: str = _field("LoRA", "Adapter to train: LoRA, IA3, or none (full fine-tune).", choices=PEFT_MODULES)
     peft_args: dict = _field({}, "Keyword arguments for the peft config, e.g. {r = 16, lora_alpha = 32, target_modules = ['query', 'value']}.")

@@ -196,7 +196,7 @@ def reset_accelerator_state() -> None:
         AcceleratorState._reset_state(reset_partial_state=True)
 
 
-def collate_batch(items: list, *, family: ModelFamily, processor: Any, max_length: int) -> dict[str, Any] | None:
+def collate_batch(items: list, *, family: ModelFamily, processor: Any, max_length: int, prompt: str | None) -> dict[str, Any] | None:
     """Module-level (picklable) collate: drops images that failed to load, then lets the family build the batch.
 
     The batch also carries `image_paths` and `pixel_rows` (which rows have pixel_values: an image whose features
@@ -206,7 +206,7 @@ def collate_batch(items: list, *, family: ModelFamily, processor: Any, max_lengt
     if not items:
         return None
     images, captions, paths = zip(*items)
-    batch = family.collate(processor, images, captions, max_length=max_length)
+    batch = family.collate(processor, images, captions, max_length=max_length, prompt=prompt)
     batch["pixel_rows"] = torch.tensor([row for row, image in enumerate(images) if image is not None], dtype=torch.long)
     batch["image_paths"] = list(paths)
     return batch
@@ -316,6 +316,7 @@ def setup(cfg: TrainConfig, hooks: TrainingHooks) -> Run:
 
     # ---- model
     family, _ = resolve_family(cfg.model_name_or_path)
+    prompt = family.training_prompt(cfg.prompt)  # checked before the model loads
     model, processor = load_model(cfg, family, resume_dir)
     max_length = min(cfg.max_length, family.max_text_length(model))
     if main:  # the dataset summary, from the scan above: skips, repeat folders, caption lengths, unknown characters
@@ -342,7 +343,7 @@ def setup(cfg: TrainConfig, hooks: TrainingHooks) -> Run:
             print("compiled: text decoder (torch.compile; the first steps are slow while it compiles)", flush=True)
 
     # ---- loaders
-    collate = functools.partial(collate_batch, family=family, processor=processor, max_length=max_length)
+    collate = functools.partial(collate_batch, family=family, processor=processor, max_length=max_length, prompt=prompt)
     transform = CaptionTransform(shuffle=cfg.shuffle_captions, frozen_parts=cfg.frozen_parts, dropout=cfg.caption_dropout)
     train_dataset = CaptionDataset(train_samples, transform, seed=cfg.seed, random_flip=cfg.random_flip, repeat=cfg.kohya_repeats)
     train_loader = make_loader(train_dataset, cfg, collate, shuffle=True)
@@ -529,7 +530,7 @@ def sample_captions(run: Run) -> list[dict[str, Any]]:
         except ImageLoadError:
             continue
     with run.accelerator.autocast():
-        predictions = run.family.generate(model, run.processor, [image for _, image in items]) if items else []
+        predictions = run.family.generate(model, run.processor, [image for _, image in items], prompt=run.cfg.prompt) if items else []
     model.train()
     return [{"image": str(sample.image_path), "truth": sample.caption, "prediction": prediction} for (sample, _), prediction in zip(items, predictions)]
 

@@ -305,6 +305,7 @@ def test_wandb_offline(capsys, tmp_path, tiny_blip, shapes_dir, monkeypatch):
         (lambda d, m: ["--peft_args", "{target_modules = ['nothing_here']}"], "target_modules"),
         (lambda d, m: ["--lr_scheduler", "CyclicLR", "--scheduler_args", "{mode = 'zigzag'}"], "scheduler_args for CyclicLR"),
         (lambda d, m: ["--mixed_precision", "fp16"], "fp16 needs a CUDA GPU"),
+        (lambda d, m: ["--prompt", "Describe the image."], "the blip family trains without a prompt"),
     ],
 )
 def test_bad_input_is_one_line_and_writes_nothing(capsys, tmp_path, tiny_blip, shapes_dir, mutate, expected):

@@ -70,9 +70,22 @@ class ModelFamily:
         """Model keyword arguments that feed precomputed `features` instead of pixel_values."""
         raise NotImplementedError
 
+    # ---- prompts
+    default_prompt: str | None = None
+    """The instruction / task prompt the family trains and captions with (chat VLMs, Florence-2, PaliGemma);
+    None for families whose captions start from nothing (BLIP, GIT), which then take no --prompt in training."""
+
+    def training_prompt(self, prompt: str | None) -> str | None:
+        """The prompt to train with: `prompt` (from --prompt) or the family's default; an error where none is taken."""
+        if prompt is not None and self.default_prompt is None:
+            raise UserError(f"--prompt {prompt!r}: the {self.name} family trains without a prompt (captions start from nothing); remove --prompt")
+        return prompt if prompt is not None else self.default_prompt
+
     # ---- data
-    def collate(self, processor: Any, images: Sequence[Image.Image | None], captions: Sequence[str], *, max_length: int) -> dict[str, torch.Tensor]:
-        """A training batch with labels: the one place tokenization and label masking happen.
+    def collate(self, processor: Any, images: Sequence[Image.Image | None], captions: Sequence[str], *, max_length: int,
+                prompt: str | None = None) -> dict[str, torch.Tensor]:
+        """A training batch with labels: the one place tokenization and label masking happen. Only caption tokens
+        (and the end token after them) are targets; `prompt` is what `training_prompt` returned.
 
         An image may be None when its features come from the cache: pixel_values then holds only the images
         that were loaded, in order (and is absent when none was).

@@ -82,7 +82,8 @@ class BlipFamily(ModelFamily):
         vision = unwrap_peft(model).config.vision_config
         return (vision.image_size // vision.patch_size) ** 2 + 1, vision.hidden_size  # patches + [CLS]
 
-    def collate(self, processor: Any, images: Sequence[Image.Image | None], captions: Sequence[str], *, max_length: int) -> dict[str, torch.Tensor]:
+    def collate(self, processor: Any, images: Sequence[Image.Image | None], captions: Sequence[str], *, max_length: int,
+                prompt: str | None = None) -> dict[str, torch.Tensor]:
         encoded = processor.tokenizer(
             list(captions),
             padding="longest",  # dynamic padding: pad to the batch's longest caption, not to 512
