@@ -42,7 +42,8 @@ def run(capsys, *args: str) -> tuple[int, str, str]:
 
 
 def test_writes_a_txt_beside_every_image_recursively(capsys, images, tiny_blip):
-    code, out, _ = run(capsys, str(tiny_blip), str(images), "--batch_size", "5", "--num_workers", "0", "--max_new_tokens", "6")
+    # float32 like the reference below (the default, auto, is bf16 on a CPU with native bf16)
+    code, out, _ = run(capsys, str(tiny_blip), str(images), "--batch_size", "5", "--num_workers", "0", "--max_new_tokens", "6", "--dtype", "float32")
     assert code == 0
     pngs = find_images(images)
     assert len(pngs) == 24 and {p.parent.name for p in pngs} == {"part0", "part1"}
@@ -136,7 +137,7 @@ def test_captions_get_the_umask_mode_and_replaced_ones_keep_theirs(capsys, image
 
 
 def test_adapter_final_dir_captions_with_its_base(capsys, images, lora_final, tiny_blip):
-    code, _, _ = run(capsys, str(lora_final), str(images), "--num_workers", "0", "--max_new_tokens", "6")
+    code, _, _ = run(capsys, str(lora_final), str(images), "--num_workers", "0", "--max_new_tokens", "6", "--dtype", "float32")
     assert code == 0
     pngs = find_images(images)
     # Same captions as the unmerged adapter (the command merges it for speed: that must not change them).
