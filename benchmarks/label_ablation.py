@@ -57,18 +57,23 @@ def generation_time_loss(final: Path, pairs: list[tuple[Path, str]]) -> float:
     return float(model(**batch).loss)
 
 
+def pretrain(workdir: Path, images: int, epochs: int) -> Path:
+    """The "pretrained" base: a tiny BLIP trained from scratch on "a <color> <shape>" (vocabulary of both styles),
+    saved as <workdir>/base-model."""
+    texts = [f"a {c} {s}" for c in COLORS for s in SHAPES] + [STYLE.format(f"{c} {s}") for c in COLORS for s in SHAPES]
+    model_dir = build_tiny_blip(workdir / "tiny-blip", texts, seed=0, **MODEL_SHAPE)
+    make_shapes_dataset(workdir / "pretrain", images, seed=0, size=MODEL_SHAPE["image_size"])
+    final = train(demo_train_config(model_dir, workdir / "pretrain", workdir / "runs-pretrain", epochs, seed=0))
+    base_model = workdir / "base-model"
+    model, processor, _ = load_for_inference(final)
+    model.save_pretrained(base_model)
+    processor.save_pretrained(base_model)
+    return base_model
+
+
 def start_token_experiment(workdir: Path, args: argparse.Namespace) -> list[tuple[str, float, float]]:
-    if args.base_model:
-        base_model = Path(args.base_model)  # reuse a base pretrained by an earlier run of this script
-    else:
-        texts = [f"a {c} {s}" for c in COLORS for s in SHAPES] + [STYLE.format(f"{c} {s}") for c in COLORS for s in SHAPES]
-        model_dir = build_tiny_blip(workdir / "tiny-blip", texts, seed=0, **MODEL_SHAPE)
-        make_shapes_dataset(workdir / "pretrain", args.images, seed=0, size=MODEL_SHAPE["image_size"])
-        base = train(demo_train_config(model_dir, workdir / "pretrain", workdir / "runs-pretrain", args.epochs, seed=0))
-        base_model = workdir / "base-model"
-        model, processor, _ = load_for_inference(base)
-        model.save_pretrained(base_model)
-        processor.save_pretrained(base_model)
+    # --base_model: reuse a base pretrained by an earlier run of this script
+    base_model = Path(args.base_model) if args.base_model else pretrain(workdir, args.images, args.epochs)
 
     make_shapes_dataset(workdir / "restyle", args.restyle_images, seed=1, size=MODEL_SHAPE["image_size"])
     restyle(workdir / "restyle")

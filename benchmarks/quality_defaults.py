@@ -14,12 +14,12 @@ import argparse
 import time
 from pathlib import Path
 
-from label_ablation import STYLE, restyle
+from label_ablation import STYLE, pretrain, restyle
 
 from caption_train.config import resolve
-from caption_train.demo import MODEL_SHAPE, demo_train_config
+from caption_train.demo import MODEL_SHAPE
 from caption_train.inference import caption_paths, load_for_inference
-from caption_train.tiny import COLORS, SHAPES, build_tiny_blip, make_shapes_dataset, shape_caption_accuracy
+from caption_train.tiny import make_shapes_dataset, shape_caption_accuracy
 from caption_train.tracking import read_metrics
 from caption_train.train import train
 
@@ -30,18 +30,6 @@ VARIANTS = {  # name: (LoRA target modules, mixed_precision)
     "text only, fp32": (TEXT, "no"),
     "text + vision, fp32": (TEXT_AND_VISION, "no"),
 }
-
-
-def pretrain(workdir: Path, images: int, epochs: int) -> Path:
-    texts = [f"a {c} {s}" for c in COLORS for s in SHAPES] + [STYLE.format(f"{c} {s}") for c in COLORS for s in SHAPES]
-    model_dir = build_tiny_blip(workdir / "tiny-blip", texts, seed=0, **MODEL_SHAPE)
-    make_shapes_dataset(workdir / "pretrain", images, seed=0, size=MODEL_SHAPE["image_size"])
-    final = train(demo_train_config(model_dir, workdir / "pretrain", workdir / "runs-pretrain", epochs, seed=0))
-    base_model = workdir / "base-model"
-    model, processor, _ = load_for_inference(final)
-    model.save_pretrained(base_model)
-    processor.save_pretrained(base_model)
-    return base_model
 
 
 def main() -> None:

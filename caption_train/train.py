@@ -219,8 +219,9 @@ def model_inputs(run: "Run", batch: dict[str, Any]) -> dict[str, torch.Tensor]:
     if run.features is None:
         batch.pop("pixel_rows")
         return batch
-    return run.features.model_inputs(batch, paths, model=run.model, family=run.family, processor=run.processor,
-                                     autocast=run.accelerator.autocast)
+    # The tower is run directly, outside the (DDP-wrapped) model's forward: it has no trainable parameter to sync.
+    return run.features.model_inputs(batch, paths, model=run.accelerator.unwrap_model(run.model), family=run.family,
+                                     processor=run.processor, autocast=run.accelerator.autocast)
 
 
 def make_loader(dataset: CaptionDataset, cfg: TrainConfig, collate: Any, *, shuffle: bool) -> torch.utils.data.DataLoader:
