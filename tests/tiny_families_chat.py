@@ -1,0 +1,120 @@
+"""Tiny offline chat VLMs (Qwen2-VL, SmolVLM, LLaVA) for the chat-VLM family's tests: no hub needed.
+
+    model_dir = build_tiny_qwen2_vl(tmp_path / "qwen", texts)
+    # AutoModelForImageTextToText.from_pretrained(model_dir), AutoProcessor.from_pretrained(model_dir)
+
+Each builder trains a byte-level BPE tokenizer on `texts` (plus the chat template's words), adds the special
+tokens its processor needs (image placeholders, turn markers), writes a chat template in the model's own style,
+and saves a random-weight model and its processor with save_pretrained, so the real loading path runs.
+"""
+
+from __future__ import annotations
+
+import itertools
+from pathlib import Path
+from typing import Iterable
+
+from caption_train.files import give_default_modes
+from caption_train.models.chat_vlm import image_only_processor_class
+
+# Words the templates and prompts use, trained in so they stay short token sequences.
+_TEMPLATE_WORDS = "system user assistant User Assistant USER ASSISTANT You are a helpful Write caption for this image Describe it Image"
+
+# Qwen2-VL's own template, reduced to the parts a single-image caption conversation uses.
+QWEN_TEMPLATE = (
+    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n"
+    "{% if message['content'] is string %}{{ message['content'] }}{% else %}"
+    "{% for content in message['content'] %}"
+    "{% if content['type'] == 'image' %}<|vision_start|><|image_pad|><|vision_end|>"
+    "{% elif content['type'] == 'text' %}{{ content['text'] }}{% endif %}"
+    "{% endfor %}{% endif %}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+# SmolVLM's template shape: "User:<image>prompt<end_of_utterance>\nAssistant: caption<end_of_utterance>\n".
+SMOLVLM_TEMPLATE = (
+    "<|im_start|>{% for message in messages %}{{ message['role'] | capitalize }}"
+    "{% if message['content'][0]['type'] == 'image' %}{{ ':' }}{% else %}{{ ': ' }}{% endif %}"
+    "{% for line in message['content'] %}{% if line['type'] == 'text' %}{{ line['text'] }}"
+    "{% elif line['type'] == 'image' %}{{ '<image>' }}{% endif %}{% endfor %}<end_of_utterance>\n{% endfor %}"
+    "{% if add_generation_prompt %}{{ 'Assistant:' }}{% endif %}"
+)
+
+# LLaVA-1.5's template shape: "USER: <image>\nprompt ASSISTANT: caption</s>".
+LLAVA_TEMPLATE = (
+    "{% for message in messages %}{% if message['role'] == 'user' %}USER: {% else %}ASSISTANT: {% endif %}"
+    "{% for content in message['content'] %}{% if content['type'] == 'image' %}<image>\n"
+    "{% elif content['type'] == 'text' %}{{ content['text'] }}{% endif %}{% endfor %}"
+    "{% if message['role'] == 'user' %} {% else %}</s>{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}ASSISTANT:{% endif %}"
+)
+
+
+def build_bpe_tokenizer(texts: Iterable[str], specials: list[str], *, vocab_size: int = 400, bos: str | None = None,
+                        eos: str, pad: str, max_length: int = 512):
+    """A byte-level BPE tokenizer trained on `texts`, with `specials` as whole special tokens (ids 0..)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    backend = Tokenizer(models.BPE())
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials, show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    backend.train_from_iterator(itertools.chain([_TEMPLATE_WORDS], texts), trainer=trainer)
+    kwargs = {"eos_token": eos, "pad_token": pad} | ({"bos_token": bos} if bos else {})
+    return PreTrainedTokenizerFast(tokenizer_object=backend, model_max_length=max_length, **kwargs)
+
+
+def _save(out_dir: Path, model, processor) -> Path:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out_dir)
+    processor.save_pretrained(out_dir)
+    give_default_modes(out_dir)
+    return out_dir
+
+
+def _seeded(seed: int, build):
+    import torch
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = build()
+    return model.eval()
+
+
+def build_tiny_qwen2_vl(out_dir, texts: Iterable[str], *, hidden_size: int = 64, num_layers: int = 2,
+                        max_pixels: int = 56 * 56, seed: int = 0, model_type: str = "qwen2_vl") -> Path:
+    """A random-weight Qwen2-VL (or Qwen2.5-VL with model_type="qwen2_5_vl") and its processor, with no video
+    processor (none is needed for images; building one needs torchvision)."""
+    from transformers import Qwen2VLProcessor
+
+    if model_type == "qwen2_5_vl":
+        from transformers import Qwen2_5_VLConfig as Config, Qwen2_5_VLForConditionalGeneration as Model
+    else:
+        from transformers import Qwen2VLConfig as Config, Qwen2VLForConditionalGeneration as Model
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>"]
+    tokenizer = build_bpe_tokenizer(texts, specials, eos="<|im_end|>", pad="<|endoftext|>")
+    ids = {token: tokenizer.convert_tokens_to_ids(token) for token in specials}
+    heads = 4
+    vision = dict(depth=num_layers, embed_dim=hidden_size, hidden_size=hidden_size, num_heads=heads, patch_size=14,
+                  spatial_merge_size=2, temporal_patch_size=2, in_channels=3)
+    if model_type == "qwen2_5_vl":
+        vision |= dict(intermediate_size=2 * hidden_size, out_hidden_size=hidden_size, fullatt_block_indexes=[num_layers - 1], window_size=56)
+        vision.pop("embed_dim")
+    half_head = hidden_size // heads // 2
+    section = [half_head - 2 * (half_head // 3), half_head // 3, half_head // 3]
+    text = dict(vocab_size=len(tokenizer), hidden_size=hidden_size, intermediate_size=2 * hidden_size, num_hidden_layers=num_layers,
+                num_attention_heads=heads, num_key_value_heads=2, max_position_embeddings=512,
+                rope_parameters={"rope_type": "default", "mrope_section": section, "rope_theta": 10000.0},
+                bos_token_id=ids["<|endoftext|>"], eos_token_id=ids["<|im_end|>"], pad_token_id=ids["<|endoftext|>"])
+    config = Config(text_config=text, vision_config=vision, image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
+                    vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"])
+    model = _seeded(seed, lambda: Model(config))
+    model.generation_config.eos_token_id = ids["<|im_end|>"]
+    model.generation_config.pad_token_id = ids["<|endoftext|>"]
+    image_processor = Qwen2VLImageProcessorPil(min_pixels=28 * 28, max_pixels=max_pixels, patch_size=14, merge_size=2, temporal_patch_size=2)
+    processor = image_only_processor_class(Qwen2VLProcessor)(image_processor=image_processor, tokenizer=tokenizer, chat_template=QWEN_TEMPLATE)
+    return _save(Path(out_dir), model, processor)
