@@ -118,3 +118,8 @@ def build_tiny_qwen2_vl(out_dir, texts: Iterable[str], *, hidden_size: int = 64,
     image_processor = Qwen2VLImageProcessorPil(min_pixels=28 * 28, max_pixels=max_pixels, patch_size=14, merge_size=2, temporal_patch_size=2)
     processor = image_only_processor_class(Qwen2VLProcessor)(image_processor=image_processor, tokenizer=tokenizer, chat_template=QWEN_TEMPLATE)
     return _save(Path(out_dir), model, processor)
+
+
+BUILDERS = {"qwen2_vl": build_tiny_qwen2_vl}
+# The token each template writes after the answer: the end-of-turn token training teaches and generation stops on.
+END_TOKENS = {"qwen2_vl": "<|im_end|>"}
