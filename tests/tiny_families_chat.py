@@ -87,12 +87,10 @@ def build_tiny_qwen2_vl(out_dir, texts: Iterable[str], *, hidden_size: int = 64,
                         max_pixels: int = 56 * 56, seed: int = 0, model_type: str = "qwen2_vl") -> Path:
     """A random-weight Qwen2-VL (or Qwen2.5-VL with model_type="qwen2_5_vl") and its processor, with no video
     processor (none is needed for images; building one needs torchvision)."""
-    from transformers import Qwen2VLProcessor
-
     if model_type == "qwen2_5_vl":
-        from transformers import Qwen2_5_VLConfig as Config, Qwen2_5_VLForConditionalGeneration as Model
+        from transformers import Qwen2_5_VLConfig as Config, Qwen2_5_VLForConditionalGeneration as Model, Qwen2_5_VLProcessor as Processor
     else:
-        from transformers import Qwen2VLConfig as Config, Qwen2VLForConditionalGeneration as Model
+        from transformers import Qwen2VLConfig as Config, Qwen2VLForConditionalGeneration as Model, Qwen2VLProcessor as Processor
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
     specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>"]
@@ -116,10 +114,67 @@ def build_tiny_qwen2_vl(out_dir, texts: Iterable[str], *, hidden_size: int = 64,
     model.generation_config.eos_token_id = ids["<|im_end|>"]
     model.generation_config.pad_token_id = ids["<|endoftext|>"]
     image_processor = Qwen2VLImageProcessorPil(min_pixels=28 * 28, max_pixels=max_pixels, patch_size=14, merge_size=2, temporal_patch_size=2)
-    processor = image_only_processor_class(Qwen2VLProcessor)(image_processor=image_processor, tokenizer=tokenizer, chat_template=QWEN_TEMPLATE)
+    processor = image_only_processor_class(Processor)(image_processor=image_processor, tokenizer=tokenizer, chat_template=QWEN_TEMPLATE)
     return _save(Path(out_dir), model, processor)
 
 
-BUILDERS = {"qwen2_vl": build_tiny_qwen2_vl}
+def build_tiny_qwen2_5_vl(out_dir, texts: Iterable[str], **kwargs) -> Path:
+    return build_tiny_qwen2_vl(out_dir, texts, model_type="qwen2_5_vl", **kwargs)
+
+
+def _llama_text(tokenizer, hidden_size: int, num_layers: int, *, bos: str | None, eos: str, pad: str) -> dict:
+    ids = tokenizer.convert_tokens_to_ids
+    return dict(model_type="llama", vocab_size=len(tokenizer), hidden_size=hidden_size, intermediate_size=2 * hidden_size,
+                num_hidden_layers=num_layers, num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                bos_token_id=ids(bos) if bos else None, eos_token_id=ids(eos), pad_token_id=ids(pad))
+
+
+def build_tiny_idefics3(out_dir, texts: Iterable[str], *, hidden_size: int = 64, num_layers: int = 2, image_size: int = 32,
+                        patch_size: int = 8, seed: int = 0) -> Path:
+    """A random-weight Idefics3 (SmolVLM-256M/500M/2B are this model type) at `image_size` px, one image tile."""
+    from transformers import Idefics3Config, Idefics3ForConditionalGeneration, Idefics3Processor
+    from transformers.models.idefics3.image_processing_pil_idefics3 import Idefics3ImageProcessorPil
+
+    specials = ["<|endoftext|>", "<|im_start|>", "<end_of_utterance>", "<fake_token_around_image>", "<image>", "<global-img>"]
+    tokenizer = build_bpe_tokenizer(texts, specials, bos="<|im_start|>", eos="<end_of_utterance>", pad="<|endoftext|>")
+    scale_factor = 2
+    seq_len = (image_size // patch_size) ** 2 // scale_factor**2
+    vision = dict(hidden_size=hidden_size, intermediate_size=2 * hidden_size, num_hidden_layers=num_layers, num_attention_heads=4,
+                  image_size=image_size, patch_size=patch_size)
+    text = _llama_text(tokenizer, hidden_size, num_layers, bos="<|im_start|>", eos="<end_of_utterance>", pad="<|endoftext|>")
+    config = Idefics3Config(vision_config=vision, text_config=text, scale_factor=scale_factor,
+                            image_token_id=tokenizer.convert_tokens_to_ids("<image>"))
+    model = _seeded(seed, lambda: Idefics3ForConditionalGeneration(config))
+    model.generation_config.eos_token_id = text["eos_token_id"]
+    model.generation_config.pad_token_id = text["pad_token_id"]
+    image_processor = Idefics3ImageProcessorPil(do_image_splitting=False, size={"longest_edge": image_size},
+                                                max_image_size={"longest_edge": image_size})
+    processor = Idefics3Processor(image_processor=image_processor, tokenizer=tokenizer, image_seq_len=seq_len, chat_template=SMOLVLM_TEMPLATE)
+    return _save(Path(out_dir), model, processor)
+
+
+def build_tiny_llava(out_dir, texts: Iterable[str], *, hidden_size: int = 64, num_layers: int = 2, image_size: int = 32,
+                     patch_size: int = 8, seed: int = 0) -> Path:
+    """A random-weight LLaVA (CLIP vision tower + Llama; JoyCaption is this model type) at `image_size` px."""
+    from transformers import LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor
+    from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
+
+    specials = ["<unk>", "<s>", "</s>", "<image>", "<pad>"]
+    tokenizer = build_bpe_tokenizer(texts, specials, bos="<s>", eos="</s>", pad="<pad>")
+    vision = dict(model_type="clip_vision_model", hidden_size=hidden_size, intermediate_size=2 * hidden_size, num_hidden_layers=num_layers,
+                  num_attention_heads=4, image_size=image_size, patch_size=patch_size, projection_dim=hidden_size)
+    text = _llama_text(tokenizer, hidden_size, num_layers, bos="<s>", eos="</s>", pad="<pad>")
+    config = LlavaConfig(vision_config=vision, text_config=text, image_token_index=tokenizer.convert_tokens_to_ids("<image>"),
+                         image_seq_length=(image_size // patch_size) ** 2, vision_feature_layer=-1, vision_feature_select_strategy="default")
+    model = _seeded(seed, lambda: LlavaForConditionalGeneration(config))
+    model.generation_config.eos_token_id = text["eos_token_id"]
+    model.generation_config.pad_token_id = text["pad_token_id"]
+    image_processor = CLIPImageProcessorPil(size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size})
+    processor = LlavaProcessor(image_processor=image_processor, tokenizer=tokenizer, patch_size=patch_size, vision_feature_select_strategy="default",
+                               num_additional_image_tokens=1, chat_template=LLAVA_TEMPLATE)
+    return _save(Path(out_dir), model, processor)
+
+
+BUILDERS = {"qwen2_vl": build_tiny_qwen2_vl, "qwen2_5_vl": build_tiny_qwen2_5_vl, "idefics3": build_tiny_idefics3, "llava": build_tiny_llava}
 # The token each template writes after the answer: the end-of-turn token training teaches and generation stops on.
-END_TOKENS = {"qwen2_vl": "<|im_end|>"}
+END_TOKENS = {"qwen2_vl": "<|im_end|>", "qwen2_5_vl": "<|im_end|>", "idefics3": "<end_of_utterance>", "llava": "</s>"}
