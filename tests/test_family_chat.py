@@ -188,12 +188,15 @@ def test_two_training_steps_lower_the_loss(tmp_path, chat_model, eight_shapes, p
     final = train(tmp_path, chat_model, eight_shapes, "--epochs", "2", "--peft_module", peft, "--lr", lr, "--optimizer", "AdamW")
     out = capsys.readouterr().out
     assert "(chat-vlm)" in out
+    if peft == "LoRA":  # the default targets, printed at start-up: the language model's attention and MLP (2 layers)
+        assert "adapter targets: 14 modules (q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj)" in out
     first, second = losses(final)
     assert second < first
 
 
 def caption_dir(model: Path, images_dir: Path, out: Path, *extra: str) -> dict[str, str]:
-    jsonl = out / "captions.jsonl"
+    jsonl = out / f"captions-{len(list(out.glob('captions-*.jsonl')))}.jsonl"  # a new file each time: the command resumes an existing one
+    assert not jsonl.exists()
     assert main(["caption", str(model), str(images_dir), "--output_jsonl", str(jsonl), "--num_workers", "0", "--device", "cpu", "--dtype", "float32", *extra]) == 0
     return {json.loads(line)["file_name"]: json.loads(line)["text"] for line in jsonl.read_text().splitlines()}
 
@@ -205,15 +208,44 @@ def overfit(tmp_path_factory, chat_model, eight_shapes) -> Path:
     return train(out, chat_model, eight_shapes, "--epochs", "150", "--lr", "2e-3", "--optimizer", "AdamW", "--peft_module", "none")
 
 
+def relative_captions(captions: dict[str, str], root: Path) -> dict[str, str]:
+    return {Path(name).relative_to(root).as_posix() if Path(name).is_absolute() else Path(name).as_posix(): text for name, text in captions.items()}
+
+
 @pytest.mark.slow
 def test_overfit_captions_exactly_then_merge_matches(overfit, chat_model, eight_shapes, tmp_path):
-    expected = {str(p.relative_to(eight_shapes).with_suffix(".png")): p.read_text().strip() for p in eight_shapes.rglob("*.txt")}
-    adapter = caption_dir(overfit, eight_shapes, tmp_path)
-    assert {Path(k).as_posix() if not Path(k).is_absolute() else str(Path(k).relative_to(eight_shapes)): v for k, v in adapter.items()} == expected
+    """Labels and generation agree (prompt, start, stopping): the memorised captions come back exactly."""
+    expected = {p.relative_to(eight_shapes).with_suffix(".png").as_posix(): p.read_text().strip() for p in eight_shapes.rglob("*.txt")}
+    tuned = caption_dir(overfit, eight_shapes, tmp_path)
+    assert relative_captions(tuned, eight_shapes) == expected
     assert main(["merge", str(overfit), str(tmp_path / "merged1"), "--alpha", "1"]) == 0
     assert main(["merge", str(overfit), str(tmp_path / "merged0"), "--alpha", "0"]) == 0
-    assert caption_dir(tmp_path / "merged1", eight_shapes, tmp_path) == adapter
+    assert caption_dir(tmp_path / "merged1", eight_shapes, tmp_path) == tuned
     assert caption_dir(tmp_path / "merged0", eight_shapes, tmp_path) == caption_dir(chat_model, eight_shapes, tmp_path)
+
+
+@pytest.mark.slow
+def test_batched_generation_equals_one_by_one(overfit, eight_shapes):
+    """Prompts of different lengths in one batch (images of different sizes: Qwen2-VL's image tokens vary) are
+    left-padded, so each row's caption is what the image alone gives."""
+    from caption_train.inference import load_for_inference
+
+    model, processor, family = load_for_inference(str(overfit), device="cpu")
+    pictures = [Image.open(path).convert("RGB").resize(size) for path, size in zip(sorted(eight_shapes.rglob("*.png")), [(56, 56), (112, 84), (84, 112)])]
+    alone = [family.generate(model, processor, [picture], num_beams=1, do_sample=False)[0] for picture in pictures]
+    assert family.generate(model, processor, pictures, num_beams=1, do_sample=False) == alone
+
+
+@pytest.mark.slow
+def test_lora_merge_alpha_one_is_the_adapter_alpha_zero_the_base(tmp_path, chat_model, eight_shapes):
+    adapter = train(tmp_path / "run", chat_model, eight_shapes, "--epochs", "6", "--lr", "2e-2", "--optimizer", "AdamW")
+    assert (adapter / "adapter_config.json").is_file()
+    tuned, base = caption_dir(adapter, eight_shapes, tmp_path), caption_dir(chat_model, eight_shapes, tmp_path)
+    assert tuned != base  # else the comparisons below would prove nothing
+    assert main(["merge", str(adapter), str(tmp_path / "merged1"), "--alpha", "1"]) == 0
+    assert main(["merge", str(adapter), str(tmp_path / "merged0"), "--alpha", "0"]) == 0
+    assert caption_dir(tmp_path / "merged1", eight_shapes, tmp_path) == tuned
+    assert caption_dir(tmp_path / "merged0", eight_shapes, tmp_path) == base
 
 
 @pytest.mark.slow

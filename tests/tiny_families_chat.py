@@ -111,7 +111,9 @@ def build_tiny_qwen2_vl(out_dir, texts: Iterable[str], *, hidden_size: int = 64,
     config = Config(text_config=text, vision_config=vision, image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
                     vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"])
     model = _seeded(seed, lambda: Model(config))
-    model.generation_config.eos_token_id = ids["<|im_end|>"]
+    # As in the base (not -Instruct) Qwen2-VL checkpoints: generation stops on <|endoftext|> only, so captions end
+    # at <|im_end|> only because the family adds the template's end-of-turn token to the stop ids.
+    model.generation_config.eos_token_id = ids["<|endoftext|>"]
     model.generation_config.pad_token_id = ids["<|endoftext|>"]
     image_processor = Qwen2VLImageProcessorPil(min_pixels=28 * 28, max_pixels=max_pixels, patch_size=14, merge_size=2, temporal_patch_size=2)
     processor = image_only_processor_class(Processor)(image_processor=image_processor, tokenizer=tokenizer, chat_template=QWEN_TEMPLATE)
