@@ -181,11 +181,11 @@ def losses(final: Path) -> list[float]:
     return [row["train/loss"] for row in read_metrics(final.parent / "metrics.jsonl") if "train/loss" in row]
 
 
-@pytest.mark.parametrize("peft", ["LoRA", "none"])
-def test_two_training_steps_lower_the_loss(tmp_path, chat_model, eight_shapes, peft, capsys):
+@pytest.mark.parametrize("peft, extra", [("LoRA", ()), ("none", ()), ("LoRA", ("--gradient_checkpointing",))], ids=["lora", "full", "lora-checkpointing"])
+def test_two_training_steps_lower_the_loss(tmp_path, chat_model, eight_shapes, peft, extra, capsys):
     # 8 images in one batch: both steps see the same batch, so the second loss is comparable to the first.
     lr = "1e-2" if peft == "LoRA" else "1e-3"
-    final = train(tmp_path, chat_model, eight_shapes, "--epochs", "2", "--peft_module", peft, "--lr", lr, "--optimizer", "AdamW")
+    final = train(tmp_path, chat_model, eight_shapes, "--epochs", "2", "--peft_module", peft, "--lr", lr, "--optimizer", "AdamW", *extra)
     out = capsys.readouterr().out
     assert "(chat-vlm)" in out
     if peft == "LoRA":  # the default targets, printed at start-up: the language model's attention and MLP (2 layers)
