@@ -207,7 +207,7 @@ def load_processor(name_or_path: str, model_type: str, kwargs: dict[str, Any]) -
         cls = image_only_processor_class(cls)
     try:
         processor = cls.from_pretrained(name_or_path, **kwargs)
-    except (OSError, ValueError, TypeError) as err:
+    except (OSError, ValueError, TypeError, ImportError) as err:  # ImportError: e.g. SmolVLM's processor needs num2words
         reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise UserError(f"model {name_or_path}: could not load its processor ({reason}); it needs the processor files saved beside the model") from None
     if not getattr(processor, "chat_template", None) or not hasattr(processor, "tokenizer"):
