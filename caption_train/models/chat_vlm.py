@@ -209,7 +209,7 @@ def load_processor(name_or_path: str, model_type: str, kwargs: dict[str, Any]) -
         processor = cls.from_pretrained(name_or_path, **kwargs)
     except (OSError, ValueError, TypeError, ImportError) as err:  # ImportError: e.g. SmolVLM's processor needs num2words
         reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise UserError(f"model {name_or_path}: could not load its processor ({reason}); it needs the processor files saved beside the model") from None
+        raise UserError(f"model {name_or_path}: could not load its processor ({reason}); the processor files must be saved beside the model") from None
     if not getattr(processor, "chat_template", None) or not hasattr(processor, "tokenizer"):
         raise UserError(f"model {name_or_path}: its processor has no chat template (chat_template.jinja); the {ChatVlmFamily.name} family "
                         "places the prompt and caption with it: add the model's template, or use a model that ships one")
