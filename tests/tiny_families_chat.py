@@ -177,6 +177,32 @@ def build_tiny_llava(out_dir, texts: Iterable[str], *, hidden_size: int = 64, nu
     return _save(Path(out_dir), model, processor)
 
 
+def build_tiny_paligemma(out_dir, texts: Iterable[str], *, hidden_size: int = 64, num_layers: int = 2, image_size: int = 56,
+                         patch_size: int = 8, seed: int = 0) -> Path:
+    """A random-weight PaliGemma (SigLIP + Gemma) at `image_size` px and its processor (prefix + suffix)."""
+    from transformers import PaliGemmaConfig, PaliGemmaForConditionalGeneration, PaliGemmaProcessor
+    from transformers.models.siglip.image_processing_pil_siglip import SiglipImageProcessorPil
+
+    specials = ["<pad>", "<eos>", "<bos>", "<unk>", "<image>"]
+    tokenizer = build_bpe_tokenizer(itertools.chain(texts, ["caption en"]), specials, bos="<bos>", eos="<eos>", pad="<pad>")
+    image_processor = SiglipImageProcessorPil(size={"height": image_size, "width": image_size})
+    image_processor.image_seq_length = (image_size // patch_size) ** 2  # saved in preprocessor_config.json, as on the hub
+    processor = PaliGemmaProcessor(image_processor=image_processor, tokenizer=tokenizer)  # adds its <locNNNN>/<segNNN> tokens
+    tokenizer = processor.tokenizer
+    ids = tokenizer.convert_tokens_to_ids
+    vision = dict(model_type="siglip_vision_model", hidden_size=hidden_size, intermediate_size=2 * hidden_size, num_hidden_layers=num_layers,
+                  num_attention_heads=4, image_size=image_size, patch_size=patch_size)
+    text = dict(model_type="gemma", vocab_size=len(tokenizer), hidden_size=hidden_size, intermediate_size=2 * hidden_size,
+                num_hidden_layers=num_layers, num_attention_heads=4, num_key_value_heads=1, head_dim=hidden_size // 4,
+                max_position_embeddings=512, bos_token_id=ids("<bos>"), eos_token_id=ids("<eos>"), pad_token_id=ids("<pad>"))
+    config = PaliGemmaConfig(vision_config=vision, text_config=text, image_token_index=ids("<image>"), projection_dim=hidden_size,
+                             hidden_size=hidden_size)
+    model = _seeded(seed, lambda: PaliGemmaForConditionalGeneration(config))
+    model.generation_config.eos_token_id = ids("<eos>")
+    model.generation_config.pad_token_id = ids("<pad>")
+    return _save(Path(out_dir), model, processor)
+
+
 BUILDERS = {"qwen2_vl": build_tiny_qwen2_vl, "qwen2_5_vl": build_tiny_qwen2_5_vl, "idefics3": build_tiny_idefics3, "llava": build_tiny_llava}
 # The token each template writes after the answer: the end-of-turn token training teaches and generation stops on.
 END_TOKENS = {"qwen2_vl": "<|im_end|>", "qwen2_5_vl": "<|im_end|>", "idefics3": "<end_of_utterance>", "llava": "</s>"}
