@@ -148,11 +148,11 @@ def test_processor_settings_cap_the_image_tokens(loaded, chat_model):
     """model_config.processor reaches the processor: a smaller image budget gives fewer image tokens."""
     family, _, processor, model_type = loaded
     if model_type not in ("qwen2_vl", "qwen2_5_vl"):
-        pytest.skip("max_pixels is Qwen2-VL's image budget")
+        pytest.skip("size = {longest_edge = pixels} is Qwen2-VL's image budget")
     big = [Image.new("RGB", (112, 112))]
     turns = chat_turns(processor, family.default_prompt)
     default = len(processor(images=[big], text=[turns.prompt_text])["input_ids"][0])
-    _, capped = family.load(str(chat_model), {"processor": {"max_pixels": 28 * 28}})
+    _, capped = family.load(str(chat_model), {"processor": {"size": {"longest_edge": 28 * 28, "shortest_edge": 28 * 28}}})
     assert len(capped(images=[big], text=[turns.prompt_text])["input_ids"][0]) < default
 
 
