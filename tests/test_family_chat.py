@@ -273,3 +273,21 @@ def test_review_with_a_chat_model_captions(tmp_path, chat_model):
         stop.set()
         server_loop.join(10)
         review.close()
+
+
+def test_the_page_captions_with_the_runs_prompt(tmp_path, loaded):
+    """--interactive: the page's "caption now" uses the prompt the run trains with, not the family default."""
+    from caption_train.data.scan import Sample
+    from caption_train.iterative.hooks import caption_images
+    from caption_train.iterative.store import Workspace
+
+    family, model, processor, _ = loaded
+    pairs = make_shapes_dataset(tmp_path / "data", 1, seed=5, size=32, subfolders=0)
+    workspace = Workspace(tmp_path / "data", [Sample(p, c) for p, c in pairs], state_dir=tmp_path / "state")
+    prompt = "Describe this image in one short line, please."
+    image = Image.open(pairs[0][0]).convert("RGB")
+    with_prompt = family.generate(model, processor, [image], prompt=prompt)[0]
+    assert with_prompt != family.generate(model, processor, [image])[0]  # else this test could not tell them apart
+    (image_id,) = workspace.entries
+    caption_images(workspace, model, processor, family, [image_id], step=3, prompt=prompt)
+    assert workspace.model_captions[image_id].text == with_prompt
