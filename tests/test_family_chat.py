@@ -181,15 +181,17 @@ def losses(final: Path) -> list[float]:
     return [row["train/loss"] for row in read_metrics(final.parent / "metrics.jsonl") if "train/loss" in row]
 
 
-@pytest.mark.parametrize("peft, extra", [("LoRA", ()), ("none", ()), ("LoRA", ("--gradient_checkpointing",))], ids=["lora", "full", "lora-checkpointing"])
-def test_two_training_steps_lower_the_loss(tmp_path, chat_model, eight_shapes, peft, extra, capsys):
+@pytest.mark.parametrize("peft, lr, extra", [("LoRA", "1e-2", ()), ("none", "1e-3", ()), ("IA3", "1e-1", ()), ("LoRA", "1e-2", ("--gradient_checkpointing",))],
+                         ids=["lora", "full", "ia3", "lora-checkpointing"])
+def test_two_training_steps_lower_the_loss(tmp_path, chat_model, eight_shapes, peft, lr, extra, capsys):
     # 8 images in one batch: both steps see the same batch, so the second loss is comparable to the first.
-    lr = "1e-2" if peft == "LoRA" else "1e-3"
     final = train(tmp_path, chat_model, eight_shapes, "--epochs", "2", "--peft_module", peft, "--lr", lr, "--optimizer", "AdamW", *extra)
     out = capsys.readouterr().out
     assert "(chat-vlm)" in out
     if peft == "LoRA":  # the default targets, printed at start-up: the language model's attention and MLP (2 layers)
         assert "adapter targets: 14 modules (q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj)" in out
+    if peft == "IA3":  # keys, values and the MLP's down projection of the language model
+        assert "adapter targets: 6 modules (k_proj, v_proj, down_proj)" in out
     first, second = losses(final)
     assert second < first
 

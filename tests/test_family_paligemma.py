@@ -113,9 +113,8 @@ def test_lora_targets_the_language_model_only(paligemma):
     assert not any(p.requires_grad for p in family.vision_tower(model).parameters())
 
 
-@pytest.mark.parametrize("peft", ["LoRA", "none"])
-def test_two_training_steps_lower_the_loss(tmp_path, paligemma, eight_shapes, peft, capsys):
-    lr = "1e-2" if peft == "LoRA" else "1e-3"
+@pytest.mark.parametrize("peft, lr", [("LoRA", "1e-2"), ("none", "1e-3"), ("IA3", "1e-1")])
+def test_two_training_steps_lower_the_loss(tmp_path, paligemma, eight_shapes, peft, lr, capsys):
     final = train(tmp_path, paligemma, eight_shapes, "--epochs", "2", "--peft_module", peft, "--lr", lr, "--optimizer", "AdamW")
     assert "(paligemma)" in capsys.readouterr().out
     first, second = losses(final)
