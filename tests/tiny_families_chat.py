@@ -1,4 +1,4 @@
-"""Tiny offline chat VLMs (Qwen2-VL, SmolVLM, LLaVA) for the chat-VLM family's tests: no hub needed.
+"""Tiny offline chat VLMs (Qwen2-VL, Qwen2.5-VL, Idefics3/SmolVLM, LLaVA, Gemma 3) and PaliGemma for the family tests.
 
     model_dir = build_tiny_qwen2_vl(tmp_path / "qwen", texts)
     # AutoModelForImageTextToText.from_pretrained(model_dir), AutoProcessor.from_pretrained(model_dir)
@@ -49,9 +49,18 @@ LLAVA_TEMPLATE = (
     "{% if add_generation_prompt %}ASSISTANT:{% endif %}"
 )
 
+# Gemma 3's template shape: "<bos><start_of_turn>user\n<start_of_image>prompt<end_of_turn>\n<start_of_turn>model\ncaption<end_of_turn>\n".
+GEMMA3_TEMPLATE = (
+    "{{ bos_token }}{% for message in messages %}{% if message['role'] == 'assistant' %}{% set role = 'model' %}"
+    "{% else %}{% set role = message['role'] %}{% endif %}<start_of_turn>{{ role }}\n"
+    "{% for item in message['content'] %}{% if item['type'] == 'image' %}<start_of_image>"
+    "{% elif item['type'] == 'text' %}{{ item['text'] | trim }}{% endif %}{% endfor %}<end_of_turn>\n{% endfor %}"
+    "{% if add_generation_prompt %}<start_of_turn>model\n{% endif %}"
+)
+
 
 def build_bpe_tokenizer(texts: Iterable[str], specials: list[str], *, vocab_size: int = 400, bos: str | None = None,
-                        eos: str, pad: str, max_length: int = 512):
+                        eos: str, pad: str, max_length: int = 512, extra: dict[str, str] | None = None):
     """A byte-level BPE tokenizer trained on `texts`, with `specials` as whole special tokens (ids 0..)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
@@ -62,7 +71,7 @@ def build_bpe_tokenizer(texts: Iterable[str], specials: list[str], *, vocab_size
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials, show_progress=False,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     backend.train_from_iterator(itertools.chain([_TEMPLATE_WORDS], texts), trainer=trainer)
-    kwargs = {"eos_token": eos, "pad_token": pad} | ({"bos_token": bos} if bos else {})
+    kwargs = {"eos_token": eos, "pad_token": pad} | ({"bos_token": bos} if bos else {}) | ({"extra_special_tokens": extra} if extra else {})
     return PreTrainedTokenizerFast(tokenizer_object=backend, model_max_length=max_length, **kwargs)
 
 
@@ -203,6 +212,34 @@ def build_tiny_paligemma(out_dir, texts: Iterable[str], *, hidden_size: int = 64
     return _save(Path(out_dir), model, processor)
 
 
-BUILDERS = {"qwen2_vl": build_tiny_qwen2_vl, "qwen2_5_vl": build_tiny_qwen2_5_vl, "idefics3": build_tiny_idefics3, "llava": build_tiny_llava}
+def build_tiny_gemma3(out_dir, texts: Iterable[str], *, hidden_size: int = 64, num_layers: int = 2, image_size: int = 32,
+                      patch_size: int = 8, tokens_per_image: int = 4, seed: int = 0) -> Path:
+    """A random-weight Gemma 3 (SigLIP + Gemma 3 text) at `image_size` px, `tokens_per_image` image tokens."""
+    from transformers import Gemma3Config, Gemma3ForConditionalGeneration, Gemma3Processor
+    from transformers.models.gemma3.image_processing_pil_gemma3 import Gemma3ImageProcessorPil
+
+    specials = ["<pad>", "<eos>", "<bos>", "<unk>", "<start_of_turn>", "<end_of_turn>", "<start_of_image>", "<end_of_image>", "<image_soft_token>"]
+    extra = {"boi_token": "<start_of_image>", "eoi_token": "<end_of_image>", "image_token": "<image_soft_token>"}
+    tokenizer = build_bpe_tokenizer(itertools.chain(texts, ["model"]), specials, bos="<bos>", eos="<eos>", pad="<pad>", extra=extra)
+    ids = tokenizer.convert_tokens_to_ids
+    vision = dict(model_type="siglip_vision_model", hidden_size=hidden_size, intermediate_size=2 * hidden_size, num_hidden_layers=num_layers,
+                  num_attention_heads=4, image_size=image_size, patch_size=patch_size)
+    text = dict(model_type="gemma3_text", vocab_size=len(tokenizer), hidden_size=hidden_size, intermediate_size=2 * hidden_size,
+                num_hidden_layers=num_layers, num_attention_heads=4, num_key_value_heads=1, head_dim=hidden_size // 4,
+                query_pre_attn_scalar=hidden_size // 4, sliding_window=512, max_position_embeddings=512,
+                bos_token_id=ids("<bos>"), eos_token_id=ids("<eos>"), pad_token_id=ids("<pad>"))
+    config = Gemma3Config(vision_config=vision, text_config=text, mm_tokens_per_image=tokens_per_image, boi_token_index=ids("<start_of_image>"),
+                          eoi_token_index=ids("<end_of_image>"), image_token_index=ids("<image_soft_token>"))
+    model = _seeded(seed, lambda: Gemma3ForConditionalGeneration(config))
+    # As Gemma 3's own generation config: <eos> and <end_of_turn> both end a reply.
+    model.generation_config.eos_token_id = [ids("<eos>"), ids("<end_of_turn>")]
+    model.generation_config.pad_token_id = ids("<pad>")
+    image_processor = Gemma3ImageProcessorPil(size={"height": image_size, "width": image_size})
+    processor = Gemma3Processor(image_processor=image_processor, tokenizer=tokenizer, image_seq_length=tokens_per_image, chat_template=GEMMA3_TEMPLATE)
+    return _save(Path(out_dir), model, processor)
+
+
+BUILDERS = {"qwen2_vl": build_tiny_qwen2_vl, "qwen2_5_vl": build_tiny_qwen2_5_vl, "idefics3": build_tiny_idefics3, "llava": build_tiny_llava,
+            "gemma3": build_tiny_gemma3}
 # The token each template writes after the answer: the end-of-turn token training teaches and generation stops on.
-END_TOKENS = {"qwen2_vl": "<|im_end|>", "qwen2_5_vl": "<|im_end|>", "idefics3": "<end_of_utterance>", "llava": "</s>"}
+END_TOKENS = {"qwen2_vl": "<|im_end|>", "qwen2_5_vl": "<|im_end|>", "idefics3": "<end_of_utterance>", "llava": "</s>", "gemma3": "<end_of_turn>"}
