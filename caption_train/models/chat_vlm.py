@@ -195,15 +195,15 @@ def chat_turns(processor: Any, prompt: str) -> ChatTurns:
 def load_processor(name_or_path: str, model_type: str, kwargs: dict[str, Any]) -> Any:
     """The model's processor (with `kwargs`, e.g. max_pixels, passed to it); it must have a chat template.
 
-    Without torchvision, transformers cannot build a video processor, and processors that take one (Qwen2-VL,
-    SmolVLM) refuse to be built at all; captioning needs images only, so they are built without it.
+    Captioning needs images only, so processors that also take a video processor (Qwen2-VL, SmolVLM) are built
+    without it: without torchvision transformers cannot build a video processor, and those processors then refuse
+    to be built at all. Doing it always (not only without torchvision) keeps saved checkpoints the same either way.
     """
     import transformers
     from transformers.models.auto.processing_auto import PROCESSOR_MAPPING_NAMES
-    from transformers.utils import is_torchvision_available
 
     cls = getattr(transformers, PROCESSOR_MAPPING_NAMES.get(model_type) or "AutoProcessor", transformers.AutoProcessor)
-    if not is_torchvision_available() and "video_processor" in getattr(cls, "get_attributes", lambda: [])():
+    if "video_processor" in getattr(cls, "get_attributes", lambda: [])():
         cls = image_only_processor_class(cls)
     try:
         processor = cls.from_pretrained(name_or_path, **kwargs)
