@@ -57,6 +57,18 @@ def load_adapter_for_training(model: torch.nn.Module, adapter_dir: Path) -> torc
     return PeftModel.from_pretrained(model, str(adapter_dir), is_trainable=True)
 
 
+def describe_adapters(model: torch.nn.Module) -> str | None:
+    """One line naming the modules the LoRA/IA3 layers sit on (None for a full fine-tune), printed at start-up so
+    the default targets are visible."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    names = [name for name, module in model.named_modules() if isinstance(module, BaseTunerLayer)]
+    if not names:
+        return None
+    leaves = list(dict.fromkeys(name.rsplit(".", 1)[-1] for name in names))  # in model order
+    return f"adapter targets: {len(names)} modules ({', '.join(leaves)}); override with peft_args.target_modules"
+
+
 def count_parameters(model: torch.nn.Module) -> tuple[int, int]:
     """(trainable, total) parameter counts."""
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)

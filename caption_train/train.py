@@ -23,7 +23,7 @@ import torch
 from tqdm.auto import tqdm
 
 from caption_train import checkpoint, resume
-from caption_train.adapters import count_parameters, load_adapter_for_training, wrap_model
+from caption_train.adapters import count_parameters, describe_adapters, load_adapter_for_training, wrap_model
 from caption_train.config import TrainConfig, resolved_lr, to_toml_dict
 from caption_train.data.captions import CaptionTransform
 from caption_train.data.dataset import CaptionDataset, drop_failed
@@ -338,6 +338,8 @@ def setup(cfg: TrainConfig, hooks: TrainingHooks) -> Run:
                               mixed_precision=precision.mode, cache_dir=cfg.cache_dir, dataset_dir=cfg.dataset_dir)
     if main:
         print(f"model {cfg.model_name_or_path} ({family.name}), {cfg.peft_module}: {trainable:,} of {total:,} parameters trainable ({100 * trainable / total:.2f}%)", flush=True)
+        if (targets := describe_adapters(model)) is not None:
+            print(targets, flush=True)
         print(precision.describe(), flush=True)
         print(plan.message, flush=True)
         if cfg.compile:

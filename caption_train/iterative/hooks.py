@@ -81,8 +81,9 @@ def leave_out_of_bar(bar: Any, seconds: float) -> None:
 
 
 def caption_images(workspace: Workspace, model: torch.nn.Module, processor: Any, family: Any, images: list[str], *,
-                   step: int | None, autocast: Callable[[], Any] = contextlib.nullcontext) -> None:
-    """Caption `images` (ids) with `model` in eval mode and record the results; restores the model's mode."""
+                   step: int | None, autocast: Callable[[], Any] = contextlib.nullcontext, prompt: str | None = None) -> None:
+    """Caption `images` (ids) with `model` in eval mode and record the results; restores the model's mode.
+    `prompt` is the run's --prompt (None: the family's default), so the page shows what training teaches."""
     was_training = model.training
     model.eval()
     try:
@@ -96,7 +97,7 @@ def caption_images(workspace: Workspace, model: torch.nn.Module, processor: Any,
             texts: list[str] = []
             if loaded:
                 with torch.no_grad(), autocast():
-                    texts = family.generate(model, processor, [picture for _, picture in loaded])
+                    texts = family.generate(model, processor, [picture for _, picture in loaded], prompt=prompt)
             workspace.record_model_captions([(image, text) for (image, _), text in zip(loaded, texts)] + failed, step)
     finally:
         if was_training:
@@ -282,7 +283,7 @@ class InteractiveHooks(TrainingHooks):
             return
         try:
             caption_images(workspace, run.accelerator.unwrap_model(run.model), run.processor, run.family, images,
-                           step=run.global_step, autocast=run.accelerator.autocast)
+                           step=run.global_step, autocast=run.accelerator.autocast, prompt=run.cfg.prompt)
         except Exception as error:  # the page asked for it; a failure must not end the run
             log.exception("interactive page: captioning failed")
             workspace.record_model_captions([(image, f"(captioning failed: {type(error).__name__}: {error})") for image in images], run.global_step)

@@ -16,6 +16,7 @@ from PIL import Image
 from caption_train.errors import UserError
 
 _REGISTRY: dict[str, "ModelFamily"] = {}
+_FALLBACKS: list["ModelFamily"] = []  # families asked, in registration order, about model types nobody registered
 
 
 class ModelFamily:
@@ -23,6 +24,13 @@ class ModelFamily:
 
     name: str = ""
     model_types: tuple[str, ...] = ()
+    fallback_description: str = ""
+    """Non-empty for a generic family that also takes model types no family registered (see `handles_model_type`):
+    how the unsupported-model error describes what it takes."""
+
+    def handles_model_type(self, model_type: str) -> bool:
+        """For a generic family: whether it takes `model_type`, which no family registered by name."""
+        return False
 
     # ---- loading
     def load(self, name_or_path: str, overrides: dict[str, Any], *, label_smoothing: float = 0.0) -> tuple[torch.nn.Module, Any]:
@@ -106,6 +114,8 @@ def register(cls: type[ModelFamily]) -> type[ModelFamily]:
     instance = cls()
     for model_type in cls.model_types:
         _REGISTRY[model_type] = instance
+    if cls.fallback_description:
+        _FALLBACKS.append(instance)
     return cls
 
 
@@ -114,10 +124,14 @@ def registered_families() -> dict[str, ModelFamily]:
 
 
 def family_for_model_type(model_type: str, source: str) -> ModelFamily:
-    if model_type not in _REGISTRY:
-        supported = ", ".join(sorted(_REGISTRY))
-        raise UserError(f"model {source}: model type {model_type!r} is not a supported image-to-text family (supported: {supported})")
-    return _REGISTRY[model_type]
+    """The family registered for `model_type`, else the first generic family that takes it."""
+    if model_type in _REGISTRY:
+        return _REGISTRY[model_type]
+    for family in _FALLBACKS:
+        if family.handles_model_type(model_type):
+            return family
+    supported = ", ".join(sorted(_REGISTRY) + [family.fallback_description for family in _FALLBACKS])
+    raise UserError(f"model {source}: model type {model_type!r} is not a supported image-to-text family (supported: {supported})")
 
 
 def _looks_like_path(name_or_path: str) -> bool:

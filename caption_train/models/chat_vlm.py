@@ -1,0 +1,262 @@
+"""Chat VLMs (Qwen2-VL / Qwen2.5-VL, SmolVLM / Idefics3, LLaVA, ...): any `AutoModelForImageTextToText` model whose
+processor has a chat template, through that template: the prompt is the user turn with the image, the caption
+is the assistant turn. A new VLM of this kind needs no new code.
+
+    family, _ = resolve_family("Qwen/Qwen2-VL-2B-Instruct")
+    model, processor = family.load("Qwen/Qwen2-VL-2B-Instruct", {"processor": {"max_pixels": 200704}})
+    batch = family.collate(processor, images, ["a red circle", "a blue square"], max_length=512, prompt=family.default_prompt)
+    loss = model(**batch).loss
+
+Labels: the prompt is tokenized exactly as generation tokenizes it (the processor on the rendered user turn, which
+expands the image placeholders); the caption tokens and the end-of-turn token after them follow, and only those
+are targets. Everything else (template, prompt, image tokens, padding) is -100.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import torch
+from PIL import Image
+
+from caption_train.errors import UserError
+from caption_train.models.base import (
+    ModelFamily,
+    apply_config_overrides,
+    load_model_config,
+    model_device,
+    model_dtype,
+    pop_load_kwargs,
+    register,
+    unwrap_peft,
+)
+
+IGNORE_INDEX = -100  # positions with this label are left out of the loss (torch CrossEntropyLoss default)
+# Stands in for the caption when the template is rendered once per prompt, to find what surrounds the answer.
+_SENTINEL = "CAPTIONSENTINEL7Q"
+# Language-model attention and MLP projections (Qwen2, Llama, SmolLM, Gemma, Mistral names); the language model is
+# `language_model` (Qwen2-VL, LLaVA, Gemma 3) or `text_model` (Idefics3 / SmolVLM). The vision tower's own q/k/v
+# projections (SigLIP, CLIP) do not match, so it stays frozen.
+_LM = r".*\.(language_model|text_model)\.layers\.\d+\."
+LORA_TARGETS = _LM + r"(self_attn\.(q_proj|k_proj|v_proj|o_proj)|mlp\.(gate_proj|up_proj|down_proj))$"
+IA3_TARGETS = _LM + r"(self_attn\.(k_proj|v_proj)|mlp\.down_proj)$"
+IA3_FEEDFORWARD = _LM + r"mlp\.down_proj$"
+_VISION_ATTRIBUTES = ("visual", "vision_tower", "vision_model")  # Qwen2-VL; LLaVA, Gemma 3; Idefics3, SmolVLM
+
+
+@dataclass(frozen=True)
+class ChatTurns:
+    """One prompt through a model's chat template: the generation prompt, and what the template writes around the
+    answer (`before` the caption, e.g. a space; the `end_id` token after it, which generation must stop on)."""
+
+    prompt_text: str
+    before: str
+    end_id: int
+
+
+@register
+class ChatVlmFamily(ModelFamily):
+    name = "chat-vlm"
+    model_types = ()  # every image-text-to-text model type no other family registered (handles_model_type)
+    fallback_description = "any other image-text-to-text model whose processor has a chat template (chat-vlm)"
+    default_prompt = "Write a caption for this image."
+    supports_feature_cache = False  # the frozen-vision feature cache is BLIP-only for now
+
+    def handles_model_type(self, model_type: str) -> bool:
+        from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES
+
+        return model_type in MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES
+
+    # ---- loading
+    def load(self, name_or_path: str, overrides: dict[str, Any], *, label_smoothing: float = 0.0) -> tuple[torch.nn.Module, Any]:
+        from transformers import AutoModelForImageTextToText
+
+        if label_smoothing:
+            raise UserError(f"label_smoothing {label_smoothing}: the {self.name} family trains with the model's own loss, which has none; remove label_smoothing")
+        config = load_model_config(name_or_path)
+        load_kwargs, overrides = pop_load_kwargs(overrides)
+        processor_kwargs = overrides.pop("processor", {})
+        if not isinstance(processor_kwargs, dict):
+            raise UserError("model_config.processor must be a table of processor settings, e.g. {max_pixels = 200704}")
+        sub_configs = tuple(name for name in getattr(config, "sub_configs", {}) if getattr(config, name, None) is not None)
+        apply_config_overrides(config, overrides, sub_configs=sub_configs)
+        processor = load_processor(name_or_path, config.model_type, processor_kwargs)
+        model = AutoModelForImageTextToText.from_pretrained(name_or_path, config=config, **load_kwargs)
+        return model, processor
+
+    def max_text_length(self, model: torch.nn.Module) -> int:
+        config = unwrap_peft(model).config
+        text = getattr(config, "text_config", config)
+        return int(getattr(text, "max_position_embeddings", None) or getattr(config, "max_position_embeddings"))
+
+    # ---- adapters
+    def lora_targets(self) -> str:
+        return LORA_TARGETS
+
+    def ia3_targets(self) -> tuple[str, str]:
+        return IA3_TARGETS, IA3_FEEDFORWARD
+
+    def vision_tower(self, model: torch.nn.Module) -> torch.nn.Module:
+        inner = unwrap_peft(model).model
+        for attribute in _VISION_ATTRIBUTES:
+            tower = getattr(inner, attribute, None)
+            if isinstance(tower, torch.nn.Module):
+                return tower
+        raise UserError(f"model {type(inner).__name__}: no vision tower found (looked for {', '.join(_VISION_ATTRIBUTES)})")
+
+    def text_model(self, model: torch.nn.Module) -> torch.nn.Module:
+        return unwrap_peft(model).get_decoder()
+
+    # ---- data
+    def collate(self, processor: Any, images: Sequence[Image.Image | None], captions: Sequence[str], *, max_length: int,
+                prompt: str | None = None) -> dict[str, torch.Tensor]:
+        if any(image is None for image in images):
+            raise ValueError(f"the {self.name} family has no feature cache: every image must be loaded")
+        turns = chat_turns(processor, prompt or self.default_prompt)
+        # The prompt exactly as generate() tokenizes it (image placeholders expanded for each image's size).
+        encoded = processor(images=[[image] for image in images], text=[turns.prompt_text] * len(images), padding=True, return_tensors="pt")
+        rows = [self._row(processor, encoded, i, turns, caption, max_length) for i, caption in enumerate(captions)]
+        return _pad_rows(rows, processor.tokenizer) | _image_inputs(encoded)
+
+    def _row(self, processor: Any, encoded: Any, i: int, turns: ChatTurns, caption: str, max_length: int) -> dict[str, list[int]]:
+        """One sample's unpadded token lists: the prompt (masked), the caption and the end token (targets)."""
+        keep = encoded["attention_mask"][i].bool()
+        prompt_ids = encoded["input_ids"][i][keep].tolist()
+        caption_ids = processor.tokenizer(turns.before + caption.strip(), add_special_tokens=False)["input_ids"]
+        if not caption.strip() or not caption_ids:
+            raise UserError(f"caption {caption!r} tokenizes to nothing with this model's tokenizer; fix or remove its .txt file")
+        room = max_length - len(prompt_ids) - 1  # the end token always stays: the model must learn to stop
+        if room < 1:
+            raise UserError(f"max_length {max_length}: the prompt with its image takes {len(prompt_ids)} tokens, leaving no room for a caption; "
+                            "raise --max_length, shorten --prompt, or cap the image size (model_config.processor, e.g. {max_pixels = 200704})")
+        answer = caption_ids[:room] + [turns.end_id]
+        row = {"input_ids": prompt_ids + answer, "attention_mask": [1] * (len(prompt_ids) + len(answer)),
+               "labels": [IGNORE_INDEX] * len(prompt_ids) + answer}
+        # Other per-token inputs (Qwen2-VL's mm_token_type_ids: which tokens are image tokens): text (0) for the answer.
+        for key in _per_token_keys(encoded):
+            row[key] = encoded[key][i][keep].tolist() + [0] * len(answer)
+        return row
+
+    def pixel_inputs(self, processor: Any, images: Sequence[Image.Image | None]) -> dict[str, torch.Tensor]:
+        loaded = [image for image in images if image is not None]
+        if not loaded:
+            return {}
+        return dict(processor.image_processor(images=loaded, return_tensors="pt"))
+
+    # ---- inference
+    @torch.no_grad()
+    def generate(self, model: torch.nn.Module, processor: Any, images: Sequence[Image.Image], *, prompt: str | None = None, **generate_kwargs: Any) -> list[str]:
+        turns = chat_turns(processor, prompt or self.default_prompt)
+        tokenizer = processor.tokenizer
+        side = tokenizer.padding_side
+        tokenizer.padding_side = "left"  # decoder-only: every row's prompt must end where generation starts
+        try:
+            inputs = processor(images=[[image] for image in images], text=[turns.prompt_text] * len(images), padding=True, return_tensors="pt")
+        finally:
+            tokenizer.padding_side = side
+        dtype, device = model_dtype(model), model_device(model)
+        inputs = {k: (v.to(device, dtype) if v.is_floating_point() else v.to(device)) for k, v in inputs.items() if isinstance(v, torch.Tensor)}
+        prompt_length = inputs["input_ids"].shape[1]
+        room = self.max_text_length(model) - prompt_length
+        generate_kwargs["max_new_tokens"] = max(1, min(generate_kwargs.get("max_new_tokens") or 40, room))
+        generate_kwargs.setdefault("eos_token_id", _stop_ids(model, turns.end_id))
+        generate_kwargs.setdefault("pad_token_id", tokenizer.pad_token_id if tokenizer.pad_token_id is not None else turns.end_id)
+        output = model.generate(**inputs, **generate_kwargs)
+        return [text.strip() for text in tokenizer.batch_decode(output[:, prompt_length:], skip_special_tokens=True)]
+
+
+# ---------------------------------------------------------------------------------------------
+# The chat template, the processor, and padding.
+
+
+def chat_turns(processor: Any, prompt: str) -> ChatTurns:
+    """Render `prompt` through the processor's chat template: once as a generation prompt, once followed by an
+    answer, to learn what the template writes before the caption and which token ends the turn."""
+    user = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": prompt}]}]
+    answer = [{"role": "assistant", "content": [{"type": "text", "text": _SENTINEL}]}]
+    prompt_text = processor.apply_chat_template(user, add_generation_prompt=True, tokenize=False)
+    full = processor.apply_chat_template(user + answer, tokenize=False)
+    rest = full[len(prompt_text):] if full.startswith(prompt_text) else ""
+    if _SENTINEL not in rest:
+        raise UserError(f"the model's chat template writes the assistant turn differently from its generation prompt ({prompt_text[-40:]!r}); "
+                        "training would not match captioning; use a model whose template continues the generation prompt")
+    before, after = rest.split(_SENTINEL, 1)
+    tokenizer = processor.tokenizer
+    after_ids = tokenizer(after, add_special_tokens=False)["input_ids"]
+    # The first token after the answer ends the turn (<|im_end|>, <end_of_utterance>, </s>); templates that write
+    # nothing after the answer end with the tokenizer's EOS.
+    end_id = after_ids[0] if after_ids else tokenizer.eos_token_id
+    if end_id is None:
+        raise UserError("the model's chat template writes nothing after the answer and its tokenizer has no eos_token: no token ends a caption")
+    return ChatTurns(prompt_text=prompt_text, before=before, end_id=int(end_id))
+
+
+def load_processor(name_or_path: str, model_type: str, kwargs: dict[str, Any]) -> Any:
+    """The model's processor (with `kwargs`, e.g. max_pixels, passed to it); it must have a chat template.
+
+    Captioning needs images only, so processors that also take a video processor (Qwen2-VL, SmolVLM) are built
+    without it: without torchvision transformers cannot build a video processor, and those processors then refuse
+    to be built at all. Doing it always (not only without torchvision) keeps saved checkpoints the same either way.
+    """
+    import transformers
+    from transformers.models.auto.processing_auto import PROCESSOR_MAPPING_NAMES
+
+    cls = getattr(transformers, PROCESSOR_MAPPING_NAMES.get(model_type) or "AutoProcessor", transformers.AutoProcessor)
+    if "video_processor" in getattr(cls, "get_attributes", lambda: [])():
+        cls = image_only_processor_class(cls)
+    try:
+        processor = cls.from_pretrained(name_or_path, **kwargs)
+    except (OSError, ValueError, TypeError, ImportError) as err:  # ImportError: e.g. SmolVLM's processor needs num2words
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise UserError(f"model {name_or_path}: could not load its processor ({reason}); the processor files must be saved beside the model") from None
+    if not getattr(processor, "chat_template", None) or not hasattr(processor, "tokenizer"):
+        raise UserError(f"model {name_or_path}: its processor has no chat template (chat_template.jinja); the {ChatVlmFamily.name} family "
+                        "places the prompt and caption with it: add the model's template, or use a model that ships one")
+    return processor
+
+
+def image_only_processor_class(cls: type) -> type:
+    """`cls` without its video processor: the same name (so it saves as `cls`), image processor and tokenizer only."""
+    if cls in _IMAGE_ONLY:
+        return _IMAGE_ONLY[cls]
+
+    def get_attributes(klass: type) -> list[str]:
+        return [name for name in cls.get_attributes() if name != "video_processor"]
+
+    image_only = type(cls.__name__, (cls,), {"get_attributes": classmethod(get_attributes), "__module__": cls.__module__})
+    _IMAGE_ONLY[cls] = image_only
+    return image_only
+
+
+_IMAGE_ONLY: dict[type, type] = {}
+
+
+def _per_token_keys(encoded: Any) -> list[str]:
+    shape = encoded["input_ids"].shape
+    return [k for k, v in encoded.items() if k not in ("input_ids", "attention_mask") and isinstance(v, torch.Tensor) and v.shape == shape]
+
+
+def _image_inputs(encoded: Any) -> dict[str, torch.Tensor]:
+    per_token = set(_per_token_keys(encoded)) | {"input_ids", "attention_mask"}
+    return {k: v for k, v in encoded.items() if k not in per_token and isinstance(v, torch.Tensor)}
+
+
+def _pad_rows(rows: list[dict[str, list[int]]], tokenizer: Any) -> dict[str, torch.Tensor]:
+    """Pad every row to the longest on the tokenizer's padding side: pads are masked and never targets."""
+    length = max(len(row["input_ids"]) for row in rows)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    fill = {"input_ids": pad_id, "labels": IGNORE_INDEX}
+    batch: dict[str, list[list[int]]] = {key: [] for key in rows[0]}
+    for row in rows:
+        for key, values in row.items():
+            pad = [fill.get(key, 0)] * (length - len(values))
+            batch[key].append(pad + values if tokenizer.padding_side == "left" else values + pad)
+    return {key: torch.tensor(values, dtype=torch.long) for key, values in batch.items()}
+
+
+def _stop_ids(model: torch.nn.Module, end_id: int) -> list[int]:
+    """The model's own EOS ids plus the template's end-of-turn token (what training taught it to stop on)."""
+    configured = unwrap_peft(model).generation_config.eos_token_id
+    configured = [] if configured is None else [configured] if isinstance(configured, int) else list(configured)
+    return [end_id] + [i for i in configured if i != end_id]
