@@ -34,6 +34,11 @@ def unreadable_images(built: dict) -> int:
     return sum(case.skips if case.outcome == SKIPPED else 1 for case in built.values() if "unreadable_image" in case.lint)
 
 
+def unreadable_captions(built: dict) -> int:
+    """Captions the corpus should get an unreadable_caption finding for: one more where mode-000 files are unreadable."""
+    return sum(case.skips for case in built.values() if "unreadable_caption" in case.lint)
+
+
 def findings_of(report, root: Path, case) -> set[str]:
     prefix = f"cases/{case.name}/"
     codes = {f.code for f in report.findings if f.path.startswith(prefix)}
@@ -244,9 +249,9 @@ def test_summary_lines_for_training_start(corpus, report):
     lines = report.summary_lines()
     assert 3 <= len(lines) <= 7
     # One head line (the trainer prints no other dataset line): what is trained on, what is skipped and why.
-    # The unreadable-image count is one higher where mode-000 files are unreadable (not as root).
+    # The unreadable image and caption counts are one higher each where mode-000 files are unreadable (not as root).
     assert lines[0] == (f"dataset {corpus[0]}: {report.usable} images with captions; skipped {len(report.errors)} "
-                        f"({unreadable_images(corpus[1])} unreadable image, 4 unreadable caption, 3 empty caption, 3 missing caption, 2 caption not UTF-8, "
+                        f"({unreadable_images(corpus[1])} unreadable image, {unreadable_captions(corpus[1])} unreadable caption, 3 empty caption, 3 missing caption, 2 caption not UTF-8, "
                         f"1 bad metadata.jsonl line); {len(report.warnings)} warnings (list them: caption-train lint {corpus[0]})")
     assert lines[1].startswith("  warnings: ") and "1 duplicate with differing captions" in lines[1]
     assert any(line.strip().startswith("captions:") and "over the limit of 32" in line for line in lines)
