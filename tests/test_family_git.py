@@ -259,4 +259,5 @@ def test_review_captions_with_a_git_adapter(tmp_path, lora_final):
         stop.set()
         server_loop.join(10)
         review.close()
+    assert model["step"] is None and model["text"]
     assert model["text"] == captions_of(lora_final, [data / "part0" / "img_0000.png"])[0]
