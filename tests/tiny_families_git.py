@@ -63,3 +63,53 @@ def build_tiny_git(out_dir, texts: Iterable[str], *, image_size: int = 32, patch
     model = _seeded(seed, lambda: GitForCausalLM(config).eval())
     image_processor = CLIPImageProcessorPil(size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size})
     return _save(Path(out_dir), model, GitProcessor(image_processor, tokenizer))
+
+
+# ----------------------------------------------------------------------------
+# Florence-2: a BART-style byte-level BPE tokenizer with the <image> placeholder, a CLIP-style image processor
+# that says how many image tokens the vision tower yields, and a small DaViT + BART.
+
+FLORENCE_SPECIALS = ["<s>", "<pad>", "</s>", "<unk>", "<mask>"]  # BART's ids 0..4
+# The sentences Florence2Processor turns the caption task tokens into; trained in so prompts tokenize compactly.
+FLORENCE_PROMPTS = ("What does the image describe?", "Describe in detail what is shown in the image.",
+                    "Describe with a paragraph what is shown in the image.")
+
+
+def build_bart_tokenizer(texts: Iterable[str], *, max_length: int, vocab_size: int = 500):
+    """A byte-level BPE tokenizer laid out like BART's (<s> text </s>, pad 1) with Florence-2's <image> token."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import BartTokenizer
+
+    backend = Tokenizer(models.BPE())
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=FLORENCE_SPECIALS, show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    corpus = list(texts) + list(FLORENCE_PROMPTS)
+    backend.train_from_iterator(corpus * 20, trainer=trainer)  # repeated, so whole words earn their merges
+    backend.post_processor = processors.RobertaProcessing(("</s>", 2), ("<s>", 0), add_prefix_space=False)
+    return BartTokenizer(tokenizer_object=backend, bos_token="<s>", eos_token="</s>", pad_token="<pad>", unk_token="<unk>",
+                         mask_token="<mask>", extra_special_tokens={"image_token": "<image>"}, model_max_length=max_length)
+
+
+def build_tiny_florence2(out_dir, texts: Iterable[str], *, image_size: int = 32, hidden_size: int = 64, num_layers: int = 2,
+                         num_heads: int = 2, max_position_embeddings: int = 64, seed: int = 0) -> Path:
+    from transformers import Florence2Config, Florence2ForConditionalGeneration, Florence2Processor
+    from transformers.models.clip import CLIPImageProcessorPil
+
+    tokenizer = build_bart_tokenizer(texts, max_length=max_position_embeddings)
+    # Two DaViT stages (strides 4 and 2): image_size / 8 squared spatial tokens plus one temporal token.
+    vision = dict(depths=[1, 1], patch_size=[7, 3], patch_stride=[4, 2], patch_padding=[3, 1], patch_prenorm=[False, True],
+                  embed_dim=[32, hidden_size], num_heads=[2, 4], num_groups=[2, 4], window_size=4,
+                  projection_dim=hidden_size, drop_path_rate=0.0)
+    text = dict(model_type="bart", vocab_size=len(tokenizer), d_model=hidden_size, encoder_layers=num_layers, decoder_layers=num_layers,
+                encoder_attention_heads=num_heads, decoder_attention_heads=num_heads, encoder_ffn_dim=2 * hidden_size,
+                decoder_ffn_dim=2 * hidden_size, max_position_embeddings=max_position_embeddings,
+                pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                decoder_start_token_id=tokenizer.eos_token_id, forced_eos_token_id=tokenizer.eos_token_id)
+    config = Florence2Config(vision_config=vision, text_config=text, image_token_id=tokenizer.image_token_id)
+    model = _seeded(seed, lambda: Florence2ForConditionalGeneration(config).eval())
+    image_tokens = (image_size // 8) ** 2 + 1
+    image_processor = CLIPImageProcessorPil(size={"height": image_size, "width": image_size}, do_center_crop=False,
+                                            image_seq_length=image_tokens)
+    return _save(Path(out_dir), model, Florence2Processor(image_processor=image_processor, tokenizer=tokenizer))

@@ -53,7 +53,7 @@ class GitFamily(ModelFamily):
         apply_config_overrides(config, overrides, sub_configs=("vision_config",))
         model = GitForCausalLM.from_pretrained(name_or_path, config=config, **load_kwargs)
         if label_smoothing:
-            _use_label_smoothing(model, label_smoothing)
+            use_label_smoothing(model, label_smoothing, model.config.vocab_size)
         return model, AutoProcessor.from_pretrained(name_or_path)
 
     def max_text_length(self, model: torch.nn.Module) -> int:
@@ -122,13 +122,12 @@ class GitFamily(ModelFamily):
         return [text.strip() for text in tokenizer.batch_decode(output, skip_special_tokens=True)]
 
 
-def _use_label_smoothing(model: torch.nn.Module, label_smoothing: float) -> None:
-    """GIT's config has no label_smoothing: pass it to the loss function forward() calls."""
+def use_label_smoothing(model: torch.nn.Module, label_smoothing: float, vocab_size: int) -> None:
+    """For models whose config has no label_smoothing (GIT, Florence-2): give forward() a loss function with it.
+    Both call `loss_function(logits=..., shift_labels=...)` with targets already aligned to the logits."""
     import torch.nn.functional as F
 
-    vocab = model.config.vocab_size
-
-    def loss_function(logits: torch.Tensor, labels: Any = None, vocab_size: int = vocab, shift_labels: torch.Tensor | None = None, **kwargs: Any) -> torch.Tensor:
+    def loss_function(logits: torch.Tensor, labels: Any = None, vocab_size: int = vocab_size, shift_labels: torch.Tensor | None = None, **kwargs: Any) -> torch.Tensor:
         return F.cross_entropy(logits.float().reshape(-1, vocab_size), shift_labels.reshape(-1).to(logits.device),
                                ignore_index=IGNORE_INDEX, label_smoothing=label_smoothing)
 
