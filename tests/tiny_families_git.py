@@ -93,7 +93,10 @@ def build_bart_tokenizer(texts: Iterable[str], *, max_length: int, vocab_size: i
 
 
 def build_tiny_florence2(out_dir, texts: Iterable[str], *, image_size: int = 32, hidden_size: int = 64, num_layers: int = 2,
-                         num_heads: int = 2, max_position_embeddings: int = 64, seed: int = 0) -> Path:
+                         num_heads: int = 2, max_position_embeddings: int = 64, tie_word_embeddings: bool = True,
+                         seed: int = 0) -> Path:
+    """`tie_word_embeddings=True` as in the real checkpoints; a random tied model echoes its last input token
+    (<s>), so it captions every image with the empty string: untie it where a test needs varied captions."""
     from transformers import Florence2Config, Florence2ForConditionalGeneration, Florence2Processor
     from transformers.models.clip import CLIPImageProcessorPil
 
@@ -107,7 +110,8 @@ def build_tiny_florence2(out_dir, texts: Iterable[str], *, image_size: int = 32,
                 decoder_ffn_dim=2 * hidden_size, max_position_embeddings=max_position_embeddings,
                 pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
                 decoder_start_token_id=tokenizer.eos_token_id, forced_eos_token_id=tokenizer.eos_token_id)
-    config = Florence2Config(vision_config=vision, text_config=text, image_token_id=tokenizer.image_token_id)
+    config = Florence2Config(vision_config=vision, text_config=text, image_token_id=tokenizer.image_token_id,
+                             tie_word_embeddings=tie_word_embeddings)
     model = _seeded(seed, lambda: Florence2ForConditionalGeneration(config).eval())
     image_tokens = (image_size // 8) ** 2 + 1
     image_processor = CLIPImageProcessorPil(size={"height": image_size, "width": image_size}, do_center_crop=False,
