@@ -102,7 +102,8 @@ def test_labels_are_exactly_the_caption_and_eos(loaded, padding_side, task):
         # The decoder reads `</s> <s> caption` and each target is the next input token (teacher forcing).
         n = int(batch["decoder_attention_mask"][row].sum())
         assert decoder[:2].tolist() == [tokenizer.eos_token_id, tokenizer.bos_token_id]
-        assert torch.equal(decoder[1:n], torch.cat([decoder[1:2], targets[:-1]]))
+        assert labels[0] == IGNORE_INDEX and decoder[1] == tokenizer.bos_token_id  # <s> is given, not predicted
+        assert torch.equal(labels[1 : n - 1], decoder[2:n]) and labels[n - 1] == tokenizer.eos_token_id
         assert (labels[n:] == IGNORE_INDEX).all() and (decoder[n:] == tokenizer.pad_token_id).all()  # right padded
 
 
@@ -134,8 +135,11 @@ def test_model_config_overrides_reach_the_sub_configs(tiny_florence):
 
 def test_generate_uses_the_default_prompt_and_keeps_within_the_position_limit(loaded):
     family, model, processor = loaded
+    default = family.encoder_inputs(processor, images(1), None)["input_ids"]
+    assert torch.equal(default, family.encoder_inputs(processor, images(1), "<CAPTION>")["input_ids"])
+    assert not torch.equal(default, family.encoder_inputs(processor, images(1), "<DETAILED_CAPTION>")["input_ids"])
     texts = family.generate(model, processor, images(2), max_new_tokens=500)
-    assert len(texts) == 2 and texts == family.generate(model, processor, images(2), prompt="<CAPTION>", max_new_tokens=500)
+    assert len(texts) == 2 and all(isinstance(text, str) for text in texts)
 
 
 # ---------------------------------------------------------------------------------------------
