@@ -117,3 +117,54 @@ def build_tiny_florence2(out_dir, texts: Iterable[str], *, image_size: int = 32,
     image_processor = CLIPImageProcessorPil(size={"height": image_size, "width": image_size}, do_center_crop=False,
                                             image_seq_length=image_tokens)
     return _save(Path(out_dir), model, Florence2Processor(image_processor=image_processor, tokenizer=tokenizer))
+
+
+# ----------------------------------------------------------------------------
+# BLIP-2 with an OPT decoder: a GPT-2-style byte-level BPE tokenizer laid out like OPT's (</s> is bos and eos and is
+# put before every text), an <image> placeholder repeated num_query_tokens times, and a small ViT + Q-Former + OPT.
+
+OPT_SPECIALS = ["<s>", "<pad>", "</s>", "<unk>"]  # OPT's ids 0..3
+
+
+def build_opt_tokenizer(texts: Iterable[str], *, max_length: int, vocab_size: int = 500):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import GPT2Tokenizer
+
+    backend = Tokenizer(models.BPE())
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=OPT_SPECIALS, show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    backend.train_from_iterator(list(texts) * 20, trainer=trainer)
+    backend.post_processor = processors.TemplateProcessing(single="</s> $A", pair="</s> $A </s> $B", special_tokens=[("</s>", 2)])
+    return GPT2Tokenizer(tokenizer_object=backend, bos_token="</s>", eos_token="</s>", pad_token="<pad>", unk_token="<unk>",
+                         add_bos_token=True, model_max_length=max_length)
+
+
+def build_tiny_blip2(out_dir, texts: Iterable[str], *, image_size: int = 32, patch_size: int = 16, hidden_size: int = 64,
+                     num_layers: int = 2, num_heads: int = 2, num_query_tokens: int = 4, max_position_embeddings: int = 64,
+                     seed: int = 0) -> Path:
+    from transformers import Blip2Config, Blip2ForConditionalGeneration, Blip2Processor
+
+    try:
+        from transformers.models.blip import BlipImageProcessorPil as ImageProcessor
+    except ImportError:
+        from transformers import BlipImageProcessor as ImageProcessor
+
+    tokenizer = build_opt_tokenizer(texts, max_length=max_position_embeddings)
+    image_processor = ImageProcessor(size={"height": image_size, "width": image_size})
+    # Blip2Processor adds its <image> placeholder to the tokenizer (as the hub's BLIP-2 processors do): build it first.
+    processor = Blip2Processor(image_processor, tokenizer, num_query_tokens=num_query_tokens)
+    vision = dict(hidden_size=hidden_size, intermediate_size=2 * hidden_size, num_hidden_layers=num_layers,
+                  num_attention_heads=num_heads, image_size=image_size, patch_size=patch_size)
+    qformer = dict(hidden_size=hidden_size, intermediate_size=2 * hidden_size, num_hidden_layers=num_layers,
+                   num_attention_heads=num_heads, encoder_hidden_size=hidden_size, vocab_size=len(tokenizer),
+                   max_position_embeddings=max_position_embeddings)
+    text = dict(model_type="opt", vocab_size=len(tokenizer), hidden_size=hidden_size, ffn_dim=2 * hidden_size,
+                num_hidden_layers=num_layers, num_attention_heads=num_heads, word_embed_proj_dim=hidden_size,
+                max_position_embeddings=max_position_embeddings, pad_token_id=tokenizer.pad_token_id,
+                bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
+    config = Blip2Config(vision_config=vision, qformer_config=qformer, text_config=text, num_query_tokens=num_query_tokens,
+                         image_token_index=tokenizer.convert_tokens_to_ids("<image>"))
+    model = _seeded(seed, lambda: Blip2ForConditionalGeneration(config).eval())
+    return _save(Path(out_dir), model, processor)

@@ -11,5 +11,6 @@ from caption_train.models.base import ModelFamily, family_for_model_type, regist
 from caption_train.models import blip  # noqa: F401  (registers itself)
 from caption_train.models import git  # noqa: F401
 from caption_train.models import florence2  # noqa: F401
+from caption_train.models import blip2  # noqa: F401
 
 __all__ = ["ModelFamily", "family_for_model_type", "register", "registered_families", "resolve_family"]
