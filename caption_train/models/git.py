@@ -123,11 +123,15 @@ class GitFamily(ModelFamily):
 
 
 def use_label_smoothing(model: torch.nn.Module, label_smoothing: float, vocab_size: int) -> None:
-    """For models whose config has no label_smoothing (GIT, Florence-2): give forward() a loss function with it.
-    Both call `loss_function(logits=..., shift_labels=...)` with targets already aligned to the logits."""
+    """For models whose config has no label_smoothing (GIT, Florence-2, BLIP-2): give forward() a loss function
+    with it. Called like transformers' causal-LM loss: `shift_labels` already aligned with the logits, or `labels`
+    aligned with the inputs (shifted here by one, as that loss does)."""
     import torch.nn.functional as F
 
-    def loss_function(logits: torch.Tensor, labels: Any = None, vocab_size: int = vocab_size, shift_labels: torch.Tensor | None = None, **kwargs: Any) -> torch.Tensor:
+    def loss_function(logits: torch.Tensor, labels: torch.Tensor | None = None, vocab_size: int = vocab_size,
+                      shift_labels: torch.Tensor | None = None, **kwargs: Any) -> torch.Tensor:
+        if shift_labels is None:
+            shift_labels = F.pad(labels, (0, 1), value=IGNORE_INDEX)[..., 1:]
         return F.cross_entropy(logits.float().reshape(-1, vocab_size), shift_labels.reshape(-1).to(logits.device),
                                ignore_index=IGNORE_INDEX, label_smoothing=label_smoothing)
 
