@@ -199,6 +199,15 @@ def test_train2_lora_two_steps_lower_the_loss(tmp_path, tiny_git, eight_shapes):
     assert len(losses) == 2 and losses[1] < losses[0], losses
 
 
+@pytest.mark.parametrize("module", ["LoRA", "none"])
+def test_gradient_checkpointing_trains(tmp_path, tiny_git, eight_shapes, module):
+    """GIT adds position embeddings to the word embeddings in place: the input embeddings must not be hooked to
+    require grad (transformers does that for input_ids models when checkpointing is switched on)."""
+    dataset = eight_shapes[0][0].parents[1]
+    final = train(tmp_path, tiny_git, dataset, "--peft_module", module, "--gradient_checkpointing", "--epochs", "2", "--lr", "2e-3")
+    assert len(run_losses(final)) == 2
+
+
 @pytest.mark.slow
 def test_overfit_then_caption_command_reads_back_every_caption(tmp_path, tiny_git, eight_shapes, capsys):
     """Labels and generation agree: after overfitting 8 images, `caption` writes exactly their captions
