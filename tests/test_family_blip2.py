@@ -5,6 +5,7 @@ the `caption` command reads back exactly, merge at alpha 1 / 0, and `review` wit
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import threading
@@ -196,7 +197,7 @@ def test_train2_lora_two_steps_lower_the_loss(tmp_path, tiny_blip2, eight_shapes
         [sys.executable, str(REPO / "train2.py"), *base_args(dataset, tiny_blip2, tmp_path), "--epochs", "2", "--lr", "1e-2",
          "--save_every_n_epochs", "0", "--num_sample_captions", "0",
          "--model_config", "{dropout = 0.0}"],
-        capture_output=True, text=True, timeout=600, cwd=REPO, env={**__import__("os").environ, "PYTHONPATH": str(REPO)},
+        capture_output=True, text=True, timeout=600, cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)},
     )
     assert result.returncode == 0, result.stderr[-3000:]
     final = Path(result.stdout.strip().splitlines()[-1])

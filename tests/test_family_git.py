@@ -5,6 +5,7 @@ label shift, default adapter targets, train2.py steps that lower the loss (LoRA,
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import threading
@@ -190,7 +191,7 @@ def test_train2_lora_two_steps_lower_the_loss(tmp_path, tiny_git, eight_shapes):
         [sys.executable, str(REPO / "train2.py"), *base_args(dataset, tiny_git, tmp_path), "--epochs", "2", "--lr", "1e-2",
          "--save_every_n_epochs", "0", "--num_sample_captions", "0",
          "--model_config", "{hidden_dropout_prob = 0.0, attention_probs_dropout_prob = 0.0}"],
-        capture_output=True, text=True, timeout=600, cwd=REPO, env={**__import__("os").environ, "PYTHONPATH": str(REPO)},
+        capture_output=True, text=True, timeout=600, cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)},
     )
     assert result.returncode == 0, result.stderr[-3000:]
     final = Path(result.stdout.strip().splitlines()[-1])
