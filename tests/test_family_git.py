@@ -214,8 +214,9 @@ def test_overfit_then_caption_command_reads_back_every_caption(tmp_path, tiny_gi
     """Labels and generation agree: after overfitting 8 images, `caption` writes exactly their captions
     (start token, every caption token, and the stop at [SEP])."""
     dataset = eight_shapes[0][0].parents[1]
-    final = train(tmp_path / "runs", tiny_git, dataset, "--peft_module", "none", "--epochs", "300", "--lr", "3e-3",
-                  "--lr_scheduler", "OneCycleLR")
+    final = train(tmp_path / "runs", tiny_git, dataset, "--peft_module", "none", "--epochs", "600", "--lr", "3e-3",
+                  "--lr_scheduler", "OneCycleLR", "--mixed_precision", "no",
+                  "--model_config", "{hidden_dropout_prob = 0.0, attention_probs_dropout_prob = 0.0}")
     capsys.readouterr()
     out = tmp_path / "captions.jsonl"
     assert main(["caption", str(final), str(dataset), "--output_jsonl", str(out), "--dtype", "float32", "--num_workers", "0", "--device", "cpu"]) == 0
