@@ -132,6 +132,18 @@ def test_model_config_overrides_reach_the_config(tiny_git):
         GitFamily().load(str(tiny_git), {"no_such_key": 1})
 
 
+def test_a_tokenizer_without_a_leading_cls_is_one_line(tmp_path, tiny_git):
+    """A GIT folder whose tokenizer is not BERT-style (here OPT's byte-level BPE: no [CLS] at all)."""
+    import shutil
+
+    from tiny_families_git import build_opt_tokenizer
+
+    shutil.copytree(tiny_git, tmp_path / "model", ignore=shutil.ignore_patterns("tokenizer*"))
+    build_opt_tokenizer(VOCAB_TEXTS, max_length=32).save_pretrained(tmp_path / "model")
+    with pytest.raises(UserError, match=r"its tokenizer does not start texts with \[CLS\]"):
+        GitFamily().load(str(tmp_path / "model"), {})
+
+
 def test_generate_starts_from_cls_and_keeps_within_the_position_limit(loaded):
     family, model, processor = loaded
     texts = family.generate(model, processor, images(2), max_new_tokens=500)

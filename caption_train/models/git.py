@@ -17,6 +17,7 @@ from typing import Any, Sequence
 import torch
 from PIL import Image
 
+from caption_train.errors import UserError
 from caption_train.models.base import (
     ModelFamily,
     apply_config_overrides,
@@ -54,7 +55,12 @@ class GitFamily(ModelFamily):
         model = GitForCausalLM.from_pretrained(name_or_path, config=config, **load_kwargs)
         if label_smoothing:
             use_label_smoothing(model, label_smoothing, model.config.vocab_size)
-        return model, AutoProcessor.from_pretrained(name_or_path)
+        processor = AutoProcessor.from_pretrained(name_or_path)
+        tokenizer = processor.tokenizer
+        if tokenizer.cls_token_id is None or tokenizer("a")["input_ids"][0] != tokenizer.cls_token_id:
+            # collate() trains from the tokenizer's leading [CLS], the token generate() starts from.
+            raise UserError(f"model {name_or_path}: its tokenizer does not start texts with [CLS] (GIT's start token); save the BERT-style tokenizer that belongs to this model beside it")
+        return model, processor
 
     def max_text_length(self, model: torch.nn.Module) -> int:
         # Only text tokens take position embeddings; the image tokens in front of them do not count.
@@ -86,9 +92,7 @@ class GitFamily(ModelFamily):
             max_length=max_length,
             return_tensors="pt",
         )
-        input_ids = encoded["input_ids"]  # [CLS] caption [SEP] [PAD]...
-        if not bool((input_ids[:, 0] == tokenizer.cls_token_id).all()):
-            raise ValueError(f"GIT captions must start with [CLS] (id {tokenizer.cls_token_id}), the token generate() starts from; the tokenizer gave {input_ids[:, 0].tolist()}")
+        input_ids = encoded["input_ids"]  # [CLS] caption [SEP] [PAD]... (load() checked the [CLS])
         # Targets: caption tokens and the [SEP] after them. [CLS] is the given start (never predicted) and pads
         # are not text: both -100.
         labels = input_ids.masked_fill(encoded["attention_mask"] == 0, IGNORE_INDEX)
