@@ -251,6 +251,11 @@ def enable_gradient_checkpointing(model: torch.nn.Module) -> None:
         enable(activation_checkpointing_kwargs={"use_reentrant": False})
     else:
         base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    # transformers hooks the input embeddings anyway when the model's main input is input_ids. Unneeded here, and
+    # harmful: the hooked output becomes a leaf that requires grad, and models that add position embeddings to it
+    # in place (GIT) then fail.
+    if hasattr(base, "disable_input_require_grads"):
+        base.disable_input_require_grads()
 
 
 def pick_sample_items(train: list[Sample], val: list[Sample], count: int) -> list[Sample]:

@@ -9,6 +9,8 @@ A family module (one per model family, `blip.py` first) subclasses `ModelFamily`
 
 from caption_train.models.base import ModelFamily, family_for_model_type, register, registered_families, resolve_family
 from caption_train.models import blip  # noqa: F401  (registers itself)
-from caption_train.models import chat_vlm, paligemma  # noqa: F401  (register themselves; chat_vlm: model types no other family registered)
+from caption_train.models import blip2, florence2, git, paligemma  # noqa: F401  (register themselves)
+# The generic chat-VLM family takes the image-text-to-text model types no family above registered.
+from caption_train.models import chat_vlm  # noqa: F401
 
 __all__ = ["ModelFamily", "family_for_model_type", "register", "registered_families", "resolve_family"]

@@ -1,0 +1,142 @@
+"""GIT (`microsoft/git-base`, `microsoft/git-large-coco`, ...): loading, labels, adapter targets, generation.
+
+    family = GitFamily()
+    model, processor = family.load("microsoft/git-base", {})
+    batch = family.collate(processor, images, ["a red circle", "a blue square"], max_length=64)
+    loss = model(**batch).loss
+
+GIT is one decoder over [image tokens | text tokens]: the image tokens come first inside the model, `input_ids`
+and `labels` hold the text only, and forward() shifts labels by one internally (logits at text position t are
+scored against labels[t + 1]). So labels line up with input_ids, like a causal LM's.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import torch
+from PIL import Image
+
+from caption_train.errors import UserError
+from caption_train.models.base import (
+    ModelFamily,
+    apply_config_overrides,
+    load_model_config,
+    model_device,
+    model_dtype,
+    pop_load_kwargs,
+    register,
+    unwrap_peft,
+)
+
+IGNORE_INDEX = -100  # positions with this label are left out of the loss (torch CrossEntropyLoss default)
+
+# The text decoder's layers (BERT-style names) under git.encoder; the CLIP vision tower under git.image_encoder
+# uses q_proj/k_proj/v_proj/out_proj/fc1/fc2, so these regexes leave it alone.
+_TEXT_LAYER = r".*git\.encoder\.layer\.\d+\."
+_LORA_TARGETS = _TEXT_LAYER + r"(attention\.self\.(query|key|value)|attention\.output\.dense|intermediate\.dense|output\.dense)$"
+_IA3_TARGETS = _TEXT_LAYER + r"(attention\.self\.(key|value)|output\.dense)$"
+# IA3 scales the *input* of feed-forward modules: the MLP's down projection (layer.N.output.dense).
+_IA3_FEEDFORWARD = _TEXT_LAYER + r"output\.dense$"
+
+
+@register
+class GitFamily(ModelFamily):
+    name = "git"
+    model_types = ("git",)
+    supports_feature_cache = False  # the vision tower runs every step (no cached-feature path for GIT yet)
+
+    def load(self, name_or_path: str, overrides: dict[str, Any], *, label_smoothing: float = 0.0) -> tuple[torch.nn.Module, Any]:
+        from transformers import AutoProcessor, GitForCausalLM
+
+        config = load_model_config(name_or_path)
+        load_kwargs, overrides = pop_load_kwargs(overrides)
+        apply_config_overrides(config, overrides, sub_configs=("vision_config",))
+        model = GitForCausalLM.from_pretrained(name_or_path, config=config, **load_kwargs)
+        if label_smoothing:
+            use_label_smoothing(model, label_smoothing, model.config.vocab_size)
+        processor = AutoProcessor.from_pretrained(name_or_path)
+        tokenizer = processor.tokenizer
+        if tokenizer.cls_token_id is None or tokenizer("a")["input_ids"][0] != tokenizer.cls_token_id:
+            # collate() trains from the tokenizer's leading [CLS], the token generate() starts from.
+            raise UserError(f"model {name_or_path}: its tokenizer does not start texts with [CLS] (GIT's start token); save the BERT-style tokenizer that belongs to this model beside it")
+        return model, processor
+
+    def max_text_length(self, model: torch.nn.Module) -> int:
+        # Only text tokens take position embeddings; the image tokens in front of them do not count.
+        return int(unwrap_peft(model).config.max_position_embeddings)
+
+    def lora_targets(self) -> str:
+        # Attention (query/key/value/output) and MLP (intermediate/output) of the text decoder; vision tower frozen.
+        return _LORA_TARGETS
+
+    def ia3_targets(self) -> tuple[str, str]:
+        return _IA3_TARGETS, _IA3_FEEDFORWARD
+
+    def vision_tower(self, model: torch.nn.Module) -> torch.nn.Module:
+        return unwrap_peft(model).git.image_encoder
+
+    def text_model(self, model: torch.nn.Module) -> torch.nn.Module:
+        return unwrap_peft(model).git.encoder
+
+    def collate(self, processor: Any, images: Sequence[Image.Image | None], captions: Sequence[str], *, max_length: int,
+                prompt: str | None = None) -> dict[str, torch.Tensor]:
+        tokenizer = processor.tokenizer
+        encoded = tokenizer(
+            list(captions),
+            padding="longest",
+            # Right padding always: GIT numbers text positions from the first text token, and generation starts
+            # [CLS] at position 0 right after the image tokens. Left pads would shift every caption's positions.
+            padding_side="right",
+            truncation=True,
+            max_length=max_length,
+            return_tensors="pt",
+        )
+        input_ids = encoded["input_ids"]  # [CLS] caption [SEP] [PAD]... (load() checked the [CLS])
+        # Targets: caption tokens and the [SEP] after them. [CLS] is the given start (never predicted) and pads
+        # are not text: both -100.
+        labels = input_ids.masked_fill(encoded["attention_mask"] == 0, IGNORE_INDEX)
+        labels[:, 0] = IGNORE_INDEX
+        batch = {"input_ids": input_ids, "attention_mask": encoded["attention_mask"], "labels": labels}
+        return batch | self.pixel_inputs(processor, images)
+
+    def pixel_inputs(self, processor: Any, images: Sequence[Image.Image | None]) -> dict[str, torch.Tensor]:
+        loaded = [image for image in images if image is not None]
+        if not loaded:
+            return {}
+        return {"pixel_values": processor.image_processor(images=loaded, return_tensors="pt")["pixel_values"]}
+
+    @torch.no_grad()
+    def generate(self, model: torch.nn.Module, processor: Any, images: Sequence[Image.Image], *, prompt: str | None = None, **generate_kwargs: Any) -> list[str]:
+        tokenizer = processor.tokenizer
+        device = model_device(model)
+        pixel_values = self.pixel_inputs(processor, images)["pixel_values"].to(device, model_dtype(model))
+        # Start from [CLS], as training does (GIT's own config.bos_token_id is [CLS] too; passing it makes the
+        # start token independent of the generation config). A prompt (conditional captioning) follows it and,
+        # as with BLIP, stays in the caption.
+        start = [tokenizer.cls_token_id]
+        if prompt:
+            start += tokenizer(prompt, add_special_tokens=False)["input_ids"]
+        input_ids = torch.tensor([start] * len(images), device=device)
+        room = self.max_text_length(model) - input_ids.shape[1]
+        generate_kwargs["max_new_tokens"] = max(1, min(generate_kwargs.get("max_new_tokens") or 40, room))
+        generate_kwargs.setdefault("eos_token_id", tokenizer.sep_token_id)
+        generate_kwargs.setdefault("pad_token_id", tokenizer.pad_token_id)
+        output = model.generate(pixel_values=pixel_values, input_ids=input_ids, **generate_kwargs)
+        return [text.strip() for text in tokenizer.batch_decode(output, skip_special_tokens=True)]
+
+
+def use_label_smoothing(model: torch.nn.Module, label_smoothing: float, vocab_size: int) -> None:
+    """For models whose config has no label_smoothing (GIT, Florence-2, BLIP-2): give forward() a loss function
+    with it. Called like transformers' causal-LM loss: `shift_labels` already aligned with the logits, or `labels`
+    aligned with the inputs (shifted here by one, as that loss does)."""
+    import torch.nn.functional as F
+
+    def loss_function(logits: torch.Tensor, labels: torch.Tensor | None = None, vocab_size: int = vocab_size,
+                      shift_labels: torch.Tensor | None = None, **kwargs: Any) -> torch.Tensor:
+        if shift_labels is None:
+            shift_labels = F.pad(labels, (0, 1), value=IGNORE_INDEX)[..., 1:]
+        return F.cross_entropy(logits.float().reshape(-1, vocab_size), shift_labels.reshape(-1).to(logits.device),
+                               ignore_index=IGNORE_INDEX, label_smoothing=label_smoothing)
+
+    model.loss_function = loss_function
