@@ -302,16 +302,32 @@ def add_generation_arguments(parser: argparse.ArgumentParser, *, batch_size: int
     group.add_argument("--repetition_penalty", type=float, default=1.0, help="> 1 discourages repeated words (default: 1.0 = off)")
     group.add_argument("--temperature", type=float, default=None, help="sample instead of greedy/beam decoding, at this temperature")
     group.add_argument("--top_p", type=float, default=None, help="sample from the smallest token set with this probability mass (nucleus)")
-    group.add_argument("--prompt", default=None, help='text each caption starts from, e.g. "a photography of" (conditional captioning; kept in the caption)')
+    group.add_argument("--prompt", default=None, help='BLIP/GIT: text each caption starts from, e.g. "a photography of" (kept in the caption); '
+                       'chat VLMs, Florence-2, PaliGemma: the instruction or task (default: the one a run was trained with, else the family\'s own)')
     group.add_argument("--seed", type=int, default=0, help="random seed for sampling (default: 0)")
 
 
-def generation_options(args: argparse.Namespace) -> tuple[GenerationOptions, list[str]]:
-    """(options, problems) from parsed arguments; problems cover batch_size and num_workers too."""
+def trained_prompt(model_dir: str | None) -> str | None:
+    """The --prompt a run's checkpoint folder was trained with (its config.toml), or None."""
+    import tomllib
+
+    config = Path(model_dir).expanduser() / "config.toml" if model_dir else None
+    if config is None or not config.is_file():
+        return None
+    try:
+        prompt = tomllib.loads(config.read_text(encoding="utf-8")).get("prompt")
+    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError):
+        return None
+    return prompt if isinstance(prompt, str) and prompt else None
+
+
+def generation_options(args: argparse.Namespace, model_dir: str | None = None) -> tuple[GenerationOptions, list[str]]:
+    """(options, problems) from parsed arguments; problems cover batch_size and num_workers too. Without --prompt,
+    a run's checkpoint (`model_dir`) captions with the prompt it was trained with."""
     options = GenerationOptions(
         num_beams=args.num_beams, max_new_tokens=args.max_new_tokens, min_length=args.min_length,
         repetition_penalty=args.repetition_penalty, temperature=args.temperature, top_p=args.top_p,
-        prompt=args.prompt or None,
+        prompt=args.prompt or trained_prompt(model_dir),
     )
     problems = options.problems()
     if args.batch_size < 1:
@@ -346,7 +362,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    options, problems = generation_options(args)
+    options, problems = generation_options(args, model_dir=args.model)
     if problems:
         raise UserError("; ".join(problems))
     from caption_train.inference import resolve_model_source

@@ -432,7 +432,7 @@ def main(argv: list[str] | None = None) -> int:
     from caption_train.inference import resolve_model_source
 
     args = parse_args(argv)
-    options, problems = generation_options(args)
+    options, problems = generation_options(args, model_dir=args.model)
     if args.max_images < 0:
         problems.append(f"--max_images must be >= 0, got {args.max_images}")
     if args.thumbnail_size < 0:

@@ -261,7 +261,7 @@ def main(argv: list[str] | None = None) -> int:
 
     args = parse_args(argv)
     alphas, problems = _check_args(args)
-    options, generation_problems = generation_options(args)
+    options, generation_problems = generation_options(args, model_dir=args.adapter_dir)
     problems += generation_problems if args.eval_dir else []
     if problems:
         raise UserError("; ".join(problems))

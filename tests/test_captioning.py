@@ -205,3 +205,18 @@ def test_bad_input_is_one_line(capsys, tmp_path, images, tiny_blip, setup, args,
     assert code == 2
     assert message.format(**values) in err and len(err.strip().splitlines()) == 1
     assert not list(images.rglob("*.txt"))
+
+
+def test_a_run_captions_with_the_prompt_it_was_trained_with(tmp_path):
+    """Without --prompt, a checkpoint folder's config.toml prompt is used (a chat VLM trained on a custom
+    instruction must be asked the same way); --prompt still wins; other folders keep the family default (None)."""
+    from caption_train.captioning import generation_options, parse_args
+
+    run = tmp_path / "final"
+    run.mkdir()
+    (run / "config.toml").write_text('prompt = "Describe the picture in tags."\nepochs = 3\n', encoding="utf-8")
+    plain = tmp_path / "model"
+    plain.mkdir()
+    assert generation_options(parse_args([str(run), "imgs"]), model_dir=str(run))[0].prompt == "Describe the picture in tags."
+    assert generation_options(parse_args([str(run), "imgs", "--prompt", "x"]), model_dir=str(run))[0].prompt == "x"
+    assert generation_options(parse_args([str(plain), "imgs"]), model_dir=str(plain))[0].prompt is None
