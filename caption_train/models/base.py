@@ -15,6 +15,8 @@ from PIL import Image
 
 from caption_train.errors import UserError
 
+IGNORE_INDEX = -100  # positions with this label are left out of the loss (torch CrossEntropyLoss default)
+
 _REGISTRY: dict[str, "ModelFamily"] = {}
 _FALLBACKS: list["ModelFamily"] = []  # families asked, in registration order, about model types nobody registered
 
@@ -101,8 +103,12 @@ class ModelFamily:
         raise NotImplementedError
 
     def pixel_inputs(self, processor: Any, images: Sequence[Image.Image | None]) -> dict[str, torch.Tensor]:
-        """pixel_values for the images that are not None, in order ({} when none is)."""
-        raise NotImplementedError
+        """pixel_values for the images that are not None, in order ({} when none is): the processor's image
+        processor alone. A family whose image processor returns more (image sizes, masks) overrides this."""
+        loaded = [image for image in images if image is not None]
+        if not loaded:
+            return {}
+        return {"pixel_values": processor.image_processor(images=loaded, return_tensors="pt")["pixel_values"]}
 
     # ---- inference
     def generate(self, model: torch.nn.Module, processor: Any, images: Sequence[Image.Image], *, prompt: str | None = None, **generate_kwargs: Any) -> list[str]:

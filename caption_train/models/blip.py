@@ -16,6 +16,7 @@ from PIL import Image
 
 from caption_train.errors import UserError
 from caption_train.models.base import (
+    IGNORE_INDEX,
     ModelFamily,
     apply_config_overrides,
     swap_class,
@@ -26,8 +27,6 @@ from caption_train.models.base import (
     register,
     unwrap_peft,
 )
-
-IGNORE_INDEX = -100  # positions with this label are left out of the loss (torch CrossEntropyLoss default)
 
 
 @register
@@ -98,12 +97,6 @@ class BlipFamily(ModelFamily):
         labels = input_ids.masked_fill(encoded["attention_mask"] == 0, IGNORE_INDEX)
         batch = {"input_ids": input_ids, "attention_mask": encoded["attention_mask"], "labels": labels}
         return batch | self.pixel_inputs(processor, images)
-
-    def pixel_inputs(self, processor: Any, images: Sequence[Image.Image | None]) -> dict[str, torch.Tensor]:
-        loaded = [image for image in images if image is not None]
-        if not loaded:
-            return {}
-        return {"pixel_values": processor.image_processor(images=loaded, return_tensors="pt")["pixel_values"]}
 
     def image_features(self, model: torch.nn.Module, pixel_values: torch.Tensor) -> torch.Tensor:
         with torch.inference_mode():

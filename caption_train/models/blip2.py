@@ -21,6 +21,7 @@ from PIL import Image
 
 from caption_train.errors import UserError
 from caption_train.models.base import (
+    IGNORE_INDEX,
     ModelFamily,
     apply_config_overrides,
     load_model_config,
@@ -31,8 +32,6 @@ from caption_train.models.base import (
     unwrap_peft,
 )
 from caption_train.models.git import use_label_smoothing
-
-IGNORE_INDEX = -100  # positions with this label are left out of the loss (torch CrossEntropyLoss default)
 
 # The OPT decoder's attention and MLP. The ViT (mlp.fc1/fc2) and the Q-Former stay frozen: anchored on language_model.
 _LM_LAYER = r".*language_model\.model\.decoder\.layers\.\d+\."
@@ -108,12 +107,6 @@ class Blip2Family(ModelFamily):
 
     def start_ids(self, processor: Any) -> list[int]:
         return [_image_token_id(processor)] * processor.num_query_tokens + [processor.tokenizer.bos_token_id]
-
-    def pixel_inputs(self, processor: Any, images: Sequence[Image.Image | None]) -> dict[str, torch.Tensor]:
-        loaded = [image for image in images if image is not None]
-        if not loaded:
-            return {}
-        return {"pixel_values": processor.image_processor(images=loaded, return_tensors="pt")["pixel_values"]}
 
     # ---- inference
 

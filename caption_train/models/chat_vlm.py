@@ -22,6 +22,7 @@ from PIL import Image
 
 from caption_train.errors import UserError
 from caption_train.models.base import (
+    IGNORE_INDEX,
     ModelFamily,
     apply_config_overrides,
     load_model_config,
@@ -32,7 +33,6 @@ from caption_train.models.base import (
     unwrap_peft,
 )
 
-IGNORE_INDEX = -100  # positions with this label are left out of the loss (torch CrossEntropyLoss default)
 # Stands in for the caption when the template is rendered once per prompt, to find what surrounds the answer.
 _SENTINEL = "CAPTIONSENTINEL7Q"
 # Language-model attention and MLP projections (Qwen2, Llama, SmolLM, Gemma, Mistral names); the language model is

@@ -20,6 +20,7 @@ from PIL import Image
 
 from caption_train.errors import UserError
 from caption_train.models.base import (
+    IGNORE_INDEX,
     ModelFamily,
     apply_config_overrides,
     load_model_config,
@@ -30,8 +31,6 @@ from caption_train.models.base import (
     unwrap_peft,
 )
 from caption_train.models.git import use_label_smoothing
-
-IGNORE_INDEX = -100  # positions with this label are left out of the loss (torch CrossEntropyLoss default)
 
 # The BART language model's attention (self and cross) and MLP; the DaViT vision tower also has fc1/fc2 and
 # qkv/proj, so the patterns are anchored on language_model.
@@ -111,12 +110,6 @@ class Florence2Family(ModelFamily):
             labels[row, 1:n] = torch.tensor(sequence[1:])
         batch = {"decoder_input_ids": decoder_input_ids, "decoder_attention_mask": decoder_attention_mask, "labels": labels}
         return self.encoder_inputs(processor, images, prompt) | batch
-
-    def pixel_inputs(self, processor: Any, images: Sequence[Image.Image | None]) -> dict[str, torch.Tensor]:
-        loaded = [image for image in images if image is not None]
-        if not loaded:
-            return {}
-        return {"pixel_values": processor.image_processor(images=loaded, return_tensors="pt")["pixel_values"]}
 
     # ---- inference
 

@@ -19,6 +19,7 @@ from PIL import Image
 
 from caption_train.errors import UserError
 from caption_train.models.base import (
+    IGNORE_INDEX,
     ModelFamily,
     apply_config_overrides,
     load_model_config,
@@ -28,8 +29,6 @@ from caption_train.models.base import (
     register,
     unwrap_peft,
 )
-
-IGNORE_INDEX = -100  # positions with this label are left out of the loss (torch CrossEntropyLoss default)
 
 # The text decoder's layers (BERT-style names) under git.encoder; the CLIP vision tower under git.image_encoder
 # uses q_proj/k_proj/v_proj/out_proj/fc1/fc2, so these regexes leave it alone.
@@ -99,12 +98,6 @@ class GitFamily(ModelFamily):
         labels[:, 0] = IGNORE_INDEX
         batch = {"input_ids": input_ids, "attention_mask": encoded["attention_mask"], "labels": labels}
         return batch | self.pixel_inputs(processor, images)
-
-    def pixel_inputs(self, processor: Any, images: Sequence[Image.Image | None]) -> dict[str, torch.Tensor]:
-        loaded = [image for image in images if image is not None]
-        if not loaded:
-            return {}
-        return {"pixel_values": processor.image_processor(images=loaded, return_tensors="pt")["pixel_values"]}
 
     @torch.no_grad()
     def generate(self, model: torch.nn.Module, processor: Any, images: Sequence[Image.Image], *, prompt: str | None = None, **generate_kwargs: Any) -> list[str]:

@@ -19,6 +19,7 @@ from PIL import Image
 
 from caption_train.errors import UserError
 from caption_train.models.base import (
+    IGNORE_INDEX,
     ModelFamily,
     apply_config_overrides,
     load_model_config,
@@ -28,7 +29,7 @@ from caption_train.models.base import (
     register,
     unwrap_peft,
 )
-from caption_train.models.chat_vlm import IA3_FEEDFORWARD, IA3_TARGETS, IGNORE_INDEX, LORA_TARGETS
+from caption_train.models.chat_vlm import IA3_FEEDFORWARD, IA3_TARGETS, LORA_TARGETS
 
 
 @register
@@ -91,12 +92,6 @@ class PaliGemmaFamily(ModelFamily):
         batch["labels"] = batch["labels"].masked_fill(batch["attention_mask"] == 0, IGNORE_INDEX)
         _end_truncated_rows(batch, tokenizer.eos_token_id)
         return batch
-
-    def pixel_inputs(self, processor: Any, images: Sequence[Image.Image | None]) -> dict[str, torch.Tensor]:
-        loaded = [image for image in images if image is not None]
-        if not loaded:
-            return {}
-        return {"pixel_values": processor.image_processor(images=loaded, return_tensors="pt")["pixel_values"]}
 
     @torch.no_grad()
     def generate(self, model: torch.nn.Module, processor: Any, images: Sequence[Image.Image], *, prompt: str | None = None, **generate_kwargs: Any) -> list[str]:
