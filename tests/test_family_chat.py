@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import threading
 from pathlib import Path
 
 import pytest
@@ -252,29 +251,15 @@ def test_lora_merge_alpha_one_is_the_adapter_alpha_zero_the_base(tmp_path, chat_
 
 @pytest.mark.slow
 def test_review_with_a_chat_model_captions(tmp_path, chat_model):
-    from caption_train.iterative.review import Review
-    from test_interactive_api import Page, wait_for
+    from test_interactive_api import review_caption_now
 
     data = tmp_path / "data"
     make_shapes_dataset(data, 2, seed=5, size=32)
-    review = Review(data, model=str(chat_model), state_dir=tmp_path / "state")
-    page = Page(review.start())
-    stop = threading.Event()
-    server_loop = threading.Thread(target=review.serve, args=(stop,), daemon=True)
-    server_loop.start()
-    try:
-        info = page.image("part0/img_0000.png")
-        assert page.status()["can_generate"] is True
-        assert page.send("caption_generate", {"images": [info["id"]]})[0] == 200
-        caption = wait_for(lambda: page.get(f"/api/images/{info['id']}")["model_caption"], "review caption")
-        family, _ = resolve_family(str(chat_model))
-        model, processor = family.load(str(chat_model), {})
-        direct = family.generate(model, processor, [Image.open(data / "part0" / "img_0000.png").convert("RGB")], num_beams=1, do_sample=False)
-        assert caption["text"] and " ".join(caption["text"].split()) == " ".join(direct[0].split())
-    finally:
-        stop.set()
-        server_loop.join(10)
-        review.close()
+    caption = review_caption_now(data, chat_model, tmp_path / "state")
+    family, _ = resolve_family(str(chat_model))
+    model, processor = family.load(str(chat_model), {})
+    direct = family.generate(model, processor, [Image.open(data / "part0" / "img_0000.png").convert("RGB")], num_beams=1, do_sample=False)
+    assert caption["text"] and " ".join(caption["text"].split()) == " ".join(direct[0].split())
 
 
 def test_the_page_captions_with_the_runs_prompt(tmp_path, loaded):

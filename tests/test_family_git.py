@@ -8,7 +8,6 @@ import json
 import os
 import subprocess
 import sys
-import threading
 from pathlib import Path
 
 import pytest
@@ -20,7 +19,6 @@ from caption_train.cli import main
 from caption_train.data.images import load_rgb
 from caption_train.errors import UserError
 from caption_train.inference import load_for_inference
-from caption_train.iterative.review import Review
 from caption_train.models import resolve_family
 from caption_train.models.base import unwrap_peft
 from caption_train.models.git import IGNORE_INDEX, GitFamily
@@ -264,23 +262,10 @@ def test_merge_alpha_1_captions_as_the_adapter_and_alpha_0_as_the_base(capsys, t
 
 
 def test_review_captions_with_a_git_adapter(tmp_path, lora_final):
-    from test_interactive_api import Page, wait_for
+    from test_interactive_api import review_caption_now
 
     data = tmp_path / "data"
     make_shapes_dataset(data, 4, seed=5, size=32)
-    review = Review(data, model=str(lora_final), state_dir=tmp_path / "state")
-    page = Page(review.start())
-    stop = threading.Event()
-    server_loop = threading.Thread(target=review.serve, args=(stop,), daemon=True)
-    server_loop.start()
-    try:
-        info = page.image("part0/img_0000.png")
-        assert page.status()["can_generate"] is True
-        assert page.send("caption_generate", {"images": [info["id"]]})[0] == 200
-        model = wait_for(lambda: page.get(f"/api/images/{info['id']}")["model_caption"], "review caption now")
-    finally:
-        stop.set()
-        server_loop.join(10)
-        review.close()
+    model = review_caption_now(data, lora_final, tmp_path / "state")
     assert model["step"] is None and model["text"]
     assert model["text"] == captions_of(lora_final, [data / "part0" / "img_0000.png"])[0]

@@ -3,7 +3,6 @@ processor's `suffix=`, bad input, adapter targets, training through the real CLI
 
 from __future__ import annotations
 
-import threading
 from pathlib import Path
 
 import pytest
@@ -146,25 +145,12 @@ def test_lora_merge_alpha_one_is_the_adapter_alpha_zero_the_base(tmp_path, palig
 
 @pytest.mark.slow
 def test_review_with_paligemma_captions(tmp_path, paligemma):
-    from caption_train.iterative.review import Review
-    from test_interactive_api import Page, wait_for
+    from test_interactive_api import review_caption_now
 
     data = tmp_path / "data"
     make_shapes_dataset(data, 2, seed=5, size=32)
-    review = Review(data, model=str(paligemma), state_dir=tmp_path / "state")
-    page = Page(review.start())
-    stop = threading.Event()
-    server_loop = threading.Thread(target=review.serve, args=(stop,), daemon=True)
-    server_loop.start()
-    try:
-        info = page.image("part0/img_0000.png")
-        assert page.send("caption_generate", {"images": [info["id"]]})[0] == 200
-        caption = wait_for(lambda: page.get(f"/api/images/{info['id']}")["model_caption"], "review caption")
-        family, _ = resolve_family(str(paligemma))
-        model, processor = family.load(str(paligemma), {})
-        direct = family.generate(model, processor, [Image.open(data / "part0" / "img_0000.png").convert("RGB")], num_beams=1, do_sample=False)
-        assert caption["text"] is not None and " ".join(caption["text"].split()) == " ".join(direct[0].split())
-    finally:
-        stop.set()
-        server_loop.join(10)
-        review.close()
+    caption = review_caption_now(data, paligemma, tmp_path / "state")
+    family, _ = resolve_family(str(paligemma))
+    model, processor = family.load(str(paligemma), {})
+    direct = family.generate(model, processor, [Image.open(data / "part0" / "img_0000.png").convert("RGB")], num_beams=1, do_sample=False)
+    assert caption["text"] is not None and " ".join(caption["text"].split()) == " ".join(direct[0].split())

@@ -142,6 +142,25 @@ def wait_for(predicate: Callable[[], Any], what: str, timeout: float = 120) -> A
     raise AssertionError(f"timed out waiting for {what}")
 
 
+def review_caption_now(data: Path, model: Path, state_dir: Path, image: str = "part0/img_0000.png") -> dict:
+    """Start `caption-train review DATA --model MODEL`'s server, ask it for a model caption of `image` through the
+    page's API ("caption now"), and return the image's model_caption record once it arrives."""
+    review = Review(data, model=str(model), state_dir=state_dir)
+    page = Page(review.start())
+    stop = threading.Event()
+    server_loop = threading.Thread(target=review.serve, args=(stop,), daemon=True)
+    server_loop.start()
+    try:
+        info = page.image(image)
+        assert page.status()["can_generate"] is True
+        assert page.send("caption_generate", {"images": [info["id"]]})[0] == 200
+        return wait_for(lambda: page.get(f"/api/images/{info['id']}")["model_caption"], "review caption now")
+    finally:
+        stop.set()
+        server_loop.join(10)
+        review.close()
+
+
 def folder_snapshot(root: Path) -> dict[str, bytes]:
     return {p.relative_to(root).as_posix(): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
 
