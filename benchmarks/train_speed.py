@@ -36,18 +36,27 @@ LORA = {"r": 16, "lora_alpha": 16, "lora_dropout": 0.05, "target_modules": ["que
 
 def build_blip_base(out: Path) -> Path:
     """BLIP-base's architecture (BlipConfig defaults) with random weights and a locally written 30.5k vocabulary."""
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
     from transformers import BertTokenizerFast, BlipConfig, BlipForConditionalGeneration, BlipImageProcessor, BlipProcessor
 
     from caption_train.tiny import COLORS, SHAPES
 
     out.mkdir(parents=True)
-    words = sorted({w for c in COLORS for s in SHAPES for w in f"a {c} {s} picture of".split()})
+    # Whole words for the captions' words, every printable character (and its ## continuation) for the rest,
+    # padded to BERT's 30,524 entries so the LM head has BLIP's real size. (transformers 5's BertTokenizerFast
+    # ignores vocab_file=, so the WordPiece model is built from the vocabulary directly.)
+    words = sorted({w for c in COLORS for s in SHAPES for w in f"a {c} {s} picture of centered plain light background simple flat drawing".split()})
     chars = [chr(c) for c in range(33, 127)]
-    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *words, *chars, *(f"##{c}" for c in chars)]
+    vocab = list(dict.fromkeys(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *words, *chars, *(f"##{c}" for c in chars)]))
     vocab += [f"[unused{i}]" for i in range(30523 - len(vocab))]
-    (out / "vocab.txt").write_text("\n".join(vocab) + "\n")
-    tokenizer = BertTokenizerFast(vocab_file=str(out / "vocab.txt"), do_lower_case=True, model_max_length=512)
+    backend = Tokenizer(models.WordPiece({token: i for i, token in enumerate(vocab)}, unk_token="[UNK]"))
+    backend.normalizer = normalizers.BertNormalizer(lowercase=True)
+    backend.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    backend.decoder = decoders.WordPiece(prefix="##")
+    backend.post_processor = processors.TemplateProcessing(single="[CLS] $A [SEP]", special_tokens=[("[CLS]", 2), ("[SEP]", 3)])
+    tokenizer = BertTokenizerFast(tokenizer_object=backend, do_lower_case=True, model_max_length=512)
     tokenizer.add_special_tokens({"bos_token": "[DEC]"})
+    assert len(tokenizer) == 30524 and "[UNK]" not in tokenizer.tokenize("a red circle, centered"), "benchmark tokenizer is broken"
     config = BlipConfig()
     config.text_config.vocab_size = len(tokenizer)
     config.text_config.bos_token_id = tokenizer.bos_token_id
@@ -56,7 +65,6 @@ def build_blip_base(out: Path) -> Path:
     torch.manual_seed(0)
     BlipForConditionalGeneration(config).save_pretrained(out)
     BlipProcessor(BlipImageProcessor(size={"height": 384, "width": 384}), tokenizer).save_pretrained(out)
-    (out / "vocab.txt").unlink()
     return out
 
 

@@ -267,19 +267,26 @@ class FeatureCache:
         batch = dict(batch)
         pixel_rows = batch.pop("pixel_rows").tolist()
         pixels = batch.pop("pixel_values", None)
-        device = batch["input_ids"].device
+        features = self.features_for(paths, model=model, family=family, processor=processor, autocast=autocast,
+                                     pixels=pixels, pixel_rows=pixel_rows, device=batch["input_ids"].device)
+        return batch | family.feature_inputs(features)
+
+    def features_for(self, paths: Sequence[str], *, model: torch.nn.Module, family: Any, processor: Any,
+                     autocast: Callable[[], Any], pixels: torch.Tensor | None = None, pixel_rows: Sequence[int] = (),
+                     device: torch.device | str = "cpu") -> torch.Tensor:
+        """Every image's features, [len(paths), *image_feature_shape], in the cache's dtype on `device`: read from
+        the cache, else computed (from `pixels`, whose rows are `pixel_rows`, or from the image file) and stored."""
         shape = tuple(family.image_feature_shape(model))
         found = [self._lookup(path, shape) for path in paths]
         todo = [row for row, feature in enumerate(found) if feature is None]
         self.hits += len(paths) - len(todo)
         self.misses += len(todo)
         if todo:
-            computed = self._compute(todo, pixel_rows, pixels, paths, model=model, family=family, processor=processor, autocast=autocast)
+            computed = self._compute(todo, list(pixel_rows), pixels, paths, model=model, family=family, processor=processor, autocast=autocast)
             for row, features in zip(todo, computed):
                 self._store(paths[row], features)
                 found[row] = features.to(self.dtype)
-        features = torch.stack([f.to(device, non_blocking=True) for f in found])
-        return batch | family.feature_inputs(features)
+        return torch.stack([f.to(device, non_blocking=True) for f in found])
 
     def _compute(self, rows: list[int], pixel_rows: list[int], pixels: torch.Tensor | None, paths: Sequence[str], *,
                  model: torch.nn.Module, family: Any, processor: Any, autocast: Callable[[], Any]) -> torch.Tensor:

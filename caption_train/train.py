@@ -537,8 +537,12 @@ def sample_captions(run: Run) -> list[dict[str, Any]]:
             items.append((sample, load_rgb(sample.image_path)))
         except ImageLoadError:
             continue
+    if not items:
+        return []
+    features = probe_features(run, model, [str(sample.image_path) for sample, _ in items])
     with run.accelerator.autocast():
-        predictions = run.family.generate(model, run.processor, [image for _, image in items], prompt=run.cfg.prompt) if items else []
+        predictions = run.family.generate(model, run.processor, [image for _, image in items], prompt=run.cfg.prompt,
+                                          **({} if features is None else {"features": features}))
     model.train()
     return [{"image": str(sample.image_path), "truth": sample.caption, "prediction": prediction} for (sample, _), prediction in zip(items, predictions)]
 
@@ -605,6 +609,15 @@ def caption_metrics(run: Run, epoch: int) -> dict[str, float]:
 
     return validation_scores(run.accelerator.unwrap_model(run.model), run.processor, run.family,
                              run.val_samples[: cfg.eval_max_images or None], batch_size=cfg.batch_size, accelerator=run.accelerator)
+
+
+def probe_features(run: Run, model: torch.nn.Module, paths: list[str]) -> torch.Tensor | None:
+    """The probe images' features from the feature cache (computed and stored the first time), so that captioning
+    them after every epoch costs the text side only; None without the cache."""
+    if run.features is None:
+        return None
+    return run.features.features_for(paths, model=model, family=run.family, processor=run.processor,
+                                     autocast=run.accelerator.autocast, device=run.accelerator.device)
 
 
 def end_of_epoch(run: Run, epoch: int) -> None:

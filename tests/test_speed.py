@@ -191,6 +191,25 @@ def test_cache_on_and_off_train_the_same(capsys, tmp_path, tiny_blip, shapes_dir
     assert listing(shapes_dir) == before  # nothing written into the dataset
 
 
+def test_probe_captions_come_from_cached_features(capsys, tmp_path, tiny_blip, shapes_dir):
+    """The per-epoch sample captions read the probe images' features from the cache (no vision forward) and
+    caption exactly as the uncached path does (fp32, greedy)."""
+    import json
+
+    def samples(name: str, cache: str) -> tuple[list[str], str]:
+        args = base_args(shapes_dir, tiny_blip, tmp_path / name, "--epochs", "2", "--batch_size", "6", "--num_sample_captions", "2",
+                         "--save_every_n_epochs", "0", "--mixed_precision", "no", "--cache_image_features", cache)
+        assert main(["train", *args]) == 0
+        (jsonl,) = (tmp_path / name).glob("*/samples.jsonl")
+        return [json.loads(line)["prediction"] for line in jsonl.read_text().splitlines()], capsys.readouterr().out
+
+    cached, out = samples("memory", "memory")
+    computed, _ = samples("off", "off")
+    assert len(cached) == 4 and cached == computed
+    # 24 training images computed in epoch 1 and read in epoch 2, plus the 2 probe images read after each epoch.
+    assert "image features: 28 read from the cache, 24 computed" in out
+
+
 @pytest.mark.slow
 def test_unwritable_cache_folder_warns_once_and_trains(capfd, tmp_path, tiny_blip, shapes_dir):
     blocker = tmp_path / "a-file"

@@ -111,7 +111,10 @@ class ModelFamily:
         return {"pixel_values": processor.image_processor(images=loaded, return_tensors="pt")["pixel_values"]}
 
     # ---- inference
-    def generate(self, model: torch.nn.Module, processor: Any, images: Sequence[Image.Image], *, prompt: str | None = None, **generate_kwargs: Any) -> list[str]:
+    def generate(self, model: torch.nn.Module, processor: Any, images: Sequence[Image.Image], *, prompt: str | None = None,
+                 features: torch.Tensor | None = None, **generate_kwargs: Any) -> list[str]:
+        """Greedy captions for `images`. `features` (only from a family with supports_feature_cache, its frozen
+        tower's cached output for these images) stand in for the images' pixels."""
         raise NotImplementedError
 
 

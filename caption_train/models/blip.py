@@ -108,9 +108,14 @@ class BlipFamily(ModelFamily):
         return {"pixel_values": features}
 
     @torch.no_grad()
-    def generate(self, model: torch.nn.Module, processor: Any, images: Sequence[Image.Image], *, prompt: str | None = None, **generate_kwargs: Any) -> list[str]:
+    def generate(self, model: torch.nn.Module, processor: Any, images: Sequence[Image.Image], *, prompt: str | None = None,
+                 features: torch.Tensor | None = None, **generate_kwargs: Any) -> list[str]:
         texts = [prompt] * len(images) if prompt else None
-        inputs = processor(images=list(images), text=texts, return_tensors="pt")
+        if features is None:
+            inputs = dict(processor(images=list(images), text=texts, return_tensors="pt"))
+        else:  # cached features of a frozen tower, which _FrozenVisionTower takes in place of pixels
+            inputs = dict(processor.tokenizer(texts, return_tensors="pt")) if texts else {}
+            inputs["pixel_values"] = features
         inputs = {k: v.to(model_device(model)) for k, v in inputs.items() if k in ("pixel_values", "input_ids", "attention_mask")}
         inputs["pixel_values"] = inputs["pixel_values"].to(model_dtype(model))
         # Positions past the text model's limit would index off its position embeddings.
