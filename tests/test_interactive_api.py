@@ -700,3 +700,64 @@ def test_every_run_gets_its_own_token(tmp_path, capsys):
         for server in servers:
             server.sock.close()
         third.close()
+
+
+INTERACTIVE_FAMILIES = {  # family: (builder module, builder name, its options: a random model that says something)
+    "git": ("tiny_families_git", "build_tiny_git", {}),
+    "florence2": ("tiny_families_git", "build_tiny_florence2", {"tie_word_embeddings": False}),
+    "blip2": ("tiny_families_git", "build_tiny_blip2", {}),
+    "qwen2_vl": ("tiny_families_chat", "build_tiny_qwen2_vl", {}),
+}  # (a random tiny PaliGemma, with Gemma's tied embeddings, says nothing for any image: its page test is review's)
+
+
+class KeepRun(InteractiveHooks):
+    def on_setup(self, run):
+        self.run = run
+        super().on_setup(run)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family", sorted(INTERACTIVE_FAMILIES))
+def test_the_page_during_training_with_every_family(tmp_path, family):
+    """--interactive with each non-BLIP family: paused after step 1, "caption now" answers with exactly what the
+    family's own generate gives with the run's weights at that step, an edit reaches the dataset, and the run finishes."""
+    import importlib
+
+    from PIL import Image
+
+    from conftest import VOCAB_TEXTS
+
+    module, builder, options = INTERACTIVE_FAMILIES[family]
+    model_dir = getattr(importlib.import_module(module), builder)(tmp_path / "model", VOCAB_TEXTS, **options)
+    data = tmp_path / "data"
+    make_shapes_dataset(data, 4, seed=2, size=32, subfolders=0)
+    cfg = resolve({}, {"dataset_dir": str(data), "model_name_or_path": str(model_dir), "output_dir": str(tmp_path / "runs"),
+                       "epochs": 1, "batch_size": 2, "num_workers": 0, "log_with": "none", "num_sample_captions": 0,
+                       "save_every_n_epochs": 0, "mixed_precision": "no"})
+    hooks = KeepRun(start_paused=True)
+    thread = TrainingThread(cfg, hooks)
+    thread.start()
+    wait_for(lambda: hooks.url or thread.error, "the page to start")
+    assert thread.error is None, thread.error
+    page = Page(hooks.url)
+    wait_for(lambda: page.status()["state"] == "paused", "the run to pause")
+
+    names = [f"img_000{i}.png" for i in range(4)]
+    targets = [page.image(name) for name in names]
+    assert page.send("caption_generate", {"images": [t["id"] for t in targets]})[0] == 200
+    captions = [wait_for(lambda: page.get(f"/api/images/{t['id']}")["model_caption"], "caption now") for t in targets]
+    # The weights as they are at step 1 (the run waits, paused): what the family generates with them directly.
+    run = hooks.run
+    model = run.accelerator.unwrap_model(run.model).eval()
+    direct = run.family.generate(model, run.processor, [Image.open(data / name).convert("RGB") for name in names], prompt=run.cfg.prompt)
+    model.train()
+    assert [c["step"] for c in captions] == [1] * 4 and any(c["text"] for c in captions)  # a random model may say nothing for some
+    assert [" ".join(c["text"].split()) for c in captions] == [" ".join(d.split()) for d in direct]
+
+    target = targets[1]
+    code, _ = page.send("caption_new", {"image": target["id"], "new_caption": "a blue circle", "previous": target["caption"]})
+    assert code == 200 and (data / "img_0001.txt").read_text() == "a blue circle\n"
+    page.send("resume", {})
+    thread.join(300)
+    assert not thread.is_alive() and thread.error is None, thread.error
+    assert (thread.result / "adapter_model.safetensors").is_file()
