@@ -73,12 +73,16 @@ class ModelFamily:
         raise NotImplementedError
 
     def image_features(self, model: torch.nn.Module, pixel_values: torch.Tensor) -> torch.Tensor:
-        """The frozen tower's output for a batch of pixel_values, as the text side consumes it (no autograd)."""
-        raise NotImplementedError
+        """The frozen tower's output for a batch of pixel_values, as the text side consumes it (no autograd).
+        Default: the tower's last_hidden_state."""
+        with torch.inference_mode():
+            features = self.vision_tower(model)(pixel_values=pixel_values.to(model_dtype(model))).last_hidden_state
+        return features.clone()  # a normal tensor again, usable in autograd
 
     def feature_inputs(self, features: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Model keyword arguments that feed precomputed `features` instead of pixel_values."""
-        raise NotImplementedError
+        """Model keyword arguments that feed precomputed `features` instead of pixel_values. Default: the
+        features as pixel_values, which a `FrozenVisionTower` takes in place of pixels."""
+        return {"pixel_values": features}
 
     # ---- prompts
     default_prompt: str | None = None
@@ -224,6 +228,51 @@ def swap_class(module: torch.nn.Module, mixin: type) -> None:
 
 
 _SWAPPED: dict[tuple[type, type], type] = {}
+
+
+class FrozenVisionTower:
+    """Mixin (through `swap_class`) for a vision tower with no trainable parameter: always in eval mode, run
+    without autograd, and accepting its own output (image features from the cache) in place of pixel_values.
+
+    By default a 3-D tensor ([batch, tokens, width]) is features and a 4-D one is pixels; a family whose model
+    checks the pixels' rank before the tower sees them overrides `cached_features`. Features are cast to the
+    tower's dtype (the dtype its own output has without autocast): a bf16 cache entry read by an fp32 model is
+    cast back exactly, and the layer that reads it casts it under autocast as it casts the computed output.
+    """
+
+    def train(self, mode: bool = True) -> torch.nn.Module:
+        return super().train(False)  # dropout off: the cached and the computed features must be the same
+
+    def cached_features(self, pixel_values: torch.Tensor) -> torch.Tensor | None:
+        """`pixel_values` as features when they are the tower's output rather than pixels, else None."""
+        return pixel_values if pixel_values.dim() == 3 else None
+
+    def tower_output(self, features: torch.Tensor) -> Any:
+        """What the tower's forward returns for `features` (its last_hidden_state)."""
+        from transformers.modeling_outputs import BaseModelOutputWithPooling
+
+        return BaseModelOutputWithPooling(last_hidden_state=features)
+
+    def forward(self, pixel_values: torch.Tensor | None = None, *args: Any, **kwargs: Any) -> Any:
+        features = self.cached_features(pixel_values) if pixel_values is not None else None
+        if features is None:
+            with torch.inference_mode():
+                features = super().forward(pixel_values, *args, **kwargs).last_hidden_state
+            features = features.clone()  # a normal tensor again, usable in autograd
+        else:
+            features = features.to(model_dtype(self))
+        return self.tower_output(features)
+
+
+class FrozenPooledVisionTower(FrozenVisionTower):
+    """A frozen ViT whose pooler output is its post_layernorm over the [CLS] token (BLIP, BLIP-2)."""
+
+    def tower_output(self, features: torch.Tensor) -> Any:
+        from transformers.modeling_outputs import BaseModelOutputWithPooling
+
+        with torch.no_grad():
+            pooled = self.post_layernorm(features[:, 0, :].to(self.post_layernorm.weight.dtype))
+        return BaseModelOutputWithPooling(last_hidden_state=features, pooler_output=pooled)
 
 
 def unwrap_peft(model: torch.nn.Module) -> torch.nn.Module:

@@ -20,6 +20,7 @@ from PIL import Image
 from caption_train.errors import UserError
 from caption_train.models.base import (
     IGNORE_INDEX,
+    FrozenVisionTower,
     ModelFamily,
     apply_config_overrides,
     load_model_config,
@@ -27,6 +28,7 @@ from caption_train.models.base import (
     model_dtype,
     pop_load_kwargs,
     register,
+    swap_class,
     unwrap_peft,
 )
 
@@ -43,7 +45,7 @@ _IA3_FEEDFORWARD = _TEXT_LAYER + r"output\.dense$"
 class GitFamily(ModelFamily):
     name = "git"
     model_types = ("git",)
-    supports_feature_cache = False  # the vision tower runs every step (no cached-feature path for GIT yet)
+    supports_feature_cache = True
 
     def load(self, name_or_path: str, overrides: dict[str, Any], *, label_smoothing: float = 0.0) -> tuple[torch.nn.Module, Any]:
         from transformers import AutoProcessor, GitForCausalLM
@@ -77,6 +79,19 @@ class GitFamily(ModelFamily):
 
     def text_model(self, model: torch.nn.Module) -> torch.nn.Module:
         return unwrap_peft(model).git.encoder
+
+    def freeze_vision_tower(self, model: torch.nn.Module) -> None:
+        swap_class(self.vision_tower(model), _FrozenImageEncoder)
+
+    def image_feature_shape(self, model: torch.nn.Module) -> tuple[int, int]:
+        # The image encoder's output, before git.visual_projection (which stays in the step: it may be trained).
+        vision = unwrap_peft(model).config.vision_config
+        return (vision.image_size // vision.patch_size) ** 2 + 1, vision.hidden_size  # patches + [CLS]
+
+    def feature_inputs(self, features: torch.Tensor) -> dict[str, torch.Tensor]:
+        # GitModel only passes 4-D (image) or 5-D (video) pixel_values to its image encoder: features go in as
+        # [batch, 1, tokens, width], which _FrozenImageEncoder tells from [batch, channels, height, width].
+        return {"pixel_values": features.unsqueeze(1)}
 
     def collate(self, processor: Any, images: Sequence[Image.Image | None], captions: Sequence[str], *, max_length: int,
                 prompt: str | None = None) -> dict[str, torch.Tensor]:
@@ -133,3 +148,12 @@ def use_label_smoothing(model: torch.nn.Module, label_smoothing: float, vocab_si
                                ignore_index=IGNORE_INDEX, label_smoothing=label_smoothing)
 
     model.loss_function = loss_function
+
+
+class _FrozenImageEncoder(FrozenVisionTower):
+    """GIT's frozen image encoder: takes features as [batch, 1, tokens, width] (see GitFamily.feature_inputs)."""
+
+    def cached_features(self, pixel_values: torch.Tensor) -> torch.Tensor | None:
+        if pixel_values.dim() == 4 and pixel_values.shape[1] == 1 != self.config.num_channels:
+            return pixel_values[:, 0]
+        return None
