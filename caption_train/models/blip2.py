@@ -22,6 +22,7 @@ from PIL import Image
 from caption_train.errors import UserError
 from caption_train.models.base import (
     IGNORE_INDEX,
+    FrozenPooledVisionTower,
     ModelFamily,
     apply_config_overrides,
     load_model_config,
@@ -29,6 +30,7 @@ from caption_train.models.base import (
     model_dtype,
     pop_load_kwargs,
     register,
+    swap_class,
     unwrap_peft,
 )
 from caption_train.models.git import use_label_smoothing
@@ -44,7 +46,7 @@ _IA3_FEEDFORWARD = _LM_LAYER + r"fc2$"  # IA3 scales the input of the MLP's down
 class Blip2Family(ModelFamily):
     name = "blip-2"
     model_types = ("blip-2",)
-    supports_feature_cache = False  # the vision tower and Q-Former run every step (no cached-feature path yet)
+    supports_feature_cache = True  # the ViT's output is cached; the Q-Former and projection run every step
 
     def load(self, name_or_path: str, overrides: dict[str, Any], *, label_smoothing: float = 0.0) -> tuple[torch.nn.Module, Any]:
         from transformers import AutoProcessor, Blip2ForConditionalGeneration
@@ -82,6 +84,15 @@ class Blip2Family(ModelFamily):
 
     def text_model(self, model: torch.nn.Module) -> torch.nn.Module:
         return unwrap_peft(model).language_model
+
+    def freeze_vision_tower(self, model: torch.nn.Module) -> None:
+        # Blip2ForConditionalGeneration hands pixel_values to its vision_model unchecked: [batch, tokens, width]
+        # features from the cache reach the frozen tower, which returns them (and their pooled [CLS]) as its output.
+        swap_class(self.vision_tower(model), FrozenPooledVisionTower)
+
+    def image_feature_shape(self, model: torch.nn.Module) -> tuple[int, int]:
+        vision = unwrap_peft(model).config.vision_config
+        return (vision.image_size // vision.patch_size) ** 2 + 1, vision.hidden_size  # patches + [CLS]
 
     # ---- data
 
