@@ -104,7 +104,7 @@ def plan_feature_cache(*, requested: str, family: Any, model: torch.nn.Module, p
         return CachePlan("off", f"image features: computed every step, not cached: {' and '.join(conflicts)}")
 
     dtype = storage_dtype(mixed_precision)
-    shape = family.image_feature_shape(model)
+    shape = family.image_feature_shape(model, processor)
     per_image = dtype.itemsize * int(torch.Size(shape).numel())
     total = per_image * n_images
     budget = int(physical_memory() * MEMORY_SHARE)
@@ -268,7 +268,7 @@ class FeatureCache:
         pixel_rows = batch.pop("pixel_rows").tolist()
         pixels = batch.pop("pixel_values", None)
         device = batch["input_ids"].device
-        shape = tuple(family.image_feature_shape(model))
+        shape = tuple(family.image_feature_shape(model, processor))
         found = [self._lookup(path, shape) for path in paths]
         todo = [row for row, feature in enumerate(found) if feature is None]
         self.hits += len(paths) - len(todo)

@@ -82,14 +82,14 @@ def check_cached_step(family, model, paths: list[Path], captions: list[str], pro
         assert abs(output.loss.item() - reference.loss.item()) < 1e-5, (output.loss, reference.loss)
         torch.testing.assert_close(output.logits, reference.logits, atol=1e-5, rtol=0)
     assert (cache.misses, cache.hits) == (len(paths), len(paths))
-    shape = tuple(family.image_feature_shape(model))
+    shape = tuple(family.image_feature_shape(model, processor))
     assert all(tuple(f.shape) == shape and f.dtype == dtype for f in cache.memory.values())
     output.loss.backward()  # the cached features feed a normal autograd graph into the adapter
     assert all(p.grad is not None for name, p in model.named_parameters() if p.requires_grad)
     features = torch.stack([cache.memory[path] for path in strs]).roll(1, 0)
     with autocast(), torch.no_grad():
         swapped = model(**{k: v for k, v in inputs.items() if k != "pixel_values"}, **family.feature_inputs(features))
-    assert (swapped.logits.float() - reference.logits.float()).abs().max() > 1e-3
+    assert (swapped.logits.float() - reference.logits.float()).abs().max() > 1e-4  # 10x the tolerance above
 
 
 def assert_trains_with_cached_features(out: str, n_images: int, epochs: int) -> None:

@@ -68,8 +68,9 @@ class ModelFamily:
         features `image_features` returned (through `feature_inputs`) in place of pixels. Default: nothing more
         than its parameters not requiring gradients."""
 
-    def image_feature_shape(self, model: torch.nn.Module) -> tuple[int, ...]:
-        """Shape of one image's features (without the batch dimension), for sizing the cache."""
+    def image_feature_shape(self, model: torch.nn.Module, processor: Any) -> tuple[int, ...]:
+        """Shape of one image's features (without the batch dimension), for sizing the cache. `processor` for
+        families whose feature size follows the image processor's output size rather than the model config."""
         raise NotImplementedError
 
     def image_features(self, model: torch.nn.Module, pixel_values: torch.Tensor) -> torch.Tensor:

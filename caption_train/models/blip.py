@@ -78,7 +78,7 @@ class BlipFamily(ModelFamily):
     def freeze_vision_tower(self, model: torch.nn.Module) -> None:
         swap_class(self.vision_tower(model), FrozenPooledVisionTower)  # takes its own output for pixels
 
-    def image_feature_shape(self, model: torch.nn.Module) -> tuple[int, int]:
+    def image_feature_shape(self, model: torch.nn.Module, processor: Any) -> tuple[int, int]:
         vision = unwrap_peft(model).config.vision_config
         return (vision.image_size // vision.patch_size) ** 2 + 1, vision.hidden_size  # patches + [CLS]
 

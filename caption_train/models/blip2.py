@@ -90,7 +90,7 @@ class Blip2Family(ModelFamily):
         # features from the cache reach the frozen tower, which returns them (and their pooled [CLS]) as its output.
         swap_class(self.vision_tower(model), FrozenPooledVisionTower)
 
-    def image_feature_shape(self, model: torch.nn.Module) -> tuple[int, int]:
+    def image_feature_shape(self, model: torch.nn.Module, processor: Any) -> tuple[int, int]:
         vision = unwrap_peft(model).config.vision_config
         return (vision.image_size // vision.patch_size) ** 2 + 1, vision.hidden_size  # patches + [CLS]
 

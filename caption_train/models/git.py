@@ -83,7 +83,7 @@ class GitFamily(ModelFamily):
     def freeze_vision_tower(self, model: torch.nn.Module) -> None:
         swap_class(self.vision_tower(model), _FrozenImageEncoder)
 
-    def image_feature_shape(self, model: torch.nn.Module) -> tuple[int, int]:
+    def image_feature_shape(self, model: torch.nn.Module, processor: Any) -> tuple[int, int]:
         # The image encoder's output, before git.visual_projection (which stays in the step: it may be trained).
         vision = unwrap_peft(model).config.vision_config
         return (vision.image_size // vision.patch_size) ** 2 + 1, vision.hidden_size  # patches + [CLS]

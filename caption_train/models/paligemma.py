@@ -78,7 +78,7 @@ class PaliGemmaFamily(ModelFamily):
         # reach the frozen tower, which returns them as its last_hidden_state.
         swap_class(self.vision_tower(model), FrozenVisionTower)
 
-    def image_feature_shape(self, model: torch.nn.Module) -> tuple[int, int]:
+    def image_feature_shape(self, model: torch.nn.Module, processor: Any) -> tuple[int, int]:
         vision = unwrap_peft(model).config.vision_config
         return (vision.image_size // vision.patch_size) ** 2, vision.hidden_size  # one token per patch
 
