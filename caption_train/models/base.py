@@ -61,7 +61,9 @@ class ModelFamily:
 
     # ---- a frozen vision tower, computed once (features.py)
     supports_feature_cache: bool = False
-    """True when the family implements the four methods below, so its frozen tower's features can be cached."""
+    """True when the family implements the methods below (image_features and feature_inputs have defaults that fit
+    a tower whose frozen twin, a `FrozenVisionTower`, takes its own output as pixel_values), so its frozen tower's
+    features can be cached."""
 
     def freeze_vision_tower(self, model: torch.nn.Module) -> None:
         """Make a vision tower without trainable parameters run in eval mode without autograd, and accept the
