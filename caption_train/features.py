@@ -104,7 +104,7 @@ def plan_feature_cache(*, requested: str, family: Any, model: torch.nn.Module, p
         return CachePlan("off", f"image features: computed every step, not cached: {' and '.join(conflicts)}")
 
     dtype = storage_dtype(mixed_precision)
-    shape = family.image_feature_shape(model)
+    shape = family.image_feature_shape(model, processor)
     per_image = dtype.itemsize * int(torch.Size(shape).numel())
     total = per_image * n_images
     budget = int(physical_memory() * MEMORY_SHARE)
@@ -276,7 +276,7 @@ class FeatureCache:
                      device: torch.device | str = "cpu") -> torch.Tensor:
         """Every image's features, [len(paths), *image_feature_shape], in the cache's dtype on `device`: read from
         the cache, else computed (from `pixels`, whose rows are `pixel_rows`, or from the image file) and stored."""
-        shape = tuple(family.image_feature_shape(model))
+        shape = tuple(family.image_feature_shape(model, processor))
         found = [self._lookup(path, shape) for path in paths]
         todo = [row for row, feature in enumerate(found) if feature is None]
         self.hits += len(paths) - len(todo)

@@ -25,7 +25,7 @@ from caption_train.models.blip2 import IGNORE_INDEX, Blip2Family
 from caption_train.tiny import make_shapes_dataset
 from caption_train.tracking import read_metrics
 
-from conftest import REPO, VOCAB_TEXTS, base_args
+from conftest import REPO, VOCAB_TEXTS, assert_trains_with_cached_features, base_args, check_cached_step
 from tiny_families_git import build_tiny_blip2
 
 CAPTIONS = ["a red circle", "a small blue square with a large green triangle", "a yellow shape"]
@@ -202,6 +202,22 @@ def test_train2_lora_two_steps_lower_the_loss(tmp_path, tiny_blip2, eight_shapes
     assert "(blip-2), LoRA" in result.stdout
     losses = run_losses(final)
     assert len(losses) == 2 and losses[1] < losses[0], losses
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cached_step_gives_the_uncached_loss_and_logits(tiny_blip2, eight_shapes, dtype):
+    """The ViT's output is cached; the Q-Former and the language projection still run in the step."""
+    family = Blip2Family()
+    model, processor = family.load(str(tiny_blip2), {})
+    model = wrap_model(model, family, "LoRA", {})
+    paths = [path for path, _ in eight_shapes[:4]]
+    check_cached_step(family, model, paths, CAPTIONS + ["a green circle"], processor, dtype=dtype)
+
+
+def test_train_caches_image_features(tmp_path, tiny_blip2, eight_shapes, capsys):
+    dataset = eight_shapes[0][0].parents[1]
+    train(tmp_path, tiny_blip2, dataset, "--epochs", "3", "--cache_image_features", "memory")
+    assert_trains_with_cached_features(capsys.readouterr().out, 8, 3)
 
 
 @pytest.mark.slow

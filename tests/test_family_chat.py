@@ -195,6 +195,15 @@ def test_two_training_steps_lower_the_loss(tmp_path, chat_model, eight_shapes, p
     assert second < first
 
 
+def test_no_feature_cache_for_chat_models_says_so(tmp_path, chat_model, eight_shapes, capsys):
+    """Their image token counts follow the image size (see ChatVlmFamily.supports_feature_cache): asking for a
+    cache is one line, before anything is written."""
+    args = base_args(eight_shapes, chat_model, tmp_path / "runs", "--max_length", "64", "--cache_image_features", "memory")
+    assert main(["train", *args]) == 2
+    assert "--cache_image_features memory: the chat-vlm family cannot cache image features yet; use auto or off" in capsys.readouterr().err
+    assert not (tmp_path / "runs").exists()
+
+
 def caption_dir(model: Path, images_dir: Path, out: Path, *extra: str) -> dict[str, str]:
     jsonl = out / f"captions-{len(list(out.glob('captions-*.jsonl')))}.jsonl"  # a new file each time: the command resumes an existing one
     assert not jsonl.exists()

@@ -26,7 +26,7 @@ from caption_train.models.florence2 import IGNORE_INDEX, Florence2Family
 from caption_train.tiny import make_shapes_dataset
 from caption_train.tracking import read_metrics
 
-from conftest import REPO, VOCAB_TEXTS, base_args
+from conftest import REPO, VOCAB_TEXTS, assert_trains_with_cached_features, base_args, check_cached_step
 from tiny_families_git import build_tiny_florence2
 
 CAPTIONS = ["a red circle", "a small blue square with a large green triangle", "a yellow shape"]
@@ -199,6 +199,23 @@ def test_train2_lora_with_a_detailed_prompt_two_steps_lower_the_loss(tmp_path, t
     assert "(florence2), LoRA" in result.stdout
     losses = run_losses(final)
     assert len(losses) == 2 and losses[1] < losses[0], losses
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cached_step_gives_the_uncached_loss_and_logits(tiny_florence, eight_shapes, dtype):
+    """DaViT's feature map is cached; the projector runs in the step. Cached rows are collated without their image."""
+    family = Florence2Family()
+    model, processor = family.load(str(tiny_florence), {})
+    model = wrap_model(model, family, "LoRA", {})
+    assert family.image_feature_shape(model, processor) == (64, 4, 4)  # 32 px through strides 4 and 2
+    paths = [path for path, _ in eight_shapes[:3]]
+    check_cached_step(family, model, paths, CAPTIONS, processor, dtype=dtype)
+
+
+def test_train_caches_image_features(tmp_path, tiny_florence, eight_shapes, capsys):
+    dataset = eight_shapes[0][0].parents[1]
+    train(tmp_path, tiny_florence, dataset, "--epochs", "3", "--cache_image_features", "memory")
+    assert_trains_with_cached_features(capsys.readouterr().out, 8, 3)
 
 
 @pytest.mark.slow

@@ -25,7 +25,7 @@ from caption_train.models.git import IGNORE_INDEX, GitFamily
 from caption_train.tiny import make_shapes_dataset
 from caption_train.tracking import read_metrics
 
-from conftest import REPO, VOCAB_TEXTS, base_args
+from conftest import REPO, VOCAB_TEXTS, assert_trains_with_cached_features, base_args, check_cached_step
 from tiny_families_git import build_tiny_git
 
 CAPTIONS = ["a red circle", "a small blue square with a large green triangle", "a yellow shape"]
@@ -233,6 +233,25 @@ def test_overfit_then_caption_command_reads_back_every_caption(tmp_path, tiny_gi
     written = {row["file_name"]: row["text"] for row in map(json.loads, out.read_text().splitlines())}
     expected = {path.relative_to(dataset).as_posix(): caption for path, caption in eight_shapes}
     assert written == expected
+
+
+# ---------------------------------------------------------------------------------------------
+# the frozen-vision feature cache
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cached_step_gives_the_uncached_loss_and_logits(tiny_git, eight_shapes, dtype):
+    family = GitFamily()
+    model, processor = family.load(str(tiny_git), {})
+    model = wrap_model(model, family, "LoRA", {})
+    paths = [path for path, _ in eight_shapes[:4]]
+    check_cached_step(family, model, paths, CAPTIONS + ["a green circle"], processor, dtype=dtype)
+
+
+def test_train_caches_image_features(tmp_path, tiny_git, eight_shapes, capsys):
+    dataset = eight_shapes[0][0].parents[1]
+    train(tmp_path, tiny_git, dataset, "--epochs", "3", "--cache_image_features", "memory")
+    assert_trains_with_cached_features(capsys.readouterr().out, 8, 3)
 
 
 # ---------------------------------------------------------------------------------------------

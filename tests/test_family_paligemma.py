@@ -16,7 +16,7 @@ from caption_train.models import resolve_family
 from caption_train.models.paligemma import IGNORE_INDEX, PaliGemmaFamily
 from caption_train.tiny import make_shapes_dataset
 
-from conftest import VOCAB_TEXTS
+from conftest import VOCAB_TEXTS, assert_trains_with_cached_features, check_cached_step
 from test_family_chat import caption_dir, losses, relative_captions, train
 from tiny_families_chat import build_tiny_paligemma
 
@@ -118,6 +118,21 @@ def test_two_training_steps_lower_the_loss(tmp_path, paligemma, eight_shapes, pe
     assert "(paligemma)" in capsys.readouterr().out
     first, second = losses(final)
     assert second < first
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cached_step_gives_the_uncached_loss_and_logits(paligemma, eight_shapes, dtype):
+    """SigLIP's output is cached; the projector runs in the step. Cached rows are collated without their image."""
+    family = PaliGemmaFamily()
+    model, processor = family.load(str(paligemma), {})
+    model = wrap_model(model, family, "LoRA", {})
+    paths = sorted(eight_shapes.rglob("*.png"))[:3]
+    check_cached_step(family, model, paths, CAPTIONS, processor, dtype=dtype, max_length=64)
+
+
+def test_train_caches_image_features(tmp_path, paligemma, eight_shapes, capsys):
+    train(tmp_path, paligemma, eight_shapes, "--epochs", "3", "--cache_image_features", "memory")
+    assert_trains_with_cached_features(capsys.readouterr().out, 8, 3)
 
 
 @pytest.mark.slow

@@ -210,6 +210,48 @@ def test_probe_captions_come_from_cached_features(capsys, tmp_path, tiny_blip, s
     assert "image features: 28 read from the cache, 24 computed" in out
 
 
+CACHED_FAMILIES = {  # family: (builder module, builder name, options)
+    "blip": ("caption_train.tiny", "build_tiny_blip", {"image_size": 32, "hidden_size": 64, "num_layers": 2, "num_heads": 2}),
+    "git": ("tiny_families_git", "build_tiny_git", {}),
+    "blip2": ("tiny_families_git", "build_tiny_blip2", {}),
+    "florence2": ("tiny_families_git", "build_tiny_florence2", {"tie_word_embeddings": False}),
+    "paligemma": ("tiny_families_chat", "build_tiny_paligemma", {}),
+}
+
+
+@pytest.mark.parametrize("name", sorted(CACHED_FAMILIES))
+def test_every_cached_family_captions_the_same_from_features(tmp_path, pictures, name):
+    """What the probe panel does after each epoch: generate from the frozen tower's cached output instead of the
+    images, without running the tower; the captions must be the images' own (5 tokens forced, so a random model
+    says something; these random models barely look at the image, so the features' effect on the text is checked
+    by check_cached_step in each family's tests)."""
+    import importlib
+
+    from caption_train.models import resolve_family
+    from conftest import VOCAB_TEXTS
+
+    module, builder, options = CACHED_FAMILIES[name]
+    model_dir = getattr(importlib.import_module(module), builder)(tmp_path / "model", VOCAB_TEXTS, **options)
+    family, _ = resolve_family(str(model_dir))
+    assert family.supports_feature_cache
+    model, processor = family.load(str(model_dir), {})
+    family.freeze_vision_tower(model)
+    model.eval()
+    images = [load_rgb(p) for p in pictures]
+    features = family.image_features(model, family.pixel_inputs(processor, images)["pixel_values"])
+    forced = {"max_new_tokens": 5, "min_new_tokens": 5}
+    # The tower's patch embedding (a convolution in every family's tower) runs for images, not for features.
+    patches = [m for m in family.vision_tower(model).modules() if isinstance(m, torch.nn.Conv2d)]
+    calls: list[int] = []
+    for module in patches:
+        module.register_forward_hook(lambda *_: calls.append(1))
+    from_images = family.generate(model, processor, images, **forced)
+    assert patches and calls
+    calls.clear()
+    assert family.generate(model, processor, images, features=features, **forced) == from_images
+    assert not calls
+
+
 @pytest.mark.slow
 def test_unwritable_cache_folder_warns_once_and_trains(capfd, tmp_path, tiny_blip, shapes_dir):
     blocker = tmp_path / "a-file"

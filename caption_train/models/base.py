@@ -61,24 +61,31 @@ class ModelFamily:
 
     # ---- a frozen vision tower, computed once (features.py)
     supports_feature_cache: bool = False
-    """True when the family implements the four methods below, so its frozen tower's features can be cached."""
+    """True when the family implements the methods below (image_features and feature_inputs have defaults that fit
+    a tower whose frozen twin, a `FrozenVisionTower`, takes its own output as pixel_values), so its frozen tower's
+    features can be cached."""
 
     def freeze_vision_tower(self, model: torch.nn.Module) -> None:
         """Make a vision tower without trainable parameters run in eval mode without autograd, and accept the
         features `image_features` returned (through `feature_inputs`) in place of pixels. Default: nothing more
         than its parameters not requiring gradients."""
 
-    def image_feature_shape(self, model: torch.nn.Module) -> tuple[int, ...]:
-        """Shape of one image's features (without the batch dimension), for sizing the cache."""
+    def image_feature_shape(self, model: torch.nn.Module, processor: Any) -> tuple[int, ...]:
+        """Shape of one image's features (without the batch dimension), for sizing the cache. `processor` for
+        families whose feature size follows the image processor's output size rather than the model config."""
         raise NotImplementedError
 
     def image_features(self, model: torch.nn.Module, pixel_values: torch.Tensor) -> torch.Tensor:
-        """The frozen tower's output for a batch of pixel_values, as the text side consumes it (no autograd)."""
-        raise NotImplementedError
+        """The frozen tower's output for a batch of pixel_values, as the text side consumes it (no autograd).
+        Default: the tower's last_hidden_state."""
+        with torch.inference_mode():
+            features = self.vision_tower(model)(pixel_values=pixel_values.to(model_dtype(model))).last_hidden_state
+        return features.clone()  # a normal tensor again, usable in autograd
 
     def feature_inputs(self, features: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Model keyword arguments that feed precomputed `features` instead of pixel_values."""
-        raise NotImplementedError
+        """Model keyword arguments that feed precomputed `features` instead of pixel_values. Default: the
+        features as pixel_values, which a `FrozenVisionTower` takes in place of pixels."""
+        return {"pixel_values": features}
 
     # ---- prompts
     default_prompt: str | None = None
@@ -111,6 +118,13 @@ class ModelFamily:
         return {"pixel_values": processor.image_processor(images=loaded, return_tensors="pt")["pixel_values"]}
 
     # ---- inference
+    def generation_pixels(self, processor: Any, images: Sequence[Image.Image], features: torch.Tensor | None) -> torch.Tensor:
+        """pixel_values for generate(): the images' pixels, or their cached `features`, which a frozen tower
+        (FrozenVisionTower) takes in their place."""
+        if features is not None:
+            return self.feature_inputs(features)["pixel_values"]
+        return self.pixel_inputs(processor, images)["pixel_values"]
+
     def generate(self, model: torch.nn.Module, processor: Any, images: Sequence[Image.Image], *, prompt: str | None = None,
                  features: torch.Tensor | None = None, **generate_kwargs: Any) -> list[str]:
         """Greedy captions for `images`. `features` (only from a family with supports_feature_cache, its frozen
@@ -227,6 +241,51 @@ def swap_class(module: torch.nn.Module, mixin: type) -> None:
 
 
 _SWAPPED: dict[tuple[type, type], type] = {}
+
+
+class FrozenVisionTower:
+    """Mixin (through `swap_class`) for a vision tower with no trainable parameter: always in eval mode, run
+    without autograd, and accepting its own output (image features from the cache) in place of pixel_values.
+
+    By default a 3-D tensor ([batch, tokens, width]) is features and a 4-D one is pixels; a family whose model
+    checks the pixels' rank before the tower sees them overrides `cached_features`. Features are cast to the
+    tower's dtype (the dtype its own output has without autocast): a bf16 cache entry read by an fp32 model is
+    cast back exactly, and the layer that reads it casts it under autocast as it casts the computed output.
+    """
+
+    def train(self, mode: bool = True) -> torch.nn.Module:
+        return super().train(False)  # dropout off: the cached and the computed features must be the same
+
+    def cached_features(self, pixel_values: torch.Tensor) -> torch.Tensor | None:
+        """`pixel_values` as features when they are the tower's output rather than pixels, else None."""
+        return pixel_values if pixel_values.dim() == 3 else None
+
+    def tower_output(self, features: torch.Tensor) -> Any:
+        """What the tower's forward returns for `features` (its last_hidden_state)."""
+        from transformers.modeling_outputs import BaseModelOutputWithPooling
+
+        return BaseModelOutputWithPooling(last_hidden_state=features)
+
+    def forward(self, pixel_values: torch.Tensor | None = None, *args: Any, **kwargs: Any) -> Any:
+        features = self.cached_features(pixel_values) if pixel_values is not None else None
+        if features is None:
+            with torch.inference_mode():
+                features = super().forward(pixel_values, *args, **kwargs).last_hidden_state
+            features = features.clone()  # a normal tensor again, usable in autograd
+        else:
+            features = features.to(model_dtype(self))
+        return self.tower_output(features)
+
+
+class FrozenPooledVisionTower(FrozenVisionTower):
+    """A frozen ViT whose pooler output is its post_layernorm over the [CLS] token (BLIP, BLIP-2)."""
+
+    def tower_output(self, features: torch.Tensor) -> Any:
+        from transformers.modeling_outputs import BaseModelOutputWithPooling
+
+        with torch.no_grad():
+            pooled = self.post_layernorm(features[:, 0, :].to(self.post_layernorm.weight.dtype))
+        return BaseModelOutputWithPooling(last_hidden_state=features, pooler_output=pooled)
 
 
 def unwrap_peft(model: torch.nn.Module) -> torch.nn.Module:

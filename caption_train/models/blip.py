@@ -17,6 +17,7 @@ from PIL import Image
 from caption_train.errors import UserError
 from caption_train.models.base import (
     IGNORE_INDEX,
+    FrozenPooledVisionTower,
     ModelFamily,
     apply_config_overrides,
     swap_class,
@@ -75,9 +76,9 @@ class BlipFamily(ModelFamily):
         return unwrap_peft(model).text_decoder
 
     def freeze_vision_tower(self, model: torch.nn.Module) -> None:
-        swap_class(self.vision_tower(model), _FrozenVisionTower)
+        swap_class(self.vision_tower(model), FrozenPooledVisionTower)  # takes its own output for pixels
 
-    def image_feature_shape(self, model: torch.nn.Module) -> tuple[int, int]:
+    def image_feature_shape(self, model: torch.nn.Module, processor: Any) -> tuple[int, int]:
         vision = unwrap_peft(model).config.vision_config
         return (vision.image_size // vision.patch_size) ** 2 + 1, vision.hidden_size  # patches + [CLS]
 
@@ -98,24 +99,12 @@ class BlipFamily(ModelFamily):
         batch = {"input_ids": input_ids, "attention_mask": encoded["attention_mask"], "labels": labels}
         return batch | self.pixel_inputs(processor, images)
 
-    def image_features(self, model: torch.nn.Module, pixel_values: torch.Tensor) -> torch.Tensor:
-        with torch.inference_mode():
-            features = self.vision_tower(model)(pixel_values=pixel_values.to(model_dtype(model))).last_hidden_state
-        return features.clone()  # a normal tensor again, usable in autograd
-
-    def feature_inputs(self, features: torch.Tensor) -> dict[str, torch.Tensor]:
-        # A frozen tower (_FrozenVisionTower) takes its own output in place of pixels: [batch, tokens, width].
-        return {"pixel_values": features}
-
     @torch.no_grad()
     def generate(self, model: torch.nn.Module, processor: Any, images: Sequence[Image.Image], *, prompt: str | None = None,
                  features: torch.Tensor | None = None, **generate_kwargs: Any) -> list[str]:
         texts = [prompt] * len(images) if prompt else None
-        if features is None:
-            inputs = dict(processor(images=list(images), text=texts, return_tensors="pt"))
-        else:  # cached features of a frozen tower, which _FrozenVisionTower takes in place of pixels
-            inputs = dict(processor.tokenizer(texts, return_tensors="pt")) if texts else {}
-            inputs["pixel_values"] = features
+        inputs = dict(processor.tokenizer(texts, return_tensors="pt")) if texts else {}
+        inputs["pixel_values"] = self.generation_pixels(processor, images, features)
         inputs = {k: v.to(model_device(model)) for k, v in inputs.items() if k in ("pixel_values", "input_ids", "attention_mask")}
         inputs["pixel_values"] = inputs["pixel_values"].to(model_dtype(model))
         # Positions past the text model's limit would index off its position embeddings.
@@ -127,7 +116,7 @@ class BlipFamily(ModelFamily):
 
 
 # ---------------------------------------------------------------------------------------------
-# Module surgery owned by this family: SDPA attention, and a frozen vision tower that accepts cached features.
+# Module surgery owned by this family: SDPA attention (its frozen tower is models/base.FrozenPooledVisionTower).
 
 
 class _SdpaVisionAttention:
@@ -189,23 +178,3 @@ def use_sdpa_attention(model: torch.nn.Module) -> None:
         elif isinstance(module, BlipTextSelfAttention):
             swap_class(module, _SdpaTextSelfAttention)
 
-
-class _FrozenVisionTower:
-    """A BlipVisionModel with no trainable parameter: always in eval mode, run without autograd, and accepting
-    its own output (image features from the cache, [batch, tokens, width]) in place of pixel_values."""
-
-    def train(self, mode: bool = True) -> torch.nn.Module:
-        return super().train(False)  # dropout off: the cached and the computed features must be the same
-
-    def forward(self, pixel_values: torch.Tensor | None = None, **kwargs: Any) -> Any:
-        from transformers.modeling_outputs import BaseModelOutputWithPooling
-
-        if pixel_values is not None and pixel_values.dim() == 3:
-            features = pixel_values
-        else:
-            with torch.inference_mode():
-                features = super().forward(pixel_values=pixel_values, **kwargs).last_hidden_state
-            features = features.clone()
-        with torch.no_grad():
-            pooled = self.post_layernorm(features[:, 0, :].to(self.post_layernorm.weight.dtype))
-        return BaseModelOutputWithPooling(last_hidden_state=features, pooler_output=pooled)

@@ -22,6 +22,7 @@ from PIL import Image
 from caption_train.errors import UserError
 from caption_train.models.base import (
     IGNORE_INDEX,
+    FrozenPooledVisionTower,
     ModelFamily,
     apply_config_overrides,
     load_model_config,
@@ -29,6 +30,7 @@ from caption_train.models.base import (
     model_dtype,
     pop_load_kwargs,
     register,
+    swap_class,
     unwrap_peft,
 )
 from caption_train.models.git import use_label_smoothing
@@ -44,7 +46,7 @@ _IA3_FEEDFORWARD = _LM_LAYER + r"fc2$"  # IA3 scales the input of the MLP's down
 class Blip2Family(ModelFamily):
     name = "blip-2"
     model_types = ("blip-2",)
-    supports_feature_cache = False  # the vision tower and Q-Former run every step (no cached-feature path yet)
+    supports_feature_cache = True  # the ViT's output is cached; the Q-Former and projection run every step
 
     def load(self, name_or_path: str, overrides: dict[str, Any], *, label_smoothing: float = 0.0) -> tuple[torch.nn.Module, Any]:
         from transformers import AutoProcessor, Blip2ForConditionalGeneration
@@ -83,6 +85,15 @@ class Blip2Family(ModelFamily):
     def text_model(self, model: torch.nn.Module) -> torch.nn.Module:
         return unwrap_peft(model).language_model
 
+    def freeze_vision_tower(self, model: torch.nn.Module) -> None:
+        # Blip2ForConditionalGeneration hands pixel_values to its vision_model unchecked: [batch, tokens, width]
+        # features from the cache reach the frozen tower, which returns them (and their pooled [CLS]) as its output.
+        swap_class(self.vision_tower(model), FrozenPooledVisionTower)
+
+    def image_feature_shape(self, model: torch.nn.Module, processor: Any) -> tuple[int, int]:
+        vision = unwrap_peft(model).config.vision_config
+        return (vision.image_size // vision.patch_size) ** 2 + 1, vision.hidden_size  # patches + [CLS]
+
     # ---- data
 
     def collate(self, processor: Any, images: Sequence[Image.Image | None], captions: Sequence[str], *, max_length: int,
@@ -111,10 +122,11 @@ class Blip2Family(ModelFamily):
     # ---- inference
 
     @torch.no_grad()
-    def generate(self, model: torch.nn.Module, processor: Any, images: Sequence[Image.Image], *, prompt: str | None = None, **generate_kwargs: Any) -> list[str]:
+    def generate(self, model: torch.nn.Module, processor: Any, images: Sequence[Image.Image], *, prompt: str | None = None,
+                 features: torch.Tensor | None = None, **generate_kwargs: Any) -> list[str]:
         tokenizer = processor.tokenizer
         device = model_device(model)
-        pixel_values = self.pixel_inputs(processor, images)["pixel_values"].to(device, model_dtype(model))
+        pixel_values = self.generation_pixels(processor, images, features).to(device, model_dtype(model))
         start = self.start_ids(processor)
         if prompt:  # conditional captioning: the caption continues the prompt, which stays in it (as with BLIP)
             start += tokenizer(prompt, add_special_tokens=False)["input_ids"]

@@ -61,7 +61,11 @@ class ChatVlmFamily(ModelFamily):
     model_types = ()  # every image-text-to-text model type no other family registered (handles_model_type)
     fallback_description = "any other image-text-to-text model whose processor has a chat template (chat-vlm)"
     default_prompt = "Write a caption for this image."
-    supports_feature_cache = False  # the frozen-vision feature cache is BLIP-only for now
+    # No feature cache: the cache holds one fixed-shape tensor per image, and most chat VLMs give an image as many
+    # tokens as its size calls for (Qwen2-VL's dynamic resolution, Idefics3 / SmolVLM's image splitting, LLaVA-NeXT's
+    # any-resolution tiles); those with a fixed count read their tower differently (LLaVA a hidden layer chosen by
+    # vision_feature_layer, Gemma 3 the output), which a per-family flag cannot tell apart.
+    supports_feature_cache = False
 
     def handles_model_type(self, model_type: str) -> bool:
         from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES

@@ -21,6 +21,7 @@ from PIL import Image
 from caption_train.errors import UserError
 from caption_train.models.base import (
     IGNORE_INDEX,
+    FrozenVisionTower,
     ModelFamily,
     apply_config_overrides,
     load_model_config,
@@ -28,6 +29,7 @@ from caption_train.models.base import (
     model_dtype,
     pop_load_kwargs,
     register,
+    swap_class,
     unwrap_peft,
 )
 from caption_train.models.git import use_label_smoothing
@@ -44,7 +46,7 @@ _IA3_FEEDFORWARD = _LM_LAYER + r"fc2$"  # IA3 scales the input of the MLP's down
 class Florence2Family(ModelFamily):
     name = "florence2"
     model_types = ("florence2",)
-    supports_feature_cache = False  # the vision tower runs every step (no cached-feature path for Florence-2 yet)
+    supports_feature_cache = True  # DaViT's feature map is cached; the multi-modal projector runs every step
     default_prompt = "<CAPTION>"  # or <DETAILED_CAPTION>, <MORE_DETAILED_CAPTION>, or any text
 
     def load(self, name_or_path: str, overrides: dict[str, Any], *, label_smoothing: float = 0.0) -> tuple[torch.nn.Module, Any]:
@@ -78,6 +80,23 @@ class Florence2Family(ModelFamily):
     def text_model(self, model: torch.nn.Module) -> torch.nn.Module:
         return unwrap_peft(model).model.language_model
 
+    def freeze_vision_tower(self, model: torch.nn.Module) -> None:
+        swap_class(self.vision_tower(model), _FrozenVisionBackbone)
+
+    def image_feature_shape(self, model: torch.nn.Module, processor: Any) -> tuple[int, int, int]:
+        """DaViT's output: a [channels, height, width] feature map, its size that of the processor's pixels
+        after each stage's strided convolution."""
+        vision = unwrap_peft(model).config.vision_config
+        image_processor = processor.image_processor
+        size = image_processor.crop_size if getattr(image_processor, "do_center_crop", False) else image_processor.size
+        height, width = getattr(size, "height", None), getattr(size, "width", None)
+        if not height or not width:
+            raise UserError(f"the Florence-2 image processor resizes to {size}, not to a fixed height and width; "
+                            "its image features cannot be cached: use --cache_image_features off")
+        for kernel, stride, padding in zip(vision.patch_size, vision.patch_stride, vision.patch_padding):
+            height, width = ((n + 2 * padding - kernel) // stride + 1 for n in (height, width))
+        return vision.embed_dim[-1], height, width
+
     # ---- data
 
     def encoder_inputs(self, processor: Any, images: Sequence[Image.Image], prompt: str | None) -> dict[str, torch.Tensor]:
@@ -90,8 +109,6 @@ class Florence2Family(ModelFamily):
 
     def collate(self, processor: Any, images: Sequence[Image.Image | None], captions: Sequence[str], *, max_length: int,
                 prompt: str | None = None) -> dict[str, torch.Tensor]:
-        if any(image is None for image in images):
-            raise ValueError("Florence-2 batches need every image (the family has no feature cache)")
         tokenizer = processor.tokenizer
         bos, eos, pad = tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id
         # The caption's own tokens, cut to leave room for <s> and </s> (the decoder's max_length in all).
@@ -109,15 +126,26 @@ class Florence2Family(ModelFamily):
             decoder_attention_mask[row, :n] = 1
             labels[row, 1:n] = torch.tensor(sequence[1:])
         batch = {"decoder_input_ids": decoder_input_ids, "decoder_attention_mask": decoder_attention_mask, "labels": labels}
-        return self.encoder_inputs(processor, images, prompt) | batch
+        # The encoder's text does not depend on the pixels (a fixed number of image tokens): an image whose features
+        # are cached (None) is stood in for by a blank one, and its pixel_values are dropped.
+        stand_in = Image.new("RGB", (16, 16))  # not 1x1, whose channel layout numpy-based processors misread
+        encoder = self.encoder_inputs(processor, [stand_in if image is None else image for image in images], prompt)
+        rows = [row for row, image in enumerate(images) if image is not None]
+        pixels = encoder.pop("pixel_values")
+        if rows:
+            encoder["pixel_values"] = pixels[rows]
+        return encoder | batch
 
     # ---- inference
 
     @torch.no_grad()
-    def generate(self, model: torch.nn.Module, processor: Any, images: Sequence[Image.Image], *, prompt: str | None = None, **generate_kwargs: Any) -> list[str]:
+    def generate(self, model: torch.nn.Module, processor: Any, images: Sequence[Image.Image], *, prompt: str | None = None,
+                 features: torch.Tensor | None = None, **generate_kwargs: Any) -> list[str]:
         tokenizer = processor.tokenizer
         device = model_device(model)
         inputs = {k: v.to(device) for k, v in self.encoder_inputs(processor, images, prompt).items()}
+        if features is not None:  # the frozen backbone's cached output, taken in place of the pixels
+            inputs["pixel_values"] = self.feature_inputs(features)["pixel_values"].to(device)
         inputs["pixel_values"] = inputs["pixel_values"].to(model_dtype(model))
         start = unwrap_peft(model).config.text_config.decoder_start_token_id
         prefix = torch.tensor([[start, tokenizer.bos_token_id]] * len(images), device=device)  # as collate() trains
@@ -127,3 +155,13 @@ class Florence2Family(ModelFamily):
         generate_kwargs.setdefault("pad_token_id", tokenizer.pad_token_id)
         output = model.generate(**inputs, decoder_input_ids=prefix, **generate_kwargs)
         return [text.strip() for text in tokenizer.batch_decode(output[:, prefix.shape[1]:], skip_special_tokens=True)]
+
+
+class _FrozenVisionBackbone(FrozenVisionTower):
+    """Florence-2's frozen DaViT: takes its own output, a [batch, channels, height, width] feature map, in place of
+    [batch, 3, height, width] pixels (told apart by the channel count)."""
+
+    def cached_features(self, pixel_values: torch.Tensor) -> torch.Tensor | None:
+        if pixel_values.dim() == 4 and pixel_values.shape[1] == self.config.embed_dim[-1] != self.config.in_channels:
+            return pixel_values
+        return None

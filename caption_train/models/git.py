@@ -20,6 +20,7 @@ from PIL import Image
 from caption_train.errors import UserError
 from caption_train.models.base import (
     IGNORE_INDEX,
+    FrozenVisionTower,
     ModelFamily,
     apply_config_overrides,
     load_model_config,
@@ -27,6 +28,7 @@ from caption_train.models.base import (
     model_dtype,
     pop_load_kwargs,
     register,
+    swap_class,
     unwrap_peft,
 )
 
@@ -43,7 +45,7 @@ _IA3_FEEDFORWARD = _TEXT_LAYER + r"output\.dense$"
 class GitFamily(ModelFamily):
     name = "git"
     model_types = ("git",)
-    supports_feature_cache = False  # the vision tower runs every step (no cached-feature path for GIT yet)
+    supports_feature_cache = True
 
     def load(self, name_or_path: str, overrides: dict[str, Any], *, label_smoothing: float = 0.0) -> tuple[torch.nn.Module, Any]:
         from transformers import AutoProcessor, GitForCausalLM
@@ -78,6 +80,19 @@ class GitFamily(ModelFamily):
     def text_model(self, model: torch.nn.Module) -> torch.nn.Module:
         return unwrap_peft(model).git.encoder
 
+    def freeze_vision_tower(self, model: torch.nn.Module) -> None:
+        swap_class(self.vision_tower(model), _FrozenImageEncoder)
+
+    def image_feature_shape(self, model: torch.nn.Module, processor: Any) -> tuple[int, int]:
+        # The image encoder's output, before git.visual_projection (which stays in the step: it may be trained).
+        vision = unwrap_peft(model).config.vision_config
+        return (vision.image_size // vision.patch_size) ** 2 + 1, vision.hidden_size  # patches + [CLS]
+
+    def feature_inputs(self, features: torch.Tensor) -> dict[str, torch.Tensor]:
+        # GitModel only passes 4-D (image) or 5-D (video) pixel_values to its image encoder: features go in as
+        # [batch, 1, tokens, width], which _FrozenImageEncoder tells from [batch, channels, height, width].
+        return {"pixel_values": features.unsqueeze(1)}
+
     def collate(self, processor: Any, images: Sequence[Image.Image | None], captions: Sequence[str], *, max_length: int,
                 prompt: str | None = None) -> dict[str, torch.Tensor]:
         tokenizer = processor.tokenizer
@@ -100,10 +115,11 @@ class GitFamily(ModelFamily):
         return batch | self.pixel_inputs(processor, images)
 
     @torch.no_grad()
-    def generate(self, model: torch.nn.Module, processor: Any, images: Sequence[Image.Image], *, prompt: str | None = None, **generate_kwargs: Any) -> list[str]:
+    def generate(self, model: torch.nn.Module, processor: Any, images: Sequence[Image.Image], *, prompt: str | None = None,
+                 features: torch.Tensor | None = None, **generate_kwargs: Any) -> list[str]:
         tokenizer = processor.tokenizer
         device = model_device(model)
-        pixel_values = self.pixel_inputs(processor, images)["pixel_values"].to(device, model_dtype(model))
+        pixel_values = self.generation_pixels(processor, images, features).to(device, model_dtype(model))
         # Start from [CLS], as training does (GIT's own config.bos_token_id is [CLS] too; passing it makes the
         # start token independent of the generation config). A prompt (conditional captioning) follows it and,
         # as with BLIP, stays in the caption.
@@ -133,3 +149,12 @@ def use_label_smoothing(model: torch.nn.Module, label_smoothing: float, vocab_si
                                ignore_index=IGNORE_INDEX, label_smoothing=label_smoothing)
 
     model.loss_function = loss_function
+
+
+class _FrozenImageEncoder(FrozenVisionTower):
+    """GIT's frozen image encoder: takes features as [batch, 1, tokens, width] (see GitFamily.feature_inputs)."""
+
+    def cached_features(self, pixel_values: torch.Tensor) -> torch.Tensor | None:
+        if pixel_values.dim() == 4 and pixel_values.shape[1] == 1 != self.config.num_channels:
+            return pixel_values[:, 0]
+        return None

@@ -20,6 +20,7 @@ from PIL import Image
 from caption_train.errors import UserError
 from caption_train.models.base import (
     IGNORE_INDEX,
+    FrozenVisionTower,
     ModelFamily,
     apply_config_overrides,
     load_model_config,
@@ -27,6 +28,7 @@ from caption_train.models.base import (
     model_dtype,
     pop_load_kwargs,
     register,
+    swap_class,
     unwrap_peft,
 )
 from caption_train.models.chat_vlm import IA3_FEEDFORWARD, IA3_TARGETS, LORA_TARGETS
@@ -38,7 +40,7 @@ class PaliGemmaFamily(ModelFamily):
     model_types = ("paligemma",)
     # PaliGemma's own captioning task prefix (big_vision: "caption <lang>"); the pretrained checkpoints know it.
     default_prompt = "caption en"
-    supports_feature_cache = False  # the frozen-vision feature cache is BLIP-only for now
+    supports_feature_cache = True  # SigLIP's output is cached; the multi-modal projector runs every step
 
     def load(self, name_or_path: str, overrides: dict[str, Any], *, label_smoothing: float = 0.0) -> tuple[torch.nn.Module, Any]:
         from transformers import PaliGemmaForConditionalGeneration, PaliGemmaProcessor
@@ -71,10 +73,17 @@ class PaliGemmaFamily(ModelFamily):
     def text_model(self, model: torch.nn.Module) -> torch.nn.Module:
         return unwrap_peft(model).get_decoder()
 
+    def freeze_vision_tower(self, model: torch.nn.Module) -> None:
+        # get_image_features hands pixel_values to the vision tower unchecked: [batch, tokens, width] features
+        # reach the frozen tower, which returns them as its last_hidden_state.
+        swap_class(self.vision_tower(model), FrozenVisionTower)
+
+    def image_feature_shape(self, model: torch.nn.Module, processor: Any) -> tuple[int, int]:
+        vision = unwrap_peft(model).config.vision_config
+        return (vision.image_size // vision.patch_size) ** 2, vision.hidden_size  # one token per patch
+
     def collate(self, processor: Any, images: Sequence[Image.Image | None], captions: Sequence[str], *, max_length: int,
                 prompt: str | None = None) -> dict[str, torch.Tensor]:
-        if any(image is None for image in images):
-            raise ValueError(f"the {self.name} family has no feature cache: every image must be loaded")
         prompt = prompt or self.default_prompt
         tokenizer = processor.tokenizer
         captions = [caption.strip() for caption in captions]
@@ -86,15 +95,21 @@ class PaliGemmaFamily(ModelFamily):
             raise UserError(f"max_length {max_length}: the prompt with its image takes {prefix} tokens, leaving no room for a caption; "
                             "raise --max_length or shorten --prompt")
         # truncation="only_second": a long caption loses its end, never the prefix (the image tokens must all stay).
-        encoded = processor(images=list(images), text=[processor.image_token + prompt] * len(images), suffix=captions, padding="longest",
-                            truncation="only_second", max_length=max_length, return_tensors="pt")
-        batch = {key: encoded[key] for key in ("input_ids", "attention_mask", "token_type_ids", "pixel_values", "labels")}
+        # The text does not depend on the pixels (image_seq_length placeholders per image): an image whose features
+        # are cached (None) is stood in for by a blank one, and its pixel_values are dropped.
+        stand_in = Image.new("RGB", (16, 16))  # not 1x1, whose channel layout numpy-based processors misread
+        encoded = processor(images=[stand_in if image is None else image for image in images], text=[processor.image_token + prompt] * len(images),
+                            suffix=captions, padding="longest", truncation="only_second", max_length=max_length, return_tensors="pt")
+        batch = {key: encoded[key] for key in ("input_ids", "attention_mask", "token_type_ids", "labels")}
+        if rows := [row for row, image in enumerate(images) if image is not None]:
+            batch["pixel_values"] = encoded["pixel_values"][rows]
         batch["labels"] = batch["labels"].masked_fill(batch["attention_mask"] == 0, IGNORE_INDEX)
         _end_truncated_rows(batch, tokenizer.eos_token_id)
         return batch
 
     @torch.no_grad()
-    def generate(self, model: torch.nn.Module, processor: Any, images: Sequence[Image.Image], *, prompt: str | None = None, **generate_kwargs: Any) -> list[str]:
+    def generate(self, model: torch.nn.Module, processor: Any, images: Sequence[Image.Image], *, prompt: str | None = None,
+                 features: torch.Tensor | None = None, **generate_kwargs: Any) -> list[str]:
         tokenizer = processor.tokenizer
         side = tokenizer.padding_side
         tokenizer.padding_side = "left"  # decoder-only: every row's prefix must end where generation starts
@@ -102,6 +117,8 @@ class PaliGemmaFamily(ModelFamily):
             inputs = processor(images=list(images), text=[processor.image_token + (prompt or self.default_prompt)] * len(images), padding="longest", return_tensors="pt")
         finally:
             tokenizer.padding_side = side
+        if features is not None:  # the frozen tower's cached output, taken in place of the pixels
+            inputs["pixel_values"] = self.feature_inputs(features)["pixel_values"]
         dtype, device = model_dtype(model), model_device(model)
         inputs = {k: (v.to(device, dtype) if v.is_floating_point() else v.to(device)) for k, v in inputs.items() if isinstance(v, torch.Tensor)}
         prompt_length = inputs["input_ids"].shape[1]
