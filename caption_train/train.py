@@ -175,7 +175,7 @@ def make_accelerator(cfg: TrainConfig, precision: Precision) -> Any:
 
     reset_accelerator_state()
     cuda = torch.cuda.is_available()
-    return Accelerator(
+    accelerator = Accelerator(
         gradient_accumulation_steps=cfg.gradient_accumulation_steps,
         mixed_precision=precision.mode,
         cpu=not cuda,
@@ -183,6 +183,21 @@ def make_accelerator(cfg: TrainConfig, precision: Precision) -> Any:
         # non_blocking: host-to-GPU copies from pinned memory overlap with compute.
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, non_blocking=cuda),
     )
+    check_fsdp_granted(accelerator)
+    return accelerator
+
+
+def check_fsdp_granted(accelerator: Any) -> None:
+    """An FSDP launch config that accelerate did not honour is an error, not a silent DDP (or single-process) run.
+
+    accelerate 1.x turns FSDP on only for GPU-like devices: on CPU processes it ignores ACCELERATE_USE_FSDP and
+    replicates the whole model on every process, which is not what a user sharding a too-large model asked for.
+    """
+    from accelerate.utils import DistributedType, parse_flag_from_env
+
+    if parse_flag_from_env("ACCELERATE_USE_FSDP") and accelerator.distributed_type != DistributedType.FSDP:
+        raise UserError(f"the launch config asks for FSDP (ACCELERATE_USE_FSDP=true) but accelerate set up {accelerator.distributed_type.value} "
+                        "instead: it shards with FSDP on GPUs only; run on GPUs, or drop the FSDP config (torchrun runs CPU processes data-parallel)")
 
 
 def reset_accelerator_state() -> None:
