@@ -40,7 +40,12 @@ class ModelFamily:
         raise NotImplementedError
 
     def max_text_length(self, model: torch.nn.Module) -> int:
-        """Longest token sequence the text side accepts."""
+        """Longest token sequence the text side accepts: what training caps max_length at."""
+        return self.text_length_limit(unwrap_peft(model).config)
+
+    def text_length_limit(self, config: Any) -> int:
+        """`max_text_length` from the model's config alone, so `lint --model` reports the trainer's limit without
+        loading any weights."""
         raise NotImplementedError
 
     # ---- adapters

@@ -52,8 +52,8 @@ class BlipFamily(ModelFamily):
         processor = BlipProcessor.from_pretrained(name_or_path)
         return model, processor
 
-    def max_text_length(self, model: torch.nn.Module) -> int:
-        return int(unwrap_peft(model).config.text_config.max_position_embeddings)
+    def text_length_limit(self, config: Any) -> int:
+        return int(config.text_config.max_position_embeddings)
 
     def lora_targets(self) -> list[str]:
         # peft ships no defaults for BLIP. The text decoder's self- and cross-attention (query/key/value) only:

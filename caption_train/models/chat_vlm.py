@@ -85,8 +85,7 @@ class ChatVlmFamily(ModelFamily):
         model = AutoModelForImageTextToText.from_pretrained(name_or_path, config=config, **load_kwargs)
         return model, processor
 
-    def max_text_length(self, model: torch.nn.Module) -> int:
-        config = unwrap_peft(model).config
+    def text_length_limit(self, config: Any) -> int:
         text = getattr(config, "text_config", config)
         return int(getattr(text, "max_position_embeddings", None) or getattr(config, "max_position_embeddings"))
 
