@@ -32,6 +32,7 @@ PEFT_MODULES = ("LoRA", "IA3", "none")
 MIXED_PRECISION = ("auto", "no", "fp16", "bf16")
 CACHE_MODES = ("auto", "off", "memory", "disk")
 TRACKERS = ("wandb", "none")
+QUANTIZE_MODES = ("none", "4bit", "8bit")
 
 # Keys accepted in a config file (or on the command line) as other names for a field.
 ALIASES = {"train_dir": "dataset_dir", "learning_rate": "lr"}
@@ -65,6 +66,7 @@ class TrainConfig:
     label_smoothing: float = _field(0.0, "Label smoothing of the caption loss (original BLIP used 0.1).")
     peft_module: str = _field("LoRA", "Adapter to train: LoRA, IA3, or none (full fine-tune).", choices=PEFT_MODULES)
     peft_args: dict = _field({}, "Keyword arguments for the peft config, e.g. {r = 16, lora_alpha = 32, target_modules = ['query', 'value']}.")
+    quantize: str = _field("none", "QLoRA: load the base model quantized with bitsandbytes (CUDA only; pip install bitsandbytes): none, 4bit (NF4, double quantization) or 8bit. Needs an adapter (peft_module LoRA or IA3).", choices=QUANTIZE_MODES)
     gradient_checkpointing: bool = _field(False, "Recompute activations in backward to save memory.")
     freeze_vision_tower: bool = _field(False, "Full fine-tune (peft_module none): keep the vision tower's weights fixed and train the text side only (lets image features be cached).")
     cache_image_features: str = _field("auto", "Compute a frozen vision tower once per image: auto (memory when it fits, else disk; off when the tower trains or images are flipped), off, memory or disk.", choices=CACHE_MODES)
@@ -300,6 +302,7 @@ def _check_ranges(cfg: TrainConfig, skip: set[str] = frozenset()) -> list[str]:
     if cfg.dataset_dir and cfg.cache_dir and _inside(Path(cfg.cache_dir), Path(cfg.dataset_dir)):
         problems.append(f"cache_dir {cfg.cache_dir} is inside dataset_dir {cfg.dataset_dir}: nothing is written into a dataset; put the cache elsewhere")
     need(not cfg.freeze_vision_tower or cfg.peft_module == "none", f"freeze_vision_tower is for full fine-tunes (peft_module none); with {cfg.peft_module}, the vision tower trains only if peft_args.target_modules names its modules")
+    need(cfg.quantize == "none" or cfg.peft_module != "none", f"quantize {cfg.quantize} trains an adapter on quantized base weights, which cannot be trained themselves; with peft_module none (full fine-tune) drop quantize, or pick LoRA/IA3")
     need(cfg.lr is None or cfg.lr > 0, f"lr must be > 0, got {cfg.lr}")
     need(cfg.epochs >= 1, f"epochs must be >= 1, got {cfg.epochs}")
     need(cfg.batch_size >= 1, f"batch_size must be >= 1, got {cfg.batch_size}")

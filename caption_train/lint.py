@@ -708,8 +708,9 @@ def _char_name(text: str) -> str:
 def load_tokenizer(model: str) -> tuple[Any, int | None]:
     """(tokenizer, caption token limit) of MODEL: a run's final/ or epoch-N/, a model folder, or a hub id.
 
-    The limit is the text model's max_position_embeddings (from config.json, or the adapter's base model's when
-    that is a local folder), else the tokenizer's model_max_length.
+    The limit is the one training caps max_length at: the model family's `text_length_limit` of its config (the
+    adapter's base model's for a run folder; e.g. BLIP-2's language-model positions less its query tokens), else,
+    for a model no family takes, the text model's max_position_embeddings; else the tokenizer's model_max_length.
     """
     path = Path(model).expanduser()
     if not path.exists() and (model.startswith((".", "/", "~")) or model.count("/") > 1 or "\\" in model):
@@ -731,9 +732,31 @@ def load_tokenizer(model: str) -> tuple[Any, int | None]:
                 raise UserError(f"--model {model}: could not load its tokenizer ({reason}); pass a run's final/ folder, a model folder or a hub id") from None
     finally:
         hf_logging.set_verbosity(verbosity)
-    limits = [n for n in (_position_limit(path if path.exists() else None, model), getattr(tokenizer, "model_max_length", None))
-              if isinstance(n, int) and 0 < n < 1_000_000]
-    return tokenizer, (min(limits) if limits else None)
+    limit = _training_limit(path if path.exists() else None, model)
+    if limit is None:
+        limits = [n for n in (_position_limit(path if path.exists() else None, model), getattr(tokenizer, "model_max_length", None))
+                  if isinstance(n, int) and 0 < n < 1_000_000]
+        limit = min(limits) if limits else None
+    return tokenizer, limit
+
+
+def _training_limit(folder: Path | None, model: str) -> int | None:
+    """The trainer's caption token limit (`ModelFamily.text_length_limit`), from the model's config without loading
+    weights; None when no family takes the model or its config cannot be found."""
+    from caption_train.models import resolve_family
+
+    source = model
+    if folder is not None and not (folder / "config.json").is_file():  # a run folder: its adapter's base model
+        source = (_read_json(folder / "adapter_config.json") or {}).get("base_model_name_or_path")
+    elif folder is not None:
+        source = str(folder)
+    if not source:
+        return None
+    try:
+        family, config = resolve_family(source)
+        return family.text_length_limit(config)
+    except UserError:
+        return None
 
 
 def _position_limit(folder: Path | None, model: str) -> int | None:

@@ -35,6 +35,7 @@ from caption_train.models import ModelFamily, resolve_family
 from caption_train.models.base import unwrap_peft
 from caption_train.optim import build_optimizer, build_scheduler, current_lr, optimizer_steps_per_epoch
 from caption_train.precision import Precision, enable_fast_gpu_matmul, resolve_precision
+from caption_train.quantize import check_quantize_runnable, describe_quantization, prepare_quantized_for_training, quantization_load_kwargs
 from caption_train.text import plural
 from caption_train.tracking import Tracker, make_tracker, plot_losses
 
@@ -174,7 +175,7 @@ def make_accelerator(cfg: TrainConfig, precision: Precision) -> Any:
 
     reset_accelerator_state()
     cuda = torch.cuda.is_available()
-    return Accelerator(
+    accelerator = Accelerator(
         gradient_accumulation_steps=cfg.gradient_accumulation_steps,
         mixed_precision=precision.mode,
         cpu=not cuda,
@@ -182,6 +183,21 @@ def make_accelerator(cfg: TrainConfig, precision: Precision) -> Any:
         # non_blocking: host-to-GPU copies from pinned memory overlap with compute.
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, non_blocking=cuda),
     )
+    check_fsdp_granted(accelerator)
+    return accelerator
+
+
+def check_fsdp_granted(accelerator: Any) -> None:
+    """An FSDP launch config that accelerate did not honour is an error, not a silent DDP (or single-process) run.
+
+    accelerate 1.x turns FSDP on only for GPU-like devices: on CPU processes it ignores ACCELERATE_USE_FSDP and
+    replicates the whole model on every process, which is not what a user sharding a too-large model asked for.
+    """
+    from accelerate.utils import DistributedType, parse_flag_from_env
+
+    if parse_flag_from_env("ACCELERATE_USE_FSDP") and accelerator.distributed_type != DistributedType.FSDP:
+        raise UserError(f"the launch config asks for FSDP (ACCELERATE_USE_FSDP=true) but accelerate set up {accelerator.distributed_type.value} "
+                        "instead: it shards with FSDP on GPUs only; run on GPUs, or drop the FSDP config (torchrun runs CPU processes data-parallel)")
 
 
 def reset_accelerator_state() -> None:
@@ -271,7 +287,10 @@ def load_model(cfg: TrainConfig, family: ModelFamily, resume_dir: Path | None) -
     """The model to train: fresh adapters on the base model, or the checkpoint's weights when resuming."""
     if resume_dir is not None and cfg.peft_module == "none":
         return family.load(str(resume_dir), cfg.model_config, label_smoothing=cfg.label_smoothing)
-    model, processor = family.load(cfg.model_name_or_path, cfg.model_config, label_smoothing=cfg.label_smoothing)
+    # --quantize reaches from_pretrained through the family like any load kwarg (models/base.pop_load_kwargs).
+    overrides = cfg.model_config | quantization_load_kwargs(cfg.quantize)
+    model, processor = family.load(cfg.model_name_or_path, overrides, label_smoothing=cfg.label_smoothing)
+    model = prepare_quantized_for_training(model)
     if resume_dir is not None:
         return load_adapter_for_training(model, resume_dir), processor
     return wrap_model(model, family, cfg.peft_module, cfg.peft_args), processor
@@ -292,6 +311,7 @@ def setup(cfg: TrainConfig, hooks: TrainingHooks) -> Run:
     from accelerate.utils import set_seed
 
     precision = resolve_precision(cfg.mixed_precision)
+    check_quantize_runnable(cfg.quantize)
     enable_fast_gpu_matmul()
     accelerator = make_accelerator(cfg, precision)
     set_seed(cfg.seed)
@@ -346,6 +366,8 @@ def setup(cfg: TrainConfig, hooks: TrainingHooks) -> Run:
         if (targets := describe_adapters(model)) is not None:
             print(targets, flush=True)
         print(precision.describe(), flush=True)
+        if (quantized := describe_quantization(cfg.quantize)) is not None:
+            print(quantized, flush=True)
         print(plan.message, flush=True)
         if cfg.compile:
             print("compiled: text decoder (torch.compile; the first steps are slow while it compiles)", flush=True)

@@ -270,3 +270,19 @@ def test_review_captions_with_a_blip2_adapter(tmp_path, lora_final):
     model = review_caption_now(data, lora_final, tmp_path / "state")
     assert model["step"] is None and model["text"]
     assert model["text"] == captions_of(lora_final, [data / "part0" / "img_0000.png"])[0]
+
+
+def test_lint_model_reports_the_limit_training_uses(tmp_path, tiny_blip2, loaded):
+    """`lint --model` and the trainer agree: the language model's positions less the Q-Former's query tokens."""
+    from transformers import AutoProcessor
+
+    from caption_train.lint import load_tokenizer
+
+    family, model, _ = loaded
+    trainer_limit = family.max_text_length(model)
+    assert trainer_limit == model.config.text_config.max_position_embeddings - model.config.num_query_tokens == 60
+    assert load_tokenizer(str(tiny_blip2))[1] == trainer_limit
+    final = tmp_path / "final"  # a run folder: the processor and an adapter naming the base model
+    AutoProcessor.from_pretrained(tiny_blip2).save_pretrained(final)
+    (final / "adapter_config.json").write_text(json.dumps({"base_model_name_or_path": str(tiny_blip2)}))
+    assert load_tokenizer(str(final))[1] == trainer_limit

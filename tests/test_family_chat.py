@@ -20,7 +20,7 @@ from caption_train.tiny import make_shapes_dataset
 from caption_train.tracking import read_metrics
 
 from conftest import VOCAB_TEXTS, base_args
-from tiny_families_chat import BUILDERS, END_TOKENS
+from tiny_families_chat import BUILDERS, END_TOKENS, HAS_NUM2WORDS
 
 ARCHS = sorted(BUILDERS)
 CAPTIONS = ["a red circle", "a very long caption about a blue square on a yellow background", "a"]
@@ -287,3 +287,17 @@ def test_the_page_captions_with_the_runs_prompt(tmp_path, loaded):
     (image_id,) = workspace.entries
     caption_images(workspace, model, processor, family, [image_id], step=3, prompt=prompt)
     assert workspace.model_captions[image_id].text == with_prompt
+
+
+@pytest.mark.skipif(HAS_NUM2WORDS, reason="checks the message of a machine without num2words")
+def test_smolvlm2_without_num2words_says_what_to_install(capsys, tmp_path):
+    from tiny_families_chat import build_tiny_smolvlm2
+
+    model = build_tiny_smolvlm2(tmp_path / "smolvlm2", VOCAB_TEXTS)
+    dataset = tmp_path / "data"
+    make_shapes_dataset(dataset, 2, seed=1, size=32)
+    out = tmp_path / "runs"
+    assert main(["train", *base_args(dataset, model, out)]) == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        f"error: model {model}: its processor needs the num2words package, which is not installed: pip install num2words")
+    assert not out.exists()

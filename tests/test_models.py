@@ -107,17 +107,32 @@ def test_label_smoothing_changes_loss(tiny_blip):
         assert not torch.allclose(plain.eval()(**batch).loss, smooth.eval()(**batch).loss)
 
 
-@pytest.mark.parametrize("module, vision_trains", [("LoRA", False), ("IA3", True)])
-def test_adapters_default_targets(tiny_blip, module, vision_trains):
-    """LoRA adapts the text decoder only by default (README, "Default adapter targets"), which keeps the vision
-    tower frozen and its features cacheable; IA3 also rescales the vision tower."""
+@pytest.mark.parametrize("module", ["LoRA", "IA3"])
+def test_adapters_default_targets(tiny_blip, module):
+    """LoRA and IA3 adapt the text decoder only by default (README, "Default adapter targets"), which keeps the
+    vision tower frozen and its features cacheable."""
     family = BlipFamily()
     model, _ = family.load(str(tiny_blip), {})
     wrapped = wrap_model(model, family, module, {})
     trainable = [name for name, p in wrapped.named_parameters() if p.requires_grad]
     assert any("text_decoder" in n for n in trainable)
-    assert any("vision_model" in n for n in trainable) == vision_trains
+    assert not any("vision_model" in n for n in trainable)
     assert all(("lora_" in n) or ("ia3_" in n) for n in trainable)
+
+
+def test_ia3_defaults_rescale_text_keys_values_and_feed_forward(tiny_blip):
+    from peft.tuners.ia3 import IA3Layer
+
+    family = BlipFamily()
+    model, _ = family.load(str(tiny_blip), {})
+    wrapped = wrap_model(model, family, "IA3", {})
+    layers = {name.split("text_decoder.", 1)[1]: module for name, module in wrapped.named_modules() if isinstance(module, IA3Layer)}
+    # per decoder layer: self- and cross-attention key and value, and the feed-forward down projection
+    layers_per_block = {name.split(".layer.", 1)[1].split(".", 1)[1] for name in layers}
+    assert layers_per_block == {"attention.self.key", "attention.self.value", "crossattention.self.key",
+                                "crossattention.self.value", "output.dense"}
+    feedforward = {name for name, module in layers.items() if module.is_feedforward}
+    assert feedforward and all(name.endswith(".output.dense") and ".attention." not in name for name in feedforward)
 
 
 def test_ia3_feedforward_is_subset_of_targets(tiny_blip):

@@ -373,3 +373,12 @@ def test_loader_goes_in_process_once_every_image_is_cached(tiny_blip, pictures):
     cache.memory[str(pictures[-1])] = torch.zeros(1)
     skip_cached_images(run, loader)
     assert epoch(loader) == ({False}, [True] * len(pictures))  # nothing to decode: in-process
+
+
+def test_ia3_defaults_keep_the_feature_cache_on(capsys, tmp_path, tiny_blip, shapes_dir):
+    """IA3's default targets are on the text side, like LoRA's: the start-up line says the features are cached."""
+    args = base_args(shapes_dir, tiny_blip, tmp_path / "runs", "--peft_module", "IA3", "--num_sample_captions", "0", "--save_every_n_epochs", "0")
+    assert main(["train", *args]) == 0
+    out = capsys.readouterr().out
+    assert "image features: vision tower frozen, no flips, fits in memory" in out and "caching in memory (24 x" in out
+    assert "adapter targets: " in out and "qkv" not in out and "fc2" not in out

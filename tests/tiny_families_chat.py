@@ -10,7 +10,9 @@ and saves a random-weight model and its processor with save_pretrained, so the r
 
 from __future__ import annotations
 
+import importlib.util
 import itertools
+import json
 from pathlib import Path
 from typing import Iterable
 
@@ -239,7 +241,21 @@ def build_tiny_gemma3(out_dir, texts: Iterable[str], *, hidden_size: int = 64, n
     return _save(Path(out_dir), model, processor)
 
 
+def build_tiny_smolvlm2(out_dir, texts: Iterable[str], **kwargs) -> Path:
+    """A SmolVLM2 (`smolvlm` model type: the Idefics3 architecture under its own name, whose processor needs
+    num2words). Its processor cannot be built here to save it (that also needs torchvision's video processor), so
+    this is the tiny Idefics3 with config.json naming `smolvlm`: loading builds SmolVLMProcessor from the files."""
+    out_dir = build_tiny_idefics3(out_dir, texts, **kwargs)
+    config = json.loads((out_dir / "config.json").read_text(encoding="utf-8"))
+    config["model_type"] = "smolvlm"
+    config["architectures"] = ["SmolVLMForConditionalGeneration"]
+    (out_dir / "config.json").write_text(json.dumps(config, indent=2), encoding="utf-8")
+    return out_dir
+
+
+HAS_NUM2WORDS = importlib.util.find_spec("num2words") is not None
 BUILDERS = {"qwen2_vl": build_tiny_qwen2_vl, "qwen2_5_vl": build_tiny_qwen2_5_vl, "idefics3": build_tiny_idefics3, "llava": build_tiny_llava,
-            "gemma3": build_tiny_gemma3}
+            "gemma3": build_tiny_gemma3} | ({"smolvlm": build_tiny_smolvlm2} if HAS_NUM2WORDS else {})
 # The token each template writes after the answer: the end-of-turn token training teaches and generation stops on.
-END_TOKENS = {"qwen2_vl": "<|im_end|>", "qwen2_5_vl": "<|im_end|>", "idefics3": "<end_of_utterance>", "llava": "</s>", "gemma3": "<end_of_turn>"}
+END_TOKENS = {"qwen2_vl": "<|im_end|>", "qwen2_5_vl": "<|im_end|>", "idefics3": "<end_of_utterance>", "llava": "</s>", "gemma3": "<end_of_turn>",
+              "smolvlm": "<end_of_utterance>"}

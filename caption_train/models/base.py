@@ -40,7 +40,12 @@ class ModelFamily:
         raise NotImplementedError
 
     def max_text_length(self, model: torch.nn.Module) -> int:
-        """Longest token sequence the text side accepts."""
+        """Longest token sequence the text side accepts: what training caps max_length at."""
+        return self.text_length_limit(unwrap_peft(model).config)
+
+    def text_length_limit(self, config: Any) -> int:
+        """`max_text_length` from the model's config alone, so `lint --model` reports the trainer's limit without
+        loading any weights."""
         raise NotImplementedError
 
     # ---- adapters
@@ -215,7 +220,8 @@ def apply_config_overrides(config: Any, overrides: dict[str, Any], sub_configs: 
 
 
 def pop_load_kwargs(overrides: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
-    """Split `model_config` into from_pretrained kwargs (dtype, attn_implementation) and config overrides."""
+    """Split `model_config` into from_pretrained kwargs (dtype, attn_implementation, quantization_config) and
+    config overrides. The trainer adds quantization_config for --quantize (quantize.py)."""
     overrides = dict(overrides)
     kwargs: dict[str, Any] = {"dtype": torch.float32}
     dtype = overrides.pop("dtype", overrides.pop("torch_dtype", None))
@@ -225,6 +231,8 @@ def pop_load_kwargs(overrides: dict[str, Any]) -> tuple[dict[str, Any], dict[str
         kwargs["dtype"] = getattr(torch, dtype)
     if "attn_implementation" in overrides:
         kwargs["attn_implementation"] = overrides.pop("attn_implementation")
+    if "quantization_config" in overrides:
+        kwargs["quantization_config"] = overrides.pop("quantization_config")
     return kwargs, overrides
 
 

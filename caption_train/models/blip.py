@@ -53,8 +53,8 @@ class BlipFamily(ModelFamily):
         processor = BlipProcessor.from_pretrained(name_or_path)
         return model, processor
 
-    def max_text_length(self, model: torch.nn.Module) -> int:
-        return int(unwrap_peft(model).config.text_config.max_position_embeddings)
+    def text_length_limit(self, config: Any) -> int:
+        return int(config.text_config.max_position_embeddings)
 
     def lora_targets(self) -> list[str]:
         # peft ships no defaults for BLIP. The text decoder's self- and cross-attention (query/key/value) only:
@@ -63,10 +63,12 @@ class BlipFamily(ModelFamily):
         return ["query", "key", "value"]
 
     def ia3_targets(self) -> tuple[str, str]:
-        # IA3 rescales keys/values and the input of each feed-forward down projection. In the BERT-style text
+        # IA3 rescales keys/values and the input of each feed-forward down projection, of the text decoder only
+        # (like the LoRA default): the vision tower stays frozen, so its features can be cached. In the BERT-style
         # decoder the FF down projection is `layer.N.output.dense` (not `attention.output.dense`), hence regexes.
-        targets = r".*\.(key|value|qkv|fc2)$|.*\.layer\.\d+\.output\.dense$"
-        feedforward = r".*\.fc2$|.*\.layer\.\d+\.output\.dense$"
+        # Add the tower's `qkv`/`fc2` through peft_args to rescale it too.
+        feedforward = r"text_decoder\..*\.layer\.\d+\.output\.dense"
+        targets = rf"text_decoder\..*\.(key|value)|{feedforward}"
         return targets, feedforward
 
     def vision_tower(self, model: torch.nn.Module) -> torch.nn.Module:

@@ -68,9 +68,8 @@ class Blip2Family(ModelFamily):
             use_label_smoothing(model, label_smoothing, config.text_config.vocab_size)
         return model, processor
 
-    def max_text_length(self, model: torch.nn.Module) -> int:
+    def text_length_limit(self, config: Any) -> int:
         # The query tokens take positions of the language model too.
-        config = unwrap_peft(model).config
         return int(config.text_config.max_position_embeddings) - int(config.num_query_tokens)
 
     def lora_targets(self) -> str:

@@ -14,6 +14,7 @@ are targets. Everything else (template, prompt, image tokens, padding) is -100.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import Any, Sequence
 
@@ -89,8 +90,7 @@ class ChatVlmFamily(ModelFamily):
         model = AutoModelForImageTextToText.from_pretrained(name_or_path, config=config, **load_kwargs)
         return model, processor
 
-    def max_text_length(self, model: torch.nn.Module) -> int:
-        config = unwrap_peft(model).config
+    def text_length_limit(self, config: Any) -> int:
         text = getattr(config, "text_config", config)
         return int(getattr(text, "max_position_embeddings", None) or getattr(config, "max_position_embeddings"))
 
@@ -211,13 +211,25 @@ def load_processor(name_or_path: str, model_type: str, kwargs: dict[str, Any]) -
         cls = image_only_processor_class(cls)
     try:
         processor = cls.from_pretrained(name_or_path, **kwargs)
-    except (OSError, ValueError, TypeError, ImportError) as err:  # ImportError: e.g. SmolVLM's processor needs num2words
+    except ImportError as err:  # e.g. SmolVLM(2)'s processor needs num2words
+        raise UserError(missing_package_message(name_or_path, err)) from None
+    except (OSError, ValueError, TypeError) as err:
         reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise UserError(f"model {name_or_path}: could not load its processor ({reason}); the processor files must be saved beside the model") from None
     if not getattr(processor, "chat_template", None) or not hasattr(processor, "tokenizer"):
         raise UserError(f"model {name_or_path}: its processor has no chat template (chat_template.jinja); the {ChatVlmFamily.name} family "
                         "places the prompt and caption with it: add the model's template, or use a model that ships one")
     return processor
+
+
+def missing_package_message(name_or_path: str, err: ImportError) -> str:
+    """One line naming the package a processor could not import and the pip command that installs it."""
+    text = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    match = re.search(r"pip install (?:-U )?[`'\"]?([A-Za-z0-9_.\-]+)", text) or re.search(r"`([A-Za-z0-9_.\-]+)`", text)
+    package = err.name.split(".")[0] if err.name else (match.group(1) if match else None)
+    if package is None:
+        return f"model {name_or_path}: its processor needs a package that is not installed ({text})"
+    return f"model {name_or_path}: its processor needs the {package} package, which is not installed: pip install {package}"
 
 
 def image_only_processor_class(cls: type) -> type:
@@ -228,12 +240,27 @@ def image_only_processor_class(cls: type) -> type:
     def get_attributes(klass: type) -> list[str]:
         return [name for name in cls.get_attributes() if name != "video_processor"]
 
-    image_only = type(cls.__name__, (cls,), {"get_attributes": classmethod(get_attributes), "__module__": cls.__module__})
+    def from_args_and_dict(klass: type, args: Any, processor_dict: dict, **kwargs: Any) -> Any:
+        # SmolVLM's processor requires a video_processor argument: None (no videos). Given here, not by wrapping
+        # __init__, because transformers reads the accepted keyword names off __init__'s own code.
+        kwargs.setdefault("video_processor", None)
+        return cls.from_args_and_dict.__func__(klass, args, processor_dict, **kwargs)
+
+    image_only = type(cls.__name__, (cls,), {"get_attributes": classmethod(get_attributes), "from_args_and_dict": classmethod(from_args_and_dict),
+                                             "video_processor": _NoVideos(), "__module__": cls.__module__})
     _IMAGE_ONLY[cls] = image_only
     return image_only
 
 
 _IMAGE_ONLY: dict[type, type] = {}
+
+
+class _NoVideos:
+    """The video processor of an image-only processor: SmolVLM's apply_chat_template reads its frame defaults
+    (num_frames, fps) on every call, videos or not."""
+
+    num_frames = None
+    fps = None
 
 
 def _per_token_keys(encoded: Any) -> list[str]:

@@ -65,8 +65,8 @@ class Florence2Family(ModelFamily):
             use_label_smoothing(model, label_smoothing, config.text_config.vocab_size)
         return model, processor
 
-    def max_text_length(self, model: torch.nn.Module) -> int:
-        return int(unwrap_peft(model).config.text_config.max_position_embeddings)
+    def text_length_limit(self, config: Any) -> int:
+        return int(config.text_config.max_position_embeddings)
 
     def lora_targets(self) -> str:
         return _LORA_TARGETS

@@ -63,9 +63,9 @@ class GitFamily(ModelFamily):
             raise UserError(f"model {name_or_path}: its tokenizer does not start texts with [CLS] (GIT's start token); save the BERT-style tokenizer that belongs to this model beside it")
         return model, processor
 
-    def max_text_length(self, model: torch.nn.Module) -> int:
+    def text_length_limit(self, config: Any) -> int:
         # Only text tokens take position embeddings; the image tokens in front of them do not count.
-        return int(unwrap_peft(model).config.max_position_embeddings)
+        return int(config.max_position_embeddings)
 
     def lora_targets(self) -> str:
         # Attention (query/key/value/output) and MLP (intermediate/output) of the text decoder; vision tower frozen.

@@ -58,8 +58,8 @@ class PaliGemmaFamily(ModelFamily):
         model = PaliGemmaForConditionalGeneration.from_pretrained(name_or_path, config=config, **load_kwargs)
         return model, processor
 
-    def max_text_length(self, model: torch.nn.Module) -> int:
-        return int(unwrap_peft(model).config.text_config.max_position_embeddings)
+    def text_length_limit(self, config: Any) -> int:
+        return int(config.text_config.max_position_embeddings)
 
     def lora_targets(self) -> str:
         return LORA_TARGETS  # Gemma's attention and MLP projections; SigLIP's q/k/v (vision tower) stay frozen
