@@ -125,9 +125,14 @@ def _fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
-def finish_checkpoint(tmp: Path, target: Path, model: torch.nn.Module, processor: Any, config: dict[str, Any], state: dict[str, Any]) -> Path:
-    """Fill the temp folder, flush it to disk, and rename it into place: a crash leaves the old state or the new one."""
-    model.save_pretrained(tmp)
+def finish_checkpoint(tmp: Path, target: Path, model: torch.nn.Module, processor: Any, config: dict[str, Any], state: dict[str, Any],
+                      *, weights: dict[str, torch.Tensor] | None = None) -> Path:
+    """Fill the temp folder, flush it to disk, and rename it into place: a crash leaves the old state or the new one.
+    `weights`: the model's full state dict where the model itself holds only a shard (FSDP)."""
+    if weights is None:
+        model.save_pretrained(tmp)
+    else:
+        model.save_pretrained(tmp, state_dict=weights)
     processor.save_pretrained(tmp)
     write_config(tmp / CONFIG_NAME, config)
     torch.save(state, tmp / STATE_NAME)

@@ -200,6 +200,24 @@ def check_fsdp_granted(accelerator: Any) -> None:
                         "instead: it shards with FSDP on GPUs only; run on GPUs, or drop the FSDP config (torchrun runs CPU processes data-parallel)")
 
 
+def is_sharded(accelerator: Any) -> bool:
+    """FSDP: each process holds a shard of the weights, so whole-model work needs every process."""
+    from accelerate.utils import DistributedType
+
+    return accelerator.distributed_type == DistributedType.FSDP
+
+
+def fsdp_limits(cfg: TrainConfig) -> None:
+    """What the trainer does not do under FSDP yet, refused in one line rather than run wrong. (Written from
+    accelerate's and torch's documented APIs; no FSDP run was possible where this was built: see the README.)"""
+    if cfg.resume:
+        raise UserError("--resume under FSDP is not supported yet (its checkpoints hold no optimizer state); "
+                        "start a new run with --model_name_or_path set to a checkpoint's folder")
+    if cfg.cache_image_features in ("memory", "disk"):
+        raise UserError(f"--cache_image_features {cfg.cache_image_features} under FSDP: the vision tower is sharded, "
+                        "so it cannot run outside the model's forward; use auto or off")
+
+
 def reset_accelerator_state() -> None:
     """Let a second `train()` in the same process choose other settings (tests, notebooks, the demo).
 
@@ -321,6 +339,9 @@ def setup(cfg: TrainConfig, hooks: TrainingHooks) -> Run:
 
         hf_logging.disable_progress_bar()  # one "Loading weights" bar per run, not one per process
 
+    sharded = is_sharded(accelerator)
+    if sharded:
+        fsdp_limits(cfg)
     # ---- what to resume (checked before anything heavy is loaded)
     resume_dir = resume.resolve_resume(cfg)
     state: dict[str, Any] = {}
@@ -358,9 +379,11 @@ def setup(cfg: TrainConfig, hooks: TrainingHooks) -> Run:
     if cfg.compile:
         family.text_model(model).compile()  # in place: parameter names and checkpoints stay as they are
     trainable, total = count_parameters(model)
-    plan = plan_feature_cache(requested=cfg.cache_image_features, family=family, model=model, processor=processor,
+    plan = plan_feature_cache(requested="off" if sharded else cfg.cache_image_features, family=family, model=model, processor=processor,
                               n_images=len(train_samples) + len(val_samples), random_flip=cfg.random_flip,
                               mixed_precision=precision.mode, cache_dir=cfg.cache_dir, dataset_dir=cfg.dataset_dir)
+    if sharded:
+        plan.message = "image features: computed every step (FSDP shards the vision tower)"
     if main:
         print(f"model {cfg.model_name_or_path} ({family.name}), {cfg.peft_module}: {trainable:,} of {total:,} parameters trainable ({100 * trainable / total:.2f}%)", flush=True)
         if (targets := describe_adapters(model)) is not None:
@@ -413,7 +436,8 @@ def setup(cfg: TrainConfig, hooks: TrainingHooks) -> Run:
     run = Run(
         cfg=cfg, accelerator=accelerator, family=family, model=model, processor=processor, optimizer=optimizer,
         scheduler=scheduler, train_dataset=train_dataset, train_loader=train_loader, val_loader=val_loader,
-        sample_items=pick_sample_items(train_samples, val_samples, cfg.num_sample_captions), val_samples=val_samples,
+        # Under FSDP the main process alone cannot generate with a sharded model: no probe panel.
+        sample_items=[] if sharded else pick_sample_items(train_samples, val_samples, cfg.num_sample_captions), val_samples=val_samples,
         steps_per_epoch=steps_per_epoch, total_steps=total_steps, run_dir=run_dir, tracker=tracker, hooks=hooks,
         resumed_from=resume_dir, features=plan.build(),
     )
@@ -590,10 +614,13 @@ def _save(run: Run, name: str, *, epoch: int, batches_done: int | None) -> Path:
     accelerator.wait_for_everyone()
     tmp = checkpoint.temp_dir_for(target)
     checkpoint.write_rng_state(tmp, accelerator.process_index)
+    # Under FSDP every process joins in gathering the full weights (the main process gets them); the optimizer
+    # state is sharded too and is not saved, so such a checkpoint is for weights, not for --resume.
+    weights = accelerator.get_state_dict(run.model) if is_sharded(accelerator) else None
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         state = {
-            "optimizer": run.optimizer.state_dict(),
+            "optimizer": None if weights is not None else run.optimizer.state_dict(),
             "scheduler": run.scheduler.state_dict(),  # for inspection; resume rebuilds and fast-forwards it
             "global_step": run.global_step,
             "epoch": epoch,
@@ -602,7 +629,7 @@ def _save(run: Run, name: str, *, epoch: int, batches_done: int | None) -> Path:
             "metrics_rows": count_lines(run.run_dir / "metrics.jsonl"),
             "num_processes": accelerator.num_processes,
         }
-        checkpoint.finish_checkpoint(tmp, target, accelerator.unwrap_model(run.model), run.processor, to_toml_dict(run.cfg), state)
+        checkpoint.finish_checkpoint(tmp, target, accelerator.unwrap_model(run.model), run.processor, to_toml_dict(run.cfg), state, weights=weights)
         if name.startswith("step-") and run.cfg.save_total_limit:
             checkpoint.prune_step_checkpoints(run.run_dir, run.cfg.save_total_limit)
     accelerator.wait_for_everyone()

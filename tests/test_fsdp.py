@@ -54,3 +54,38 @@ def test_accelerate_launch_with_the_fsdp_config_on_cpu_processes_is_refused(tmp_
     assert result.returncode != 0
     assert result.stderr.count(REFUSAL) == 2, result.stderr[-3000:]
     assert not out.exists()
+
+
+def test_what_fsdp_does_not_do_yet_is_refused_in_one_line():
+    from caption_train.config import load_train_config
+    from caption_train.errors import UserError
+    from caption_train.train import fsdp_limits
+
+    fsdp_limits(load_train_config(["--dataset_dir", "d"]))  # the defaults are fine (auto cache: off under FSDP)
+    with pytest.raises(UserError, match="--resume under FSDP is not supported yet"):
+        fsdp_limits(load_train_config(["--dataset_dir", "d", "--resume", "auto"]))
+    with pytest.raises(UserError, match="--cache_image_features memory under FSDP"):
+        fsdp_limits(load_train_config(["--dataset_dir", "d", "--cache_image_features", "memory"]))
+
+
+@pytest.mark.parametrize("adapter", ["LoRA", "none"])
+def test_a_checkpoint_writes_the_gathered_weights_it_is_given(tmp_path, tiny_blip, adapter):
+    """Under FSDP the model holds a shard and the trainer passes the gathered full state dict: that, not the
+    model's own tensors, is what the checkpoint must hold (adapter weights only, for LoRA)."""
+    import torch
+    from safetensors.torch import load_file
+
+    from caption_train import checkpoint
+    from caption_train.adapters import wrap_model
+    from caption_train.models.blip import BlipFamily
+
+    family = BlipFamily()
+    model, processor = family.load(str(tiny_blip), {})
+    model = wrap_model(model, family, adapter, {})
+    gathered = {name: torch.full_like(tensor, 0.25) for name, tensor in model.state_dict().items()}
+    target = tmp_path / "step-1"
+    checkpoint.begin_checkpoint(target)
+    checkpoint.finish_checkpoint(checkpoint.temp_dir_for(target), target, model, processor, {}, {"global_step": 1}, weights=gathered)
+    saved = load_file(target / ("adapter_model.safetensors" if adapter == "LoRA" else "model.safetensors"))
+    assert saved and all(torch.all(tensor == 0.25) for tensor in saved.values())
+    assert all("lora_" in name for name in saved) if adapter == "LoRA" else len(saved) > 50
