@@ -124,6 +124,7 @@ class Run:
     hooks: TrainingHooks
     resumed_from: Path | None = None
     features: FeatureCache | None = None  # image features of a frozen vision tower, computed once
+    sample_new_tokens: int | None = None  # how long a probe caption may get (None: the family's default)
     timings: "Timings" = field(default_factory=lambda: Timings())
     # ---- position, saved in every checkpoint
     global_step: int = 0
@@ -292,6 +293,19 @@ def enable_gradient_checkpointing(model: torch.nn.Module) -> None:
         base.disable_input_require_grads()
 
 
+PROBE_MIN_NEW_TOKENS = 8
+
+
+def probe_new_tokens(caption_tokens: list[int] | None) -> int | None:
+    """How many tokens a probe caption may take: the longest training caption's (as the start-up summary
+    tokenized them, special tokens included) and a quarter more. A model that has not learned to stop yet costs no
+    more than a caption per probe image, and long captions are not cut at a fixed length. None without counts."""
+    if not caption_tokens:
+        return None
+    longest = max(caption_tokens)
+    return max(PROBE_MIN_NEW_TOKENS, longest + (longest + 3) // 4)
+
+
 def pick_sample_items(train: list[Sample], val: list[Sample], count: int) -> list[Sample]:
     """The fixed probe images captioned every epoch: validation images when there are any."""
     return (val or train)[:count]
@@ -439,7 +453,7 @@ def setup(cfg: TrainConfig, hooks: TrainingHooks) -> Run:
         # Under FSDP the main process alone cannot generate with a sharded model: no probe panel.
         sample_items=[] if sharded else pick_sample_items(train_samples, val_samples, cfg.num_sample_captions), val_samples=val_samples,
         steps_per_epoch=steps_per_epoch, total_steps=total_steps, run_dir=run_dir, tracker=tracker, hooks=hooks,
-        resumed_from=resume_dir, features=plan.build(),
+        resumed_from=resume_dir, features=plan.build(), sample_new_tokens=probe_new_tokens(report.tokens) if main else None,
     )
     if state:
         run.global_step, run.epoch, run.batches_done = state["global_step"], state["epoch"], state["batches_done"]
@@ -588,7 +602,7 @@ def sample_captions(run: Run) -> list[dict[str, Any]]:
     features = probe_features(run, model, [str(sample.image_path) for sample, _ in items])
     with run.accelerator.autocast():
         predictions = run.family.generate(model, run.processor, [image for _, image in items], prompt=run.cfg.prompt,
-                                          **({} if features is None else {"features": features}))
+                                          max_new_tokens=run.sample_new_tokens, **({} if features is None else {"features": features}))
     model.train()
     return [{"image": str(sample.image_path), "truth": sample.caption, "prediction": prediction} for (sample, _), prediction in zip(items, predictions)]
 

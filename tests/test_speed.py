@@ -382,3 +382,27 @@ def test_ia3_defaults_keep_the_feature_cache_on(capsys, tmp_path, tiny_blip, sha
     out = capsys.readouterr().out
     assert "image features: vision tower frozen, no flips, fits in memory" in out and "caching in memory (24 x" in out
     assert "adapter targets: " in out and "qkv" not in out and "fc2" not in out
+
+
+def test_probe_captions_are_as_long_as_the_longest_training_caption_allows(capsys, tmp_path, tiny_blip, shapes_dir):
+    """The probe panel lets the model write the longest training caption's tokens and a quarter more (at least 8),
+    not a fixed 40: an untrained model that does not stop yet costs a caption's worth of decoding per image."""
+    import json
+
+    from caption_train.inference import load_for_inference
+    from caption_train.train import probe_new_tokens
+
+    assert probe_new_tokens(None) is None and probe_new_tokens([3, 5]) == 8 and probe_new_tokens([12, 40]) == 50
+    args = base_args(shapes_dir, tiny_blip, tmp_path / "runs", "--epochs", "1", "--num_sample_captions", "4",
+                     "--save_every_n_epochs", "0", "--mixed_precision", "no")
+    assert main(["train", *args]) == 0
+    (jsonl,) = (tmp_path / "runs").glob("*/samples.jsonl")
+    rows = [json.loads(line) for line in jsonl.read_text().splitlines()]
+    # The probe ran with the final weights (one epoch, nothing after it): caption its images again, both ways.
+    (final,) = (tmp_path / "runs").glob("*/final")
+    model, processor, family = load_for_inference(final)
+    captions = [path.read_text().strip() for path in shapes_dir.rglob("*.txt")]
+    limit = probe_new_tokens([len(ids) for ids in processor.tokenizer(captions)["input_ids"]])
+    images = [load_rgb(row["image"]) for row in rows]
+    assert [row["prediction"] for row in rows] == family.generate(model, processor, images, max_new_tokens=limit)
+    assert [row["prediction"] for row in rows] != family.generate(model, processor, images)  # 40: this model does not stop
