@@ -196,8 +196,8 @@ def step_flops(model_dir: Path, data_dir: Path) -> tuple[float, float]:
     return float(vision.get_total_flops()), float(text.get_total_flops())
 
 
-def vision_attention_seconds(model_dir: Path, data_dir: Path) -> dict[str, float]:
-    """Seconds for one batch through the vision tower, eager vs SDPA attention, fp32 and bf16 autocast."""
+def vision_attention_seconds(model_dir: Path, data_dir: Path, bf16: bool) -> dict[str, float]:
+    """Seconds for one batch through the vision tower, eager vs SDPA attention, fp32 and (where native) bf16 autocast."""
     from caption_train.data.images import load_rgb
     from caption_train.models.blip import BlipFamily
 
@@ -207,7 +207,7 @@ def vision_attention_seconds(model_dir: Path, data_dir: Path) -> dict[str, float
     for attention in ("eager", "sdpa"):
         model, processor = family.load(str(model_dir), {"attn_implementation": attention})
         pixels = family.pixel_inputs(processor, [load_rgb(p) for p in paths])["pixel_values"]
-        for name, dtype in (("fp32", None), ("bf16", torch.bfloat16)):
+        for name, dtype in (("fp32", None), ("bf16", torch.bfloat16))[: 2 if bf16 else 1]:
             with torch.inference_mode(), torch.autocast("cpu", dtype=dtype or torch.float32, enabled=dtype is not None):
                 model.vision_model(pixel_values=pixels)
                 times = []
@@ -258,10 +258,14 @@ def main() -> None:
     std = standard(model_dir, data_dir, env)
     four = ours(model_dir, data_dir, workdir / "runs", 4, env)
 
-    fp32_peak, bf16_peak = matmul_peak(torch.float32), matmul_peak(torch.bfloat16)
+    from caption_train.precision import resolve_precision
+
+    native_bf16 = resolve_precision("auto").mode == "bf16"  # else bf16 is emulated here: slow, and not what training uses
+    fp32_peak = matmul_peak(torch.float32)
+    bf16_peak = matmul_peak(torch.bfloat16) if native_bf16 else float("nan")
     vision_flops, text_flops = step_flops(model_dir, data_dir)
     steps = IMAGES // BATCH
-    attention = vision_attention_seconds(model_dir, data_dir)
+    attention = vision_attention_seconds(model_dir, data_dir, native_bf16)
     dynamic_pad, max_pad = padding_fractions(model_dir, data_dir)
 
     print(f"\nBLIP-base architecture, {IMAGES} images, batch {BATCH}, LoRA r16 query/value, AdamW; one process at a time on this machine")
@@ -276,15 +280,16 @@ def main() -> None:
     print(f"each epoch after the first: {extra_epoch:.1f} s = {extra_epoch / one['seconds']:.0%} of a whole 1-epoch run (target <= 25%)")
     print(f"\npadding: {max_pad:.1%} of label positions are pads when padded to max_length (standard recipe, trained on); "
           f"{dynamic_pad:.1%} padded per batch (caption-train, masked)")
-    print(f"matmul peak on this machine: fp32 {fp32_peak:.0f} GFLOP/s, bf16 {bf16_peak:.0f} GFLOP/s")
+    print(f"matmul peak on this machine: fp32 {fp32_peak:.0f} GFLOP/s, " + (f"bf16 {bf16_peak:.0f} GFLOP/s" if native_bf16 else "bf16 not native here (not measured)"))
     print(f"FLOPs per batch of {BATCH}: vision forward {vision_flops / 1e9:.0f} G, text forward+backward {text_flops / 1e9:.0f} G (standard recipe's text side is padded to 512: more)")
     epoch1_flops = steps * (vision_flops + text_flops)
     training1 = float(re.search(r"training ([\d.]+) s", one["breakdown"]).group(1))
-    print(f"caption-train epoch 1: {epoch1_flops / training1 / 1e9:.0f} GFLOP/s achieved in training "
-          f"({epoch1_flops / training1 / 1e9 / bf16_peak:.0%} of the bf16 peak, {epoch1_flops / training1 / 1e9 / fp32_peak:.0%} of fp32)")
+    achieved = epoch1_flops / training1 / 1e9
+    print(f"caption-train epoch 1: {achieved:.0f} GFLOP/s achieved in training ("
+          + (f"{achieved / bf16_peak:.0%} of the bf16 peak, " if native_bf16 else "") + f"{achieved / fp32_peak:.0%} of the fp32 peak)")
     print(f"standard recipe: {steps * vision_flops / std['seconds'] / 1e9:.0f} GFLOP/s of vision work alone over the whole process (fp32 peak {fp32_peak:.0f})")
-    print("vision tower forward, batch of 4: " + ", ".join(f"{k} {v:.2f} s" for k, v in attention.items())
-          + f"; SDPA speed-up fp32 {attention['eager fp32'] / attention['sdpa fp32']:.2f}x, bf16 {attention['eager bf16'] / attention['sdpa bf16']:.2f}x")
+    print("vision tower forward, batch of 4: " + ", ".join(f"{k} {v:.2f} s" for k, v in attention.items()) + "; SDPA speed-up "
+          + ", ".join(f"{name} {attention[f'eager {name}'] / attention[f'sdpa {name}']:.2f}x" for name in ("fp32", "bf16") if f"eager {name}" in attention))
     if torch.cuda.is_available():
         print("(a GPU is present: see benchmarks/gpu_mfu.py for TFLOP/s and MFU on it)")
     print("one run each, alternating ours / standard / ours; timing on a shared 2-core machine varies by ~10%")
