@@ -104,7 +104,12 @@ def plan_feature_cache(*, requested: str, family: Any, model: torch.nn.Module, p
         return CachePlan("off", f"image features: computed every step, not cached: {' and '.join(conflicts)}")
 
     dtype = storage_dtype(mixed_precision)
-    shape = family.image_feature_shape(model, processor)
+    try:
+        shape = family.image_feature_shape(model, processor)
+    except UserError as err:  # e.g. a processor whose images have no fixed size: no fixed feature shape either
+        if requested != "auto":
+            raise
+        return CachePlan("off", f"image features: computed every step, not cached: {err}")
     per_image = dtype.itemsize * int(torch.Size(shape).numel())
     total = per_image * n_images
     budget = int(physical_memory() * MEMORY_SHARE)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -216,6 +217,22 @@ def test_train_caches_image_features(tmp_path, tiny_florence, eight_shapes, caps
     dataset = eight_shapes[0][0].parents[1]
     train(tmp_path, tiny_florence, dataset, "--epochs", "3", "--cache_image_features", "memory")
     assert_trains_with_cached_features(capsys.readouterr().out, 8, 3)
+
+
+def test_a_processor_without_a_fixed_size_trains_uncached_under_auto(tmp_path, tiny_florence, eight_shapes, capsys):
+    """No fixed image size, no fixed feature-map size: auto computes the tower every step and says why; asking for
+    the cache is one line."""
+    from transformers import AutoProcessor
+
+    model_dir = Path(shutil.copytree(tiny_florence, tmp_path / "model"))
+    processor = AutoProcessor.from_pretrained(model_dir)
+    processor.image_processor.size = {"shortest_edge": 32}
+    processor.save_pretrained(model_dir)
+    dataset = eight_shapes[0][0].parents[1]
+    train(tmp_path / "auto", model_dir, dataset, "--epochs", "1")
+    assert "image features: computed every step, not cached: the Florence-2 image processor resizes to" in capsys.readouterr().out
+    assert main(["train", *base_args(dataset, model_dir, tmp_path / "memory", "--cache_image_features", "memory")]) == 2
+    assert "not to a fixed height and width" in capsys.readouterr().err and not (tmp_path / "memory").exists()
 
 
 @pytest.mark.slow

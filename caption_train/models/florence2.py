@@ -91,8 +91,8 @@ class Florence2Family(ModelFamily):
         size = image_processor.crop_size if getattr(image_processor, "do_center_crop", False) else image_processor.size
         height, width = getattr(size, "height", None), getattr(size, "width", None)
         if not height or not width:
-            raise UserError(f"the Florence-2 image processor resizes to {size}, not to a fixed height and width; "
-                            "its image features cannot be cached: use --cache_image_features off")
+            raise UserError(f"the Florence-2 image processor resizes to {size}, not to a fixed height and width, "
+                            "so its feature maps differ in size (--cache_image_features auto or off computes them every step)")
         for kernel, stride, padding in zip(vision.patch_size, vision.patch_stride, vision.patch_padding):
             height, width = ((n + 2 * padding - kernel) // stride + 1 for n in (height, width))
         return vision.embed_dim[-1], height, width
