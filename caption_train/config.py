@@ -94,7 +94,7 @@ class TrainConfig:
     max_nonfinite_steps: int = _field(10, "Stop (after saving the last good state) when this many optimizer steps in a row have a non-finite loss.")
     eval_every_n_epochs: int = _field(0, "Every N epochs, caption the validation split and log BLEU-4, ROUGE-L, CIDEr-D, exact match (and tag P/R/F1 for tag captions) as val/* (0 = never; needs validation_split > 0).")
     eval_max_images: int = _field(0, "Caption at most this many validation images for eval_every_n_epochs (0 = all).")
-    num_sample_captions: int = _field(4, "Images captioned and printed/logged after every epoch (0 = none).")
+    num_sample_captions: int = _field(4, "Images captioned and printed/logged after every epoch (0 = none), each up to the longest training caption's length and a quarter more.")
     log_with: str = _field("wandb", "Tracker besides metrics.jsonl: wandb (offline when not logged in) or none.", choices=TRACKERS)
     wandb_project: str = _field("caption-train", "wandb project name.")
     interactive: str | None = _field(None, "[HOST:]PORT of the interactive caption page (host defaults to 127.0.0.1; port 0 picks a free one).")
