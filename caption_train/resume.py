@@ -27,7 +27,9 @@ from caption_train.files import write_text_atomic
 
 # Changing these would make the checkpoint's weights, optimizer state or data order meaningless.
 STRUCTURAL_KEYS = ("model_name_or_path", "peft_module", "peft_args", "model_config", "dataset_dir", "optimizer",
-                   "batch_size", "gradient_accumulation_steps", "validation_split", "seed")
+                   "batch_size", "gradient_accumulation_steps", "validation_split", "seed",
+                   "kohya_repeats",  # the epoch's length and order: the position within it would mean other batches
+                   "freeze_vision_tower")  # which parameters train: the optimizer state would not fit
 # Bookkeeping that may differ freely and is not worth a message.
 QUIET_KEYS = ("output_dir", "num_workers", "log_with", "wandb_project", "interactive")
 

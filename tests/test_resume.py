@@ -307,3 +307,18 @@ def test_resume_from_another_directory_and_with_the_same_folder_spelled_differen
     monkeypatch.chdir(tmp_path / "elsewhere")
     final = train(load_train_config(["--config_file", str(ckpt / "config.toml"), "--resume", str(ckpt)]))
     assert final == ckpt.parent / "final" and [r["step"] for r in read_metrics(final.parent / "metrics.jsonl") if "train/loss" in r] == [1, 2, 3, 4, 5, 6]
+
+
+@pytest.mark.parametrize("key, old, new", [("kohya_repeats", "false", "true"), ("freeze_vision_tower", "false", "true")])
+def test_repeats_and_a_frozen_tower_cannot_change_on_resume(tmp_path, key, old, new):
+    """kohya_repeats changes the epoch's length and order, freeze_vision_tower the trained parameters: a resumed
+    position or optimizer state would then mean something else."""
+    from caption_train import checkpoint
+    from caption_train.config import to_toml_dict
+    from caption_train.resume import check_config_compatible
+
+    base = ["--dataset_dir", str(tmp_path), "--peft_module", "none"]
+    checkpoint.write_config(tmp_path / checkpoint.CONFIG_NAME, to_toml_dict(load_train_config([*base, f"--{key}", old])))
+    assert check_config_compatible(load_train_config([*base, f"--{key}", old]), tmp_path) == []
+    with pytest.raises(UserError, match=f"cannot change {key}"):
+        check_config_compatible(load_train_config([*base, f"--{key}", new]), tmp_path)
