@@ -1,4 +1,4 @@
-"""The BLIP-2 (OPT) family on a tiny BLIP-2 built locally: labels token by token (right and left padding), the
+"""The BLIP-2 family (OPT, and Flan-T5 at the end) on tiny BLIP-2 models built locally: labels token by token (right and left padding), the
 internal label shift, default adapter targets, train2.py steps that lower the loss (LoRA, IA3, full), an overfit that
 the `caption` command reads back exactly, merge at alpha 1 / 0, and `review` with a BLIP-2 model."""
 
@@ -26,7 +26,7 @@ from caption_train.tiny import make_shapes_dataset
 from caption_train.tracking import read_metrics
 
 from conftest import REPO, VOCAB_TEXTS, assert_trains_with_cached_features, base_args, check_cached_step
-from tiny_families_git import build_tiny_blip2
+from tiny_families_git import build_tiny_blip2, build_tiny_blip2_t5
 
 CAPTIONS = ["a red circle", "a small blue square with a large green triangle", "a yellow shape"]
 
@@ -126,15 +126,6 @@ def test_model_config_overrides_reach_the_sub_configs(tiny_blip2):
     assert model.config.text_config.dropout == 0.0 and model.config.qformer_config.hidden_dropout_prob == 0.2
     with pytest.raises(UserError, match="unknown key 'no_such_key'"):
         Blip2Family().load(str(tiny_blip2), {"no_such_key": 1})
-
-
-def test_an_encoder_decoder_blip2_is_refused_in_one_line(tmp_path, tiny_blip2):
-    config = json.loads((tiny_blip2 / "config.json").read_text())
-    config["text_config"] = {"model_type": "t5", "vocab_size": 300, "d_model": 64, "num_layers": 1, "num_heads": 2, "d_ff": 64, "d_kv": 32}
-    config["use_decoder_only_language_model"] = False
-    (tmp_path / "config.json").write_text(json.dumps(config))
-    with pytest.raises(UserError, match=r"encoder-decoder language model \(t5\) is not supported yet"):
-        Blip2Family().load(str(tmp_path), {})
 
 
 def test_generate_keeps_within_the_position_limit(loaded):
@@ -287,3 +278,136 @@ def test_lint_model_reports_the_limit_training_uses(tmp_path, tiny_blip2, loaded
     AutoProcessor.from_pretrained(tiny_blip2).save_pretrained(final)
     (final / "adapter_config.json").write_text(json.dumps({"base_model_name_or_path": str(tiny_blip2)}))
     assert load_tokenizer(str(final))[1] == trainer_limit
+
+
+# ---------------------------------------------------------------------------------------------
+# BLIP-2 with Flan-T5 (an encoder-decoder language model)
+
+
+@pytest.fixture(scope="module")
+def tiny_blip2_t5(tmp_path_factory) -> Path:
+    return build_tiny_blip2_t5(tmp_path_factory.mktemp("tiny-blip2-t5"), VOCAB_TEXTS)
+
+
+@pytest.fixture(scope="module")
+def loaded_t5(tiny_blip2_t5):
+    family = Blip2Family()
+    model, processor = family.load(str(tiny_blip2_t5), {})
+    return family, model.eval(), processor
+
+
+def test_t5_encoder_reads_the_placeholders_and_labels_are_exactly_caption_and_eos(loaded_t5):
+    family, model, processor = loaded_t5
+    tokenizer = processor.tokenizer
+    assert not model.config.use_decoder_only_language_model and tokenizer.bos_token_id is None
+    batch = family.collate(processor, images(3), CAPTIONS, max_length=32)
+    queries = model.config.num_query_tokens
+    assert batch["input_ids"].tolist() == [[model.config.image_token_id] * queries] * 3
+    assert batch["attention_mask"].tolist() == [[1] * queries] * 3
+    widths = set()
+    for row, caption in enumerate(CAPTIONS):
+        labels = batch["labels"][row]
+        targets = labels[labels != IGNORE_INDEX]
+        assert tokenizer.decode(targets) == f"{caption}</s>"  # no bos, no pad, nothing but caption and eos
+        assert (labels[: len(targets)] == targets).all()  # targets first, then padding only
+        widths.add(len(targets))
+    assert len(widths) == 3  # captions of different lengths: the padding is masked
+
+
+def test_t5_loss_scores_caption_and_eos_after_the_decoder_start(loaded_t5):
+    """T5 shifts the labels behind decoder_start_token_id (pad): its loss is cross entropy of logits[t] against labels[t]."""
+    family, model, processor = loaded_t5
+    batch = family.collate(processor, images(3), CAPTIONS, max_length=32)
+    with torch.no_grad():
+        output = model(**batch)
+        starts = batch["labels"].masked_fill(batch["labels"] == IGNORE_INDEX, 0)
+        by_hand = model(**{**batch, "labels": None}, decoder_input_ids=torch.cat([torch.zeros_like(starts[:, :1]), starts[:, :-1]], 1))
+    torch.testing.assert_close(output.logits, by_hand.logits)
+    expected = F.cross_entropy(output.logits.flatten(0, 1), batch["labels"].flatten(), ignore_index=IGNORE_INDEX)
+    torch.testing.assert_close(output.loss, expected)
+
+
+def test_t5_label_smoothing_reaches_the_loss(tiny_blip2_t5, loaded_t5):
+    family, model, processor = loaded_t5
+    smoothed, _ = family.load(str(tiny_blip2_t5), {}, label_smoothing=0.1)
+    batch = family.collate(processor, images(2), CAPTIONS[:2], max_length=32)
+    with torch.no_grad():
+        plain, output = model(**batch).loss, smoothed.eval()(**batch)
+    expected = F.cross_entropy(output.logits.flatten(0, 1), batch["labels"].flatten(), ignore_index=IGNORE_INDEX, label_smoothing=0.1)
+    torch.testing.assert_close(output.loss, expected)
+    assert not torch.allclose(output.loss, plain)
+
+
+def test_t5_generate_returns_the_decoder_text_within_the_limit(loaded_t5):
+    family, model, processor = loaded_t5
+    assert family.max_text_length(model) == processor.tokenizer.model_max_length == 512
+    texts = family.generate(model, processor, images(2), max_new_tokens=600, prompt="a")
+    assert len(texts) == 2 and all(isinstance(t, str) and "<image>" not in t for t in texts)
+
+
+def test_a_tokenizer_that_does_not_fit_the_language_model_is_one_line(tmp_path, tiny_blip2_t5, tiny_blip2):
+    import shutil
+
+    shutil.copytree(tiny_blip2_t5, tmp_path / "mixed")
+    shutil.copy(tiny_blip2 / "config.json", tmp_path / "mixed" / "config.json")  # OPT's config, T5's processor
+    with pytest.raises(UserError, match="its tokenizer has no bos token, which does not fit its opt language model"):
+        Blip2Family().load(str(tmp_path / "mixed"), {})
+
+
+@pytest.mark.parametrize("module", ["LoRA", "IA3"])
+def test_t5_default_targets_adapt_every_encoder_and_decoder_block(tiny_blip2_t5, module):
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    family = Blip2Family()
+    model, _ = family.load(str(tiny_blip2_t5), {})
+    wrapped = wrap_model(model, family, module, {})
+    adapted = {name for name, m in wrapped.named_modules() if isinstance(m, BaseTunerLayer)}
+    assert all(".language_model." in name for name in adapted)
+    assert not any(p.requires_grad for p in family.vision_tower(wrapped).parameters())
+    assert not any(p.requires_grad for p in unwrap_peft(wrapped).qformer.parameters())
+    attention = {"q", "k", "v", "o"} if module == "LoRA" else {"k", "v"}
+    feed_forward = {"wi_0", "wi_1", "wo"} if module == "LoRA" else {"wo"}
+    language = unwrap_peft(wrapped).language_model
+    for stack, names in (("encoder", ["SelfAttention"]), ("decoder", ["SelfAttention", "EncDecAttention"])):
+        for i in range(len(getattr(language, stack).block)):
+            prefix = f"language_model.{stack}.block.{i}.layer."
+            found = {name.split(prefix, 1)[1].split(".", 1)[1] for name in adapted if prefix in name}
+            expected = {f"{a}.{w}" for a in names for w in attention} | {f"DenseReluDense.{w}" for w in feed_forward}
+            assert found == expected, (stack, i, found)
+    if module == "IA3":
+        ia3 = {name: m for name, m in wrapped.named_modules() if name.endswith("DenseReluDense.wo")}
+        assert ia3 and all(m.is_feedforward for m in ia3.values())
+
+
+@pytest.mark.parametrize("module, lr", [("LoRA", "1e-2"), ("none", "2e-3")])
+def test_t5_two_steps_lower_the_loss(tmp_path, tiny_blip2_t5, eight_shapes, module, lr):
+    dataset = eight_shapes[0][0].parents[1]
+    final = train(tmp_path, tiny_blip2_t5, dataset, "--peft_module", module, "--epochs", "2", "--lr", lr,
+                  "--model_config", "{dropout_rate = 0.0}")
+    losses = run_losses(final)
+    assert len(losses) == 2 and losses[1] < losses[0], losses
+
+
+def test_t5_cached_step_gives_the_uncached_loss_and_logits(tiny_blip2_t5, eight_shapes):
+    family = Blip2Family()
+    model, processor = family.load(str(tiny_blip2_t5), {})
+    model = wrap_model(model, family, "LoRA", {})
+    paths = [path for path, _ in eight_shapes[:4]]
+    check_cached_step(family, model, paths, CAPTIONS + ["a green circle"], processor, dtype=torch.float32)
+
+
+@pytest.mark.slow
+def test_t5_overfit_then_caption_command_reads_back_every_caption(tmp_path, tiny_blip2_t5, eight_shapes, capsys):
+    """Labels and generation agree for Flan-T5: after overfitting 8 images, `caption` writes exactly their captions."""
+    dataset = eight_shapes[0][0].parents[1]
+    final = train(tmp_path / "runs", tiny_blip2_t5, dataset, "--peft_module", "none", "--epochs", EPOCHS_T5, "--lr", "3e-3",
+                  "--lr_scheduler", "OneCycleLR", "--mixed_precision", "no", "--model_config", "{dropout_rate = 0.0}")
+    capsys.readouterr()
+    out = tmp_path / "captions.jsonl"
+    assert main(["caption", str(final), str(dataset), "--output_jsonl", str(out), "--dtype", "float32", "--num_workers", "0", "--device", "cpu"]) == 0
+    written = {row["file_name"]: row["text"] for row in map(json.loads, out.read_text().splitlines())}
+    expected = {path.relative_to(dataset).as_posix(): caption for path, caption in eight_shapes}
+    assert written == expected
+
+
+EPOCHS_T5 = "300"

@@ -1,4 +1,4 @@
-"""Tiny offline models of the GIT / Florence-2 / BLIP-2 families, saved with save_pretrained (no hub needed).
+"""Tiny offline models of the GIT / Florence-2 / BLIP-2 (OPT and Flan-T5) families, saved with save_pretrained (no hub needed).
 
     from tiny_families_git import build_tiny_git
     model_dir = build_tiny_git(tmp_path / "git", ["a red circle", "a blue square"])
@@ -166,5 +166,53 @@ def build_tiny_blip2(out_dir, texts: Iterable[str], *, image_size: int = 32, pat
                 bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
     config = Blip2Config(vision_config=vision, qformer_config=qformer, text_config=text, num_query_tokens=num_query_tokens,
                          image_token_index=tokenizer.convert_tokens_to_ids("<image>"))
+    model = _seeded(seed, lambda: Blip2ForConditionalGeneration(config).eval())
+    return _save(Path(out_dir), model, processor)
+
+
+# ----------------------------------------------------------------------------
+# BLIP-2 with Flan-T5: a T5 (Unigram, "▁"-prefixed words) tokenizer with T5's ids (<pad> 0, </s> 1, <unk> 2) and no
+# bos, the <image> placeholder, and a small ViT + Q-Former + gated-GELU T5 encoder-decoder.
+
+
+def build_t5_tokenizer(texts: Iterable[str], *, max_length: int = 512):
+    """Every word of `texts` is one piece; other text falls back to single characters (else <unk>)."""
+    import string
+
+    from transformers import T5Tokenizer
+
+    words = sorted({word for text in texts for word in text.split()})
+    vocab = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("▁", -2.0)]
+    vocab += [("▁" + word, -1.0) for word in words]
+    vocab += [(char, -5.0) for char in string.ascii_letters + string.digits + string.punctuation]
+    return T5Tokenizer(vocab=vocab, extra_ids=0, model_max_length=max_length)
+
+
+def build_tiny_blip2_t5(out_dir, texts: Iterable[str], *, image_size: int = 32, patch_size: int = 16, hidden_size: int = 64,
+                        num_layers: int = 2, num_heads: int = 2, num_query_tokens: int = 4, seed: int = 0) -> Path:
+    from transformers import Blip2Config, Blip2ForConditionalGeneration, Blip2Processor
+
+    try:
+        from transformers.models.blip import BlipImageProcessorPil as ImageProcessor
+    except ImportError:
+        from transformers import BlipImageProcessor as ImageProcessor
+
+    tokenizer = build_t5_tokenizer(texts)
+    processor = Blip2Processor(ImageProcessor(size={"height": image_size, "width": image_size}), tokenizer,
+                               num_query_tokens=num_query_tokens)  # adds <image> to the tokenizer
+    vision = dict(hidden_size=hidden_size, intermediate_size=2 * hidden_size, num_hidden_layers=num_layers,
+                  num_attention_heads=num_heads, image_size=image_size, patch_size=patch_size)
+    qformer = dict(hidden_size=hidden_size, intermediate_size=2 * hidden_size, num_hidden_layers=num_layers,
+                   num_attention_heads=num_heads, encoder_hidden_size=hidden_size, vocab_size=len(tokenizer))
+    # Flan-T5: gated-GELU feed-forward, untied output embeddings, the decoder starts from pad. T5's initialisation
+    # (output embeddings of std 1) gives a random 64-wide model logits of std ~8 and a loss ~27, whose gradients the
+    # trainer's max_grad_norm clips to nothing: a small initializer_factor keeps the random model's loss near log(vocab).
+    text = dict(model_type="t5", vocab_size=len(tokenizer), d_model=64, d_ff=128, num_layers=2, num_decoder_layers=2,
+                num_heads=2, d_kv=32, feed_forward_proj="gated-gelu", tie_word_embeddings=False, initializer_factor=0.2,
+                pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
+                decoder_start_token_id=tokenizer.pad_token_id)
+    config = Blip2Config(vision_config=vision, qformer_config=qformer, text_config=text, num_query_tokens=num_query_tokens,
+                         image_token_index=tokenizer.convert_tokens_to_ids("<image>"))
+    assert not config.use_decoder_only_language_model
     model = _seeded(seed, lambda: Blip2ForConditionalGeneration(config).eval())
     return _save(Path(out_dir), model, processor)

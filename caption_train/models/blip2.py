@@ -1,5 +1,5 @@
-"""BLIP-2 with a decoder-only language model (`Salesforce/blip2-opt-2.7b`, `-opt-6.7b`, ...): loading, labels,
-adapter targets, generation.
+"""BLIP-2 with a decoder-only (OPT: `Salesforce/blip2-opt-2.7b`, ...) or an encoder-decoder (Flan-T5:
+`Salesforce/blip2-flan-t5-xl`, ...) language model: loading, labels, adapter targets, generation.
 
     family = Blip2Family()
     model, processor = family.load("Salesforce/blip2-opt-2.7b", {})
@@ -9,7 +9,11 @@ adapter targets, generation.
 The language model reads [<image> x num_query_tokens | bos | caption | eos]: the Q-Former's outputs replace the
 <image> placeholders, bos (OPT's `</s>`) is where generate() starts, and forward() shifts labels internally (labels
 line up with input_ids). Targets are the caption tokens and the eos after them only.
-BLIP-2 with Flan-T5 (an encoder-decoder language model) is not covered yet: load() says so.
+
+With Flan-T5 the encoder reads [<image> x num_query_tokens] and `labels` are [caption | eos] alone: T5 shifts them
+right behind its decoder_start_token_id (pad) itself, and generate() returns the decoder's tokens only. The layout
+follows the tokenizer (OPT's starts texts from a bos, T5's has none: `_is_encoder_decoder`); load() checks that the
+model config agrees.
 """
 
 from __future__ import annotations
@@ -35,11 +39,18 @@ from caption_train.models.base import (
 )
 from caption_train.models.git import use_label_smoothing
 
-# The OPT decoder's attention and MLP. The ViT (mlp.fc1/fc2) and the Q-Former stay frozen: anchored on language_model.
-_LM_LAYER = r".*language_model\.model\.decoder\.layers\.\d+\."
-_LORA_TARGETS = _LM_LAYER + r"(self_attn\.(q_proj|k_proj|v_proj|out_proj)|fc1|fc2)$"
-_IA3_TARGETS = _LM_LAYER + r"(self_attn\.(k_proj|v_proj)|fc2)$"
-_IA3_FEEDFORWARD = _LM_LAYER + r"fc2$"  # IA3 scales the input of the MLP's down projection
+# The language model's attention and MLP: OPT's decoder layers, or T5's encoder and decoder blocks (self- and
+# cross-attention q/k/v/o, feed-forward wi or gated wi_0/wi_1, and wo). A model has one of the two layouts, so one
+# pattern serves both. The ViT (mlp.fc1/fc2) and the Q-Former stay frozen: anchored on language_model.
+_OPT_LAYER = r".*language_model\.model\.decoder\.layers\.\d+\."
+_T5_LAYER = r".*language_model\.(encoder|decoder)\.block\.\d+\.layer\.\d+\."
+_T5_ATTENTION = r"(SelfAttention|EncDecAttention)\."
+_LORA_TARGETS = (rf"(?:{_OPT_LAYER}(self_attn\.(q_proj|k_proj|v_proj|out_proj)|fc1|fc2)$)"
+                 rf"|(?:{_T5_LAYER}({_T5_ATTENTION}(q|k|v|o)|DenseReluDense\.(wi|wi_0|wi_1|wo))$)")
+_IA3_TARGETS = rf"(?:{_OPT_LAYER}(self_attn\.(k_proj|v_proj)|fc2)$)|(?:{_T5_LAYER}({_T5_ATTENTION}(k|v)|DenseReluDense\.wo)$)"
+# IA3 scales the input of the MLP's down projection
+_IA3_FEEDFORWARD = rf"(?:{_OPT_LAYER}fc2$)|(?:{_T5_LAYER}DenseReluDense\.wo$)"
+_T5_TEXT_LIMIT = 512  # T5's positions are relative: Flan-T5's tokenizers say model_max_length 512
 
 
 @register
@@ -52,23 +63,28 @@ class Blip2Family(ModelFamily):
         from transformers import AutoProcessor, Blip2ForConditionalGeneration
 
         config = load_model_config(name_or_path)
-        if not config.use_decoder_only_language_model:
-            raise UserError(f"model {name_or_path}: BLIP-2 with an encoder-decoder language model ({config.text_config.model_type}) is not supported yet; use a BLIP-2 OPT model such as Salesforce/blip2-opt-2.7b")
         load_kwargs, overrides = pop_load_kwargs(overrides)
         apply_config_overrides(config, overrides, sub_configs=("text_config", "qformer_config", "vision_config"))
-        model = Blip2ForConditionalGeneration.from_pretrained(name_or_path, config=config, **load_kwargs)
         processor = AutoProcessor.from_pretrained(name_or_path)
+        if _is_encoder_decoder(processor) == config.use_decoder_only_language_model:
+            has = "no bos token" if _is_encoder_decoder(processor) else f"a bos token ({processor.tokenizer.bos_token})"
+            raise UserError(f"model {name_or_path}: its tokenizer has {has}, which does not fit its {config.text_config.model_type} language model; save the processor that belongs to this model beside it")
         # Older hub processors leave num_query_tokens unset (the model then added the query tokens itself).
         if processor.num_query_tokens is None:
             processor.num_query_tokens = config.num_query_tokens
         image_token = _image_token_id(processor)
         if image_token != config.image_token_id or processor.num_query_tokens != config.num_query_tokens:
             raise UserError(f"model {name_or_path}: the processor's image placeholder (id {image_token}, {processor.num_query_tokens} tokens) does not match the model config's (image_token_index {config.image_token_id}, num_query_tokens {config.num_query_tokens}); save the processor that belongs to this model beside it")
-        if label_smoothing:
+        model = Blip2ForConditionalGeneration.from_pretrained(name_or_path, config=config, **load_kwargs)
+        if label_smoothing and _is_encoder_decoder(processor):
+            _use_label_smoothing_in_t5(model.language_model, label_smoothing)
+        elif label_smoothing:
             use_label_smoothing(model, label_smoothing, config.text_config.vocab_size)
         return model, processor
 
     def text_length_limit(self, config: Any) -> int:
+        if not config.use_decoder_only_language_model:  # the captions are the decoder's alone
+            return int(getattr(config.text_config, "n_positions", None) or _T5_TEXT_LIMIT)
         # The query tokens take positions of the language model too.
         return int(config.text_config.max_position_embeddings) - int(config.num_query_tokens)
 
@@ -97,6 +113,8 @@ class Blip2Family(ModelFamily):
 
     def collate(self, processor: Any, images: Sequence[Image.Image | None], captions: Sequence[str], *, max_length: int,
                 prompt: str | None = None) -> dict[str, torch.Tensor]:
+        if _is_encoder_decoder(processor):
+            return self._collate_encoder_decoder(processor, images, captions, max_length=max_length)
         tokenizer = processor.tokenizer
         start = self.start_ids(processor)  # the query placeholders and bos: generate() starts from the same
         words = tokenizer(list(captions), add_special_tokens=False, truncation=True, max_length=max_length - 2)["input_ids"]
@@ -115,8 +133,25 @@ class Blip2Family(ModelFamily):
         batch = {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
         return batch | self.pixel_inputs(processor, images)
 
+    def _collate_encoder_decoder(self, processor: Any, images: Sequence[Image.Image | None], captions: Sequence[str], *,
+                                 max_length: int) -> dict[str, torch.Tensor]:
+        """Flan-T5: the encoder reads the query placeholders; labels are caption + eos, padded with IGNORE_INDEX
+        (T5 builds its decoder inputs from them: decoder_start_token_id, then the labels shifted right)."""
+        tokenizer = processor.tokenizer
+        words = tokenizer(list(captions), add_special_tokens=False, truncation=True, max_length=max_length - 1)["input_ids"]
+        targets = [[*ids, tokenizer.eos_token_id] for ids in words]
+        labels = torch.full((len(targets), max(len(target) for target in targets)), IGNORE_INDEX, dtype=torch.long)
+        for row, target in enumerate(targets):
+            labels[row, :len(target)] = torch.tensor(target)
+        input_ids = torch.tensor([self.start_ids(processor)] * len(targets))
+        batch = {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids), "labels": labels}
+        return batch | self.pixel_inputs(processor, images)
+
     def start_ids(self, processor: Any) -> list[int]:
-        return [_image_token_id(processor)] * processor.num_query_tokens + [processor.tokenizer.bos_token_id]
+        """What the language model reads before the caption: the query placeholders, then (OPT) bos. T5's
+        decoder starts from its own decoder_start_token_id, so its encoder reads the placeholders alone."""
+        bos = [] if _is_encoder_decoder(processor) else [processor.tokenizer.bos_token_id]
+        return [_image_token_id(processor)] * processor.num_query_tokens + bos
 
     # ---- inference
 
@@ -130,14 +165,40 @@ class Blip2Family(ModelFamily):
         if prompt:  # conditional captioning: the caption continues the prompt, which stays in it (as with BLIP)
             start += tokenizer(prompt, add_special_tokens=False)["input_ids"]
         input_ids = torch.tensor([start] * len(images), device=device)
-        room = self.max_text_length(model) - (input_ids.shape[1] - processor.num_query_tokens)
+        # T5's encoder reads the prompt, its decoder only the caption; OPT's positions hold bos and prompt too.
+        given = 0 if _is_encoder_decoder(processor) else input_ids.shape[1] - processor.num_query_tokens
+        room = self.max_text_length(model) - given
         generate_kwargs["max_new_tokens"] = max(1, min(generate_kwargs.get("max_new_tokens") or 40, room))
         generate_kwargs.setdefault("eos_token_id", tokenizer.eos_token_id)
         generate_kwargs.setdefault("pad_token_id", tokenizer.pad_token_id)
         output = model.generate(pixel_values=pixel_values, input_ids=input_ids, attention_mask=torch.ones_like(input_ids), **generate_kwargs)
-        # The output repeats the input: drop the placeholders (bos is special and decodes to nothing).
-        texts = tokenizer.batch_decode(output[:, processor.num_query_tokens:], skip_special_tokens=True)
+        # OPT's output repeats the input: drop the placeholders (bos is special and decodes to nothing). T5's is the
+        # decoder's tokens alone (its leading pad is special).
+        if not _is_encoder_decoder(processor):
+            output = output[:, processor.num_query_tokens:]
+        texts = tokenizer.batch_decode(output, skip_special_tokens=True)
         return [text.strip() for text in texts]
+
+
+def _is_encoder_decoder(processor: Any) -> bool:
+    """Whether the processor is BLIP-2 Flan-T5's: T5's tokenizer has no bos token (its decoder starts from pad);
+    OPT's puts bos before every text, and generation starts from it. load() checks the model config agrees."""
+    return processor.tokenizer.bos_token_id is None
+
+
+def _use_label_smoothing_in_t5(language_model: torch.nn.Module, label_smoothing: float) -> None:
+    """T5 computes its loss with a plain CrossEntropyLoss inside forward: recompute it, smoothed, from its logits
+    and labels (aligned: T5 shifted the decoder inputs, not the labels)."""
+    import torch.nn.functional as F
+
+    def smoothed_loss(module: torch.nn.Module, args: tuple, kwargs: dict[str, Any], output: Any) -> Any:
+        labels = kwargs.get("labels")
+        if labels is not None:
+            output.loss = F.cross_entropy(output.logits.float().flatten(0, 1), labels.flatten().to(output.logits.device),
+                                          ignore_index=IGNORE_INDEX, label_smoothing=label_smoothing)
+        return output
+
+    language_model.register_forward_hook(smoothed_loss, with_kwargs=True)
 
 
 def _image_token_id(processor: Any) -> int:
