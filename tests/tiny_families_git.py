@@ -189,7 +189,8 @@ def build_t5_tokenizer(texts: Iterable[str], *, max_length: int = 512):
 
 
 def build_tiny_blip2_t5(out_dir, texts: Iterable[str], *, image_size: int = 32, patch_size: int = 16, hidden_size: int = 64,
-                        num_layers: int = 2, num_heads: int = 2, num_query_tokens: int = 4, seed: int = 0) -> Path:
+                        num_layers: int = 2, num_heads: int = 2, num_query_tokens: int = 4, initializer_factor: float = 0.2,
+                        seed: int = 0) -> Path:
     from transformers import Blip2Config, Blip2ForConditionalGeneration, Blip2Processor
 
     try:
@@ -208,7 +209,7 @@ def build_tiny_blip2_t5(out_dir, texts: Iterable[str], *, image_size: int = 32, 
     # (output embeddings of std 1) gives a random 64-wide model logits of std ~8 and a loss ~27, whose gradients the
     # trainer's max_grad_norm clips to nothing: a small initializer_factor keeps the random model's loss near log(vocab).
     text = dict(model_type="t5", vocab_size=len(tokenizer), d_model=64, d_ff=128, num_layers=2, num_decoder_layers=2,
-                num_heads=2, d_kv=32, feed_forward_proj="gated-gelu", tie_word_embeddings=False, initializer_factor=0.2,
+                num_heads=2, d_kv=32, feed_forward_proj="gated-gelu", tie_word_embeddings=False, initializer_factor=initializer_factor,
                 pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
                 decoder_start_token_id=tokenizer.pad_token_id)
     config = Blip2Config(vision_config=vision, qformer_config=qformer, text_config=text, num_query_tokens=num_query_tokens,
