@@ -29,7 +29,7 @@ from caption_train.data.captions import CaptionTransform
 from caption_train.data.dataset import CaptionDataset, drop_failed
 from caption_train.data.scan import Sample, scan_dataset, split_validation
 from caption_train.errors import UserError
-from caption_train.features import FeatureCache, plan_feature_cache, vision_is_frozen
+from caption_train.features import CachePlan, FeatureCache, plan_feature_cache, vision_is_frozen
 from caption_train.lint import summarize_scan
 from caption_train.models import ModelFamily, resolve_family
 from caption_train.models.base import unwrap_peft
@@ -393,11 +393,12 @@ def setup(cfg: TrainConfig, hooks: TrainingHooks) -> Run:
     if cfg.compile:
         family.text_model(model).compile()  # in place: parameter names and checkpoints stay as they are
     trainable, total = count_parameters(model)
-    plan = plan_feature_cache(requested="off" if sharded else cfg.cache_image_features, family=family, model=model, processor=processor,
-                              n_images=len(train_samples) + len(val_samples), random_flip=cfg.random_flip,
-                              mixed_precision=precision.mode, cache_dir=cfg.cache_dir, dataset_dir=cfg.dataset_dir)
     if sharded:
-        plan.message = "image features: computed every step (FSDP shards the vision tower)"
+        plan = CachePlan("off", "image features: computed every step (FSDP shards the vision tower)")
+    else:
+        plan = plan_feature_cache(requested=cfg.cache_image_features, family=family, model=model, processor=processor,
+                                  n_images=len(train_samples) + len(val_samples), random_flip=cfg.random_flip,
+                                  mixed_precision=precision.mode, cache_dir=cfg.cache_dir, dataset_dir=cfg.dataset_dir)
     if main:
         print(f"model {cfg.model_name_or_path} ({family.name}), {cfg.peft_module}: {trainable:,} of {total:,} parameters trainable ({100 * trainable / total:.2f}%)", flush=True)
         if (targets := describe_adapters(model)) is not None:
