@@ -129,10 +129,7 @@ def finish_checkpoint(tmp: Path, target: Path, model: torch.nn.Module, processor
                       *, weights: dict[str, torch.Tensor] | None = None) -> Path:
     """Fill the temp folder, flush it to disk, and rename it into place: a crash leaves the old state or the new one.
     `weights`: the model's full state dict where the model itself holds only a shard (FSDP)."""
-    if weights is None:
-        model.save_pretrained(tmp)
-    else:
-        model.save_pretrained(tmp, state_dict=weights)
+    model.save_pretrained(tmp, state_dict=weights)  # None: the model's own state dict
     processor.save_pretrained(tmp)
     write_config(tmp / CONFIG_NAME, config)
     torch.save(state, tmp / STATE_NAME)

@@ -80,19 +80,25 @@ class CachePlan:
 
 
 def vision_is_frozen(family: Any, model: torch.nn.Module) -> bool:
-    return not any(p.requires_grad for p in family.vision_tower(model).parameters())
+    """Whether nothing that computes the cached features (the vision tower, and for chat VLMs its projector) trains."""
+    return not any(p.requires_grad for module in family.feature_modules(model) for p in module.parameters())
 
 
 def plan_feature_cache(*, requested: str, family: Any, model: torch.nn.Module, processor: Any, n_images: int,
-                       random_flip: float, mixed_precision: str, cache_dir: str | None, dataset_dir: str) -> CachePlan:
-    """What to do with image features, following --cache_image_features (auto|off|memory|disk)."""
+                       random_flip: float, mixed_precision: str, cache_dir: str | None, dataset_dir: str,
+                       sample_image: str | None = None) -> CachePlan:
+    """What to do with image features, following --cache_image_features (auto|off|memory|disk). `sample_image`
+    (a training image) sizes the features of a family whose feature count follows the image's size."""
     if not family.supports_feature_cache:
         if requested in ("memory", "disk"):
             raise UserError(f"--cache_image_features {requested}: the {family.name} family cannot cache image features yet; use auto or off")
         return CachePlan("off", f"image features: computed every step (the {family.name} family has no feature cache yet)")
     conflicts = []
     if not vision_is_frozen(family, model):
-        conflicts.append("the vision tower has trainable parameters (adapter targets in it, or a full fine-tune without --freeze_vision_tower)")
+        if any(p.requires_grad for p in family.vision_tower(model).parameters()):
+            conflicts.append("the vision tower has trainable parameters (adapter targets in it, or a full fine-tune without --freeze_vision_tower)")
+        else:
+            conflicts.append("the projector that turns the vision tower's output into image tokens has trainable parameters (a full fine-tune)")
     if random_flip > 0:
         conflicts.append(f"random_flip = {random_flip} changes the pixels every epoch")
     if requested in ("memory", "disk") and conflicts:
@@ -105,7 +111,7 @@ def plan_feature_cache(*, requested: str, family: Any, model: torch.nn.Module, p
 
     dtype = storage_dtype(mixed_precision)
     try:
-        shape = family.image_feature_shape(model, processor)
+        shape = _feature_shape(family, model, processor, sample_image)
     except UserError as err:  # e.g. a processor whose images have no fixed size: no fixed feature shape either
         if requested != "auto":
             raise
@@ -114,7 +120,7 @@ def plan_feature_cache(*, requested: str, family: Any, model: torch.nn.Module, p
     total = per_image * n_images
     budget = int(physical_memory() * MEMORY_SHARE)
     mode = requested if requested != "auto" else ("memory" if total <= budget else "disk")
-    sizes = f"{n_images} x {_megabytes(per_image)} {str(dtype).removeprefix('torch.')}"
+    sizes = f"{n_images} x {'about ' if family.variable_image_features else ''}{_megabytes(per_image)} {str(dtype).removeprefix('torch.')}"
     if mode == "memory":
         why = "vision tower frozen, no flips" + ("" if requested == "memory" else f", fits in memory ({_megabytes(total)} of a {_megabytes(budget)} budget)")
         return CachePlan("memory", f"image features: {why}: caching in memory ({sizes})", dtype)
@@ -124,6 +130,21 @@ def plan_feature_cache(*, requested: str, family: Any, model: torch.nn.Module, p
     fingerprint = model_fingerprint(family, model, processor, dtype)
     why = "vision tower frozen, no flips" + ("" if requested == "disk" else f", {_megabytes(total)} is more than the memory budget ({_megabytes(budget)})")
     return CachePlan("disk", f"image features: {why}: caching on disk in {root / fingerprint} ({sizes})", dtype, root, fingerprint)
+
+
+def _feature_shape(family: Any, model: torch.nn.Module, processor: Any, sample_image: str | None) -> tuple[int, ...]:
+    """One image's feature shape: fixed by the model, or (chat VLMs) that of `sample_image`, as an estimate."""
+    if not family.variable_image_features:
+        return family.image_feature_shape(model, processor)
+    from caption_train.data.images import ImageLoadError, load_rgb
+
+    try:
+        image = load_rgb(sample_image) if sample_image else None
+    except ImageLoadError:
+        image = None
+    if image is None:
+        raise UserError("no readable training image to size the image features with")
+    return family.estimate_feature_shape(model, processor, image)
 
 
 def _refuse_inside_dataset(root: Path, dataset_dir: str) -> None:
@@ -139,9 +160,10 @@ def model_fingerprint(family: Any, model: torch.nn.Module, processor: Any, dtype
     digest.update(f"{family.name}|{LAYOUT_VERSION}|{dtype}|".encode())
     image_processor = getattr(processor, "image_processor", processor)
     digest.update(json.dumps(image_processor.to_dict(), sort_keys=True, default=str).encode())
-    for name, tensor in sorted(family.vision_tower(model).state_dict().items()):
-        digest.update(name.encode())
-        digest.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    for module in family.feature_modules(model):
+        for name, tensor in sorted(module.state_dict().items()):
+            digest.update(name.encode())
+            digest.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
     return digest.hexdigest()
 
 
@@ -171,7 +193,8 @@ class DiskStore:
     def entry(self, key: str) -> Path:
         return self.folder / key[:2] / f"{key}.safetensors"
 
-    def load(self, key: str, shape: tuple[int, ...]) -> torch.Tensor | None:
+    def load(self, key: str, shape: tuple[int | None, ...]) -> torch.Tensor | None:
+        """The entry for `key` if it is readable and has `shape` (None: any size in that dimension) and the dtype."""
         from safetensors.torch import load_file
 
         path = self.entry(key)
@@ -182,7 +205,7 @@ class DiskStore:
         except Exception as error:  # a torn or foreign file: recompute it
             _warn_once(f"feature cache: unreadable entry {path} ({type(error).__name__}); recomputing it")
             return None
-        if tuple(tensor.shape) != tuple(shape) or tensor.dtype != self.dtype:
+        if not _fits(tuple(tensor.shape), tuple(shape)) or tensor.dtype != self.dtype:
             _warn_once(f"feature cache: entry {path} has shape {tuple(tensor.shape)} {tensor.dtype}, expected {tuple(shape)} {self.dtype}; recomputing it")
             return None
         return tensor
@@ -201,6 +224,10 @@ class DiskStore:
             self.writable = False
             _warn_once(f"feature cache: cannot write to {self.folder} ({error.strerror or error}); "
                        "computing image features without storing them on disk")
+
+
+def _fits(shape: tuple[int, ...], expected: tuple[int | None, ...]) -> bool:
+    return len(shape) == len(expected) and all(e is None or s == e for s, e in zip(shape, expected))
 
 
 _WARNED: set[str] = set()
@@ -271,6 +298,8 @@ class FeatureCache:
         loaded here and recomputed."""
         batch = dict(batch)
         pixel_rows = batch.pop("pixel_rows").tolist()
+        if family.variable_image_features:
+            return self._token_inputs(batch, paths, model=model, family=family, autocast=autocast)
         pixels = batch.pop("pixel_values", None)
         features = self.features_for(paths, model=model, family=family, processor=processor, autocast=autocast,
                                      pixels=pixels, pixel_rows=pixel_rows, device=batch["input_ids"].device)
@@ -280,7 +309,10 @@ class FeatureCache:
                      autocast: Callable[[], Any], pixels: torch.Tensor | None = None, pixel_rows: Sequence[int] = (),
                      device: torch.device | str = "cpu") -> torch.Tensor:
         """Every image's features, [len(paths), *image_feature_shape], in the cache's dtype on `device`: read from
-        the cache, else computed (from `pixels`, whose rows are `pixel_rows`, or from the image file) and stored."""
+        the cache, else computed (from `pixels`, whose rows are `pixel_rows`, or from the image file) and stored.
+        For a family with variable_image_features, a list of [tokens, width] tensors (computed from the files)."""
+        if family.variable_image_features:
+            return self._token_features_for(paths, model=model, family=family, processor=processor, autocast=autocast, device=device)
         shape = tuple(family.image_feature_shape(model, processor))
         found = [self._lookup(path, shape) for path in paths]
         todo = [row for row, feature in enumerate(found) if feature is None]
@@ -305,3 +337,43 @@ class FeatureCache:
         device = next(model.parameters()).device
         with autocast():
             return family.image_features(model, chosen.to(device))
+
+    # ---- families whose images have their own token counts (chat VLMs): one [tokens, width] tensor per image
+
+    def _token_inputs(self, batch: dict[str, Any], paths: Sequence[str], *, model: torch.nn.Module, family: Any,
+                      autocast: Callable[[], Any]) -> dict[str, Any]:
+        """Every image was loaded (its placeholders are in the prompt): each row's features are read from the
+        cache, or, when any is missing, computed for the whole batch from its pixels and the missing ones stored."""
+        counts = family.image_token_counts(model, batch["input_ids"])
+        width = family.image_feature_width(model)
+        found = [self._lookup(path, (count, width)) for path, count in zip(paths, counts)]
+        todo = [row for row, features in enumerate(found) if features is None]
+        self.hits += len(paths) - len(todo)
+        self.misses += len(todo)
+        if todo:
+            with autocast():
+                computed = family.batch_image_features(model, batch)
+            for row in todo:
+                self._store(paths[row], computed[row])
+                found[row] = computed[row].to(self.dtype)
+        batch.pop("pixel_values")
+        device = batch["input_ids"].device
+        return batch | family.feature_inputs([features.to(device, non_blocking=True) for features in found], model)
+
+    def _token_features_for(self, paths: Sequence[str], *, model: torch.nn.Module, family: Any, processor: Any,
+                            autocast: Callable[[], Any], device: torch.device | str) -> list[torch.Tensor]:
+        width = family.image_feature_width(model)
+        found = [self._lookup(path, (None, width)) for path in paths]
+        todo = [row for row, features in enumerate(found) if features is None]
+        self.hits += len(paths) - len(todo)
+        self.misses += len(todo)
+        if todo:
+            from caption_train.data.images import load_rgb
+
+            inputs = family.prompt_inputs(processor, [load_rgb(paths[row]) for row in todo], None)
+            with autocast():
+                computed = family.batch_image_features(model, inputs)
+            for row, features in zip(todo, computed):
+                self._store(paths[row], features)
+                found[row] = features.to(self.dtype)
+        return [features.to(device, non_blocking=True) for features in found]

@@ -398,7 +398,8 @@ def setup(cfg: TrainConfig, hooks: TrainingHooks) -> Run:
     else:
         plan = plan_feature_cache(requested=cfg.cache_image_features, family=family, model=model, processor=processor,
                                   n_images=len(train_samples) + len(val_samples), random_flip=cfg.random_flip,
-                                  mixed_precision=precision.mode, cache_dir=cfg.cache_dir, dataset_dir=cfg.dataset_dir)
+                                  mixed_precision=precision.mode, cache_dir=cfg.cache_dir, dataset_dir=cfg.dataset_dir,
+                                  sample_image=str(train_samples[0].image_path) if train_samples else None)
     if main:
         print(f"model {cfg.model_name_or_path} ({family.name}), {cfg.peft_module}: {trainable:,} of {total:,} parameters trainable ({100 * trainable / total:.2f}%)", flush=True)
         if (targets := describe_adapters(model)) is not None:
@@ -483,8 +484,8 @@ def skip_cached_images(run: Run, loader: Any) -> None:
     """Call before a loader's iterator is made: images whose features are cached are not decoded, and once every
     image of the loader is cached there is nothing left for worker processes to do but tokenize a few captions, so
     the batches are made in-process (on a small CPU the workers would only compete with the training step)."""
-    if run.features is None or loader is None:
-        return
+    if run.features is None or loader is None or run.family.variable_image_features:
+        return  # (chat VLMs load every image: its size sets how many placeholders the prompt holds)
     dataset = loader.dataset
     dataset.skip_image = run.features.skip_predicate()
     in_process = run.features.covers(str(s.image_path) for s in dataset.samples)

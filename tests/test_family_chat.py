@@ -3,7 +3,9 @@ labels token by token, bad input, adapter targets, training through the real CLI
 
 from __future__ import annotations
 
+import contextlib
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -195,13 +197,124 @@ def test_two_training_steps_lower_the_loss(tmp_path, chat_model, eight_shapes, p
     assert second < first
 
 
-def test_no_feature_cache_for_chat_models_says_so(tmp_path, chat_model, eight_shapes, capsys):
-    """Their image token counts follow the image size (see ChatVlmFamily.supports_feature_cache): asking for a
-    cache is one line, before anything is written."""
-    args = base_args(eight_shapes, chat_model, tmp_path / "runs", "--max_length", "64", "--cache_image_features", "memory")
-    assert main(["train", *args]) == 2
-    assert "--cache_image_features memory: the chat-vlm family cannot cache image features yet; use auto or off" in capsys.readouterr().err
-    assert not (tmp_path / "runs").exists()
+# ---------------------------------------------------------------------------------------------
+# the feature cache: what get_image_features returns, one [image tokens, width] tensor per image
+
+
+@pytest.fixture
+def frozen(chat_model):
+    """A fresh model with LoRA on its language model (the image side frozen, as in training) and its processor."""
+    family, _ = resolve_family(str(chat_model))
+    model, processor = family.load(str(chat_model), {})
+    model = wrap_model(model, family, "LoRA", {"r": 4, "lora_alpha": 8})
+    family.freeze_vision_tower(model)
+    return family, model, processor
+
+
+def tower_calls(family, model) -> list[int]:
+    """A counter of the vision tower's forward calls."""
+    calls = [0]
+    family.vision_tower(model).register_forward_hook(lambda *_: calls.__setitem__(0, calls[0] + 1))
+    return calls
+
+
+def chat_batch(family, processor, paths, captions):
+    from caption_train.data.images import load_rgb
+
+    batch = family.collate(processor, [load_rgb(p) for p in paths], captions, max_length=256)
+    batch["pixel_rows"] = torch.arange(len(paths))
+    return batch
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_cached_step_gives_the_uncached_loss_and_logits(frozen, eight_shapes, tmp_path, dtype):
+    """A batch through the cache (computed, then read from memory, then from disk in a new cache) gives the loss
+    and logits the model gives computing its tower in the forward; reading never runs the tower; another image's
+    features give other logits (the check can see wrong features)."""
+    from caption_train.features import DiskStore, FeatureCache
+
+    family, model, processor = frozen
+    model.eval()
+    paths = sorted(eight_shapes.rglob("*.png"))[:3]
+    captions = ["a red circle", "a blue square", "a green triangle"]
+    autocast = lambda: torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16)  # noqa: E731
+    with autocast(), torch.no_grad():
+        reference = model(**{k: v for k, v in chat_batch(family, processor, paths, captions).items() if k != "pixel_rows"})
+    strs = [str(p) for p in paths]
+    memory, disk = FeatureCache(dtype), FeatureCache(dtype, DiskStore(tmp_path / "cache", dtype))
+    reread = FeatureCache(dtype, DiskStore(tmp_path / "cache", dtype))
+    calls = tower_calls(family, model)
+    for store, computes in ((memory, True), (memory, False), (disk, True), (reread, False)):
+        before = calls[0]
+        inputs = store.model_inputs(chat_batch(family, processor, paths, captions), strs, model=model, family=family, processor=processor, autocast=autocast)
+        assert "pixel_values" not in inputs and "mm_encoder_outputs" in inputs
+        with autocast(), torch.no_grad():
+            output = model(**inputs)
+        assert (calls[0] > before) == computes
+        assert abs(output.loss.item() - reference.loss.item()) < 1e-5, (output.loss, reference.loss)
+        torch.testing.assert_close(output.logits, reference.logits, atol=1e-5, rtol=0)
+    assert (memory.misses, memory.hits, disk.misses, reread.hits, reread.misses) == (3, 3, 3, 3, 0)
+    width = family.image_feature_width(model)
+    counts = family.image_token_counts(model, chat_batch(family, processor, paths, captions)["input_ids"])
+    assert [tuple(memory.memory[p].shape) for p in strs] == [(n, width) for n in counts] and all(f.dtype == dtype for f in memory.memory.values())
+    memory.memory = {path: features * 4 + 1 for path, features in memory.memory.items()}  # wrong features
+    with autocast(), torch.no_grad():
+        swapped = model(**memory.model_inputs(chat_batch(family, processor, paths, captions), strs, model=model, family=family, processor=processor, autocast=autocast))
+    assert not torch.allclose(swapped.logits, reference.logits, atol=1e-4)
+
+
+def test_generation_from_cached_features_equals_generation_from_images(frozen, eight_shapes):
+    """The probe panel's path: captions generated from the cached features equal those from the images, and the
+    tower does not run."""
+    from caption_train.data.images import load_rgb
+    from caption_train.features import FeatureCache
+
+    family, model, processor = frozen
+    model.eval()
+    paths = [str(p) for p in sorted(eight_shapes.rglob("*.png"))[:3]]
+    images = [load_rgb(p) for p in paths]
+    expected = family.generate(model, processor, images, max_new_tokens=6, do_sample=False)
+    cache = FeatureCache(torch.float32)
+    features = cache.features_for(paths, model=model, family=family, processor=processor, autocast=contextlib.nullcontext)
+    calls = tower_calls(family, model)
+    assert family.generate(model, processor, images, features=features, max_new_tokens=6, do_sample=False) == expected
+    assert calls[0] == 0 and cache.misses == 3
+    cache.features_for(paths, model=model, family=family, processor=processor, autocast=contextlib.nullcontext)
+    assert cache.hits == 3 and calls[0] == 0
+
+
+def test_training_with_the_cache_gives_the_losses_of_training_without(tmp_path, chat_model, eight_shapes, capsys):
+    """Two epochs through the CLI, --cache_image_features memory vs off: the same losses; the start-up line says
+    what was cached, and the second epoch reads every image's features from the cache."""
+    runs = {}
+    for mode in ("memory", "off"):
+        args = base_args(eight_shapes, chat_model, tmp_path / mode, "--max_length", "64", "--epochs", "2", "--batch_size", "4",
+                         "--lr", "1e-2", "--mixed_precision", "no", "--cache_image_features", mode)
+        assert main(["train", *args]) == 0
+        out = capsys.readouterr().out
+        runs[mode] = losses(next((tmp_path / mode).glob("*/final")))
+        if mode == "memory":
+            assert re.search(r"image features: vision tower frozen, no flips: caching in memory \(8 x about [\d.]+ MB float32\)", out), out
+            assert "image features: 12 read from the cache, 8 computed" in out  # epoch 2 and the 2 probe images, twice
+    assert runs["memory"] == pytest.approx(runs["off"], abs=1e-5)
+
+
+def test_full_fine_tune_with_a_frozen_tower_caches_only_when_nothing_after_it_trains(tmp_path, chat_model, loaded, eight_shapes, capsys):
+    """--freeze_vision_tower in a full fine-tune: Qwen2-VL's merger is part of its tower, so everything that makes
+    the image tokens is frozen and cached; the others' projector / connector lies outside the tower and trains,
+    so asking for the cache is one line."""
+    family, model = loaded[0], loaded[1]
+    projector_trains = len(family.feature_modules(model)) > 1
+    assert projector_trains == (loaded[3] not in ("qwen2_vl", "qwen2_5_vl"))
+    args = base_args(eight_shapes, chat_model, tmp_path / "runs", "--max_length", "64", "--peft_module", "none",
+                     "--freeze_vision_tower", "true", "--cache_image_features", "memory")
+    assert main(["train", *args]) == (2 if projector_trains else 0)
+    captured = capsys.readouterr()
+    if projector_trains:
+        assert "the projector that turns the vision tower's output into image tokens has trainable parameters" in captured.err
+        assert not (tmp_path / "runs").exists()
+    else:
+        assert "image features: vision tower frozen, no flips: caching in memory" in captured.out
 
 
 def caption_dir(model: Path, images_dir: Path, out: Path, *extra: str) -> dict[str, str]:

@@ -363,7 +363,7 @@ def test_loader_goes_in_process_once_every_image_is_cached(tiny_blip, pictures):
     dataset = CaptionDataset([Sample(p, "a red circle") for p in pictures])
     loader = Accelerator(cpu=True).prepare(torch.utils.data.DataLoader(dataset, batch_size=2, num_workers=2, collate_fn=collate_where))
     cache = FeatureCache(torch.float32)
-    run = SimpleNamespace(features=cache, cfg=SimpleNamespace(num_workers=2))
+    run = SimpleNamespace(features=cache, cfg=SimpleNamespace(num_workers=2), family=BlipFamily())
     skip_cached_images(run, loader)
     assert epoch(loader) == ({True}, [False] * len(pictures))
     for path in pictures[:-1]:

@@ -70,6 +70,17 @@ class ModelFamily:
     a tower whose frozen twin, a `FrozenVisionTower`, takes its own output as pixel_values), so its frozen tower's
     features can be cached."""
 
+    variable_image_features: bool = False
+    """True when each image's features have their own token count (chat VLMs: it follows the image's size). The
+    cache then holds one [tokens, width] tensor per image, the loader still loads every image (the prompt's
+    placeholders are expanded for it), and the family implements image_feature_width, image_token_counts,
+    estimate_feature_shape and batch_image_features instead of image_feature_shape and image_features."""
+
+    def feature_modules(self, model: torch.nn.Module) -> list[torch.nn.Module]:
+        """What computes the cached features: none of it may train for the cache to be used, and its weights name
+        the disk cache's folder. Default: the vision tower."""
+        return [self.vision_tower(model)]
+
     def freeze_vision_tower(self, model: torch.nn.Module) -> None:
         """Make a vision tower without trainable parameters run in eval mode without autograd, and accept the
         features `image_features` returned (through `feature_inputs`) in place of pixels. Default: nothing more
@@ -87,7 +98,7 @@ class ModelFamily:
             features = self.vision_tower(model)(pixel_values=pixel_values.to(model_dtype(model))).last_hidden_state
         return features.clone()  # a normal tensor again, usable in autograd
 
-    def feature_inputs(self, features: torch.Tensor) -> dict[str, torch.Tensor]:
+    def feature_inputs(self, features: torch.Tensor, model: torch.nn.Module | None = None) -> dict[str, Any]:
         """Model keyword arguments that feed precomputed `features` instead of pixel_values. Default: the
         features as pixel_values, which a `FrozenVisionTower` takes in place of pixels."""
         return {"pixel_values": features}
@@ -251,7 +262,15 @@ def swap_class(module: torch.nn.Module, mixin: type) -> None:
 _SWAPPED: dict[tuple[type, type], type] = {}
 
 
-class FrozenVisionTower:
+class EvalOnly:
+    """Mixin (through `swap_class`) for a frozen module that stays in eval mode whatever the model's mode: its
+    dropout off, so the features it computes are the ones a cache holds."""
+
+    def train(self, mode: bool = True) -> torch.nn.Module:
+        return super().train(False)
+
+
+class FrozenVisionTower(EvalOnly):
     """Mixin (through `swap_class`) for a vision tower with no trainable parameter: always in eval mode, run
     without autograd, and accepting its own output (image features from the cache) in place of pixel_values.
 
@@ -260,9 +279,6 @@ class FrozenVisionTower:
     tower's dtype (the dtype its own output has without autocast): a bf16 cache entry read by an fp32 model is
     cast back exactly, and the layer that reads it casts it under autocast as it casts the computed output.
     """
-
-    def train(self, mode: bool = True) -> torch.nn.Module:
-        return super().train(False)  # dropout off: the cached and the computed features must be the same
 
     def cached_features(self, pixel_values: torch.Tensor) -> torch.Tensor | None:
         """`pixel_values` as features when they are the tower's output rather than pixels, else None."""

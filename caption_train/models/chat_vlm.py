@@ -14,6 +14,7 @@ are targets. Everything else (template, prompt, image tokens, padding) is -100.
 
 from __future__ import annotations
 
+import inspect
 import re
 from dataclasses import dataclass
 from typing import Any, Sequence
@@ -24,6 +25,7 @@ from PIL import Image
 from caption_train.errors import UserError
 from caption_train.models.base import (
     IGNORE_INDEX,
+    EvalOnly,
     ModelFamily,
     apply_config_overrides,
     load_model_config,
@@ -31,6 +33,7 @@ from caption_train.models.base import (
     model_dtype,
     pop_load_kwargs,
     register,
+    swap_class,
     unwrap_peft,
 )
 
@@ -43,6 +46,8 @@ _LM = r".*\.(language_model|text_model)\.layers\.\d+\."
 LORA_TARGETS = _LM + r"(self_attn\.(q_proj|k_proj|v_proj|o_proj)|mlp\.(gate_proj|up_proj|down_proj))$"
 IA3_TARGETS = _LM + r"(self_attn\.(k_proj|v_proj)|mlp\.down_proj)$"
 IA3_FEEDFORWARD = _LM + r"mlp\.down_proj$"
+# What get_image_features returns besides the image tokens (pooler_output) that the cache may leave out.
+_PLAIN_ENCODER_OUTPUTS = ("last_hidden_state", "pooler_output", "hidden_states", "attentions")
 _VISION_ATTRIBUTES = ("visual", "vision_tower", "vision_model")  # Qwen2-VL; LLaVA, Gemma 3; Idefics3, SmolVLM
 
 
@@ -62,11 +67,13 @@ class ChatVlmFamily(ModelFamily):
     model_types = ()  # every image-text-to-text model type no other family registered (handles_model_type)
     fallback_description = "any other image-text-to-text model whose processor has a chat template (chat-vlm)"
     default_prompt = "Write a caption for this image."
-    # No feature cache: the cache holds one fixed-shape tensor per image, and most chat VLMs give an image as many
-    # tokens as its size calls for (Qwen2-VL's dynamic resolution, Idefics3 / SmolVLM's image splitting, LLaVA-NeXT's
-    # any-resolution tiles); those with a fixed count read their tower differently (LLaVA a hidden layer chosen by
-    # vision_feature_layer, Gemma 3 the output), which a per-family flag cannot tell apart.
-    supports_feature_cache = False
+    # The feature cache holds what the model's get_image_features returns (the vision tower and the projector /
+    # connector / merger that turns its output into image tokens), one [image tokens, width] tensor per image, fed back
+    # through transformers' own `mm_encoder_outputs` argument. The count of image tokens follows each image's size, so
+    # the loader still decodes every image (the prompt's placeholders are expanded for it); the towers' forward is what
+    # is saved.
+    supports_feature_cache = True
+    variable_image_features = True
 
     def handles_model_type(self, model_type: str) -> bool:
         from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES
@@ -112,11 +119,71 @@ class ChatVlmFamily(ModelFamily):
     def text_model(self, model: torch.nn.Module) -> torch.nn.Module:
         return unwrap_peft(model).get_decoder()
 
+    def feature_modules(self, model: torch.nn.Module) -> list[torch.nn.Module]:
+        """The vision tower and every other part of the model outside the language model (projector, connector,
+        merger): what get_image_features runs, so what must be frozen for its output to be cached."""
+        inner, text = unwrap_peft(model).model, self.text_model(model)
+        return [module for module in inner.children() if module is not text]
+
+    # ---- the feature cache (features.py): one [image tokens, width] tensor per image
+    def freeze_vision_tower(self, model: torch.nn.Module) -> None:
+        for module in self.feature_modules(model):
+            if not any(p.requires_grad for p in module.parameters()):
+                swap_class(module, EvalOnly)  # dropout off: the cached and the computed features must be the same
+
+    def image_feature_width(self, model: torch.nn.Module) -> int:
+        return unwrap_peft(model).get_input_embeddings().embedding_dim
+
+    def image_token_counts(self, model: torch.nn.Module, input_ids: torch.Tensor) -> list[int]:
+        """How many image placeholder tokens each row of `input_ids` holds: its image's feature count."""
+        return (input_ids == _image_token_id(unwrap_peft(model).config)).sum(dim=1).tolist()
+
+    def estimate_feature_shape(self, model: torch.nn.Module, processor: Any, image: Image.Image) -> tuple[int, int]:
+        """One image's feature shape (other images' differ with their size), computed from `image`; also
+        checks that this model's image features can be cached at all."""
+        inputs = self.prompt_inputs(processor, [image], self.default_prompt)
+        return tuple(self.batch_image_features(model, inputs)[0].shape)
+
+    def batch_image_features(self, model: torch.nn.Module, inputs: dict[str, torch.Tensor]) -> list[torch.Tensor]:
+        """Each row's image features, [its image tokens, width], from the batch's pixels (no autograd): what the
+        model's get_image_features returns, split by row."""
+        base = unwrap_peft(model)
+        encode = base.get_image_features
+        accepted = inspect.signature(encode).parameters
+        dtype, device = model_dtype(model), model_device(model)
+        kwargs = {k: (v.to(device, dtype) if v.is_floating_point() else v.to(device)) for k, v in inputs.items()
+                  if k in accepted and k != "kwargs" and isinstance(v, torch.Tensor)}
+        with torch.inference_mode():
+            output = encode(**kwargs, return_dict=True)
+        extra = [name for name, value in output.items() if name not in _PLAIN_ENCODER_OUTPUTS and value is not None]
+        if extra:
+            raise UserError(f"model {type(base).__name__}: its image encoder returns {', '.join(extra)} besides the image tokens, "
+                            "which the feature cache does not hold; use --cache_image_features off")
+        pooled = output.pooler_output
+        base.__dict__["_caption_train_image_container"] = "sequence" if isinstance(pooled, (list, tuple)) else "tensor"
+        parts = pooled if isinstance(pooled, (list, tuple)) else [pooled]
+        flat = torch.cat([part.reshape(-1, part.shape[-1]) for part in parts])
+        counts = self.image_token_counts(model, inputs["input_ids"].to(device))
+        if sum(counts) != flat.shape[0]:
+            raise UserError(f"model {type(base).__name__}: {flat.shape[0]} image features for {sum(counts)} image tokens; use --cache_image_features off")
+        return [rows.clone() for rows in flat.split(counts)]  # normal tensors again, usable in autograd
+
+    def feature_inputs(self, features: Sequence[torch.Tensor], model: torch.nn.Module | None = None) -> dict[str, Any]:
+        """The model's `mm_encoder_outputs` for each row's cached features, in the container its forward reads
+        (Qwen2-VL and LLaVA concatenate a per-image sequence; Gemma 3 and Idefics3 take one tensor)."""
+        from transformers.modeling_outputs import BaseModelOutputWithPooling
+
+        container = unwrap_peft(model).__dict__.get("_caption_train_image_container") if model is not None else None
+        if container is None:
+            raise RuntimeError("feature_inputs before any image features were computed with this model")
+        pooled = tuple(features) if container == "sequence" else torch.cat(list(features))
+        return {"mm_encoder_outputs": {"image": BaseModelOutputWithPooling(pooler_output=pooled)}}
+
     # ---- data
     def collate(self, processor: Any, images: Sequence[Image.Image | None], captions: Sequence[str], *, max_length: int,
                 prompt: str | None = None) -> dict[str, torch.Tensor]:
         if any(image is None for image in images):
-            raise ValueError(f"the {self.name} family has no feature cache: every image must be loaded")
+            raise ValueError(f"the {self.name} family needs every image loaded: its prompt holds one placeholder per image token")
         turns = chat_turns(processor, prompt or self.default_prompt)
         # The prompt exactly as generate() tokenizes it (image placeholders expanded for each image's size).
         encoded = processor(images=[[image] for image in images], text=[turns.prompt_text] * len(images), padding=True, return_tensors="pt")
@@ -148,19 +215,31 @@ class ChatVlmFamily(ModelFamily):
             return {}
         return dict(processor.image_processor(images=loaded, return_tensors="pt"))
 
-    # ---- inference
-    @torch.no_grad()
-    def generate(self, model: torch.nn.Module, processor: Any, images: Sequence[Image.Image], *, prompt: str | None = None, **generate_kwargs: Any) -> list[str]:
+    def prompt_inputs(self, processor: Any, images: Sequence[Image.Image], prompt: str | None) -> dict[str, torch.Tensor]:
+        """The processor's inputs for captioning `images`: the generation prompt (left-padded: every row's prompt
+        must end where generation starts) with each image's placeholders expanded, and the image inputs."""
         turns = chat_turns(processor, prompt or self.default_prompt)
         tokenizer = processor.tokenizer
         side = tokenizer.padding_side
-        tokenizer.padding_side = "left"  # decoder-only: every row's prompt must end where generation starts
+        tokenizer.padding_side = "left"
         try:
-            inputs = processor(images=[[image] for image in images], text=[turns.prompt_text] * len(images), padding=True, return_tensors="pt")
+            encoded = processor(images=[[image] for image in images], text=[turns.prompt_text] * len(images), padding=True, return_tensors="pt")
         finally:
             tokenizer.padding_side = side
+        return {k: v for k, v in encoded.items() if isinstance(v, torch.Tensor)}
+
+    # ---- inference
+    @torch.no_grad()
+    def generate(self, model: torch.nn.Module, processor: Any, images: Sequence[Image.Image], *, prompt: str | None = None,
+                 features: Sequence[torch.Tensor] | None = None, **generate_kwargs: Any) -> list[str]:
+        turns = chat_turns(processor, prompt or self.default_prompt)
+        tokenizer = processor.tokenizer
+        inputs = self.prompt_inputs(processor, images, prompt)
         dtype, device = model_dtype(model), model_device(model)
-        inputs = {k: (v.to(device, dtype) if v.is_floating_point() else v.to(device)) for k, v in inputs.items() if isinstance(v, torch.Tensor)}
+        inputs = {k: (v.to(device, dtype) if v.is_floating_point() else v.to(device)) for k, v in inputs.items()}
+        if features is not None:  # the cached image features, in place of the tower's forward
+            inputs.pop("pixel_values")
+            inputs |= self.feature_inputs([f.to(device) for f in features], model)
         prompt_length = inputs["input_ids"].shape[1]
         room = self.max_text_length(model) - prompt_length
         generate_kwargs["max_new_tokens"] = max(1, min(generate_kwargs.get("max_new_tokens") or 40, room))
@@ -284,6 +363,13 @@ def _pad_rows(rows: list[dict[str, list[int]]], tokenizer: Any) -> dict[str, tor
             pad = [fill.get(key, 0)] * (length - len(values))
             batch[key].append(pad + values if tokenizer.padding_side == "left" else values + pad)
     return {key: torch.tensor(values, dtype=torch.long) for key, values in batch.items()}
+
+
+def _image_token_id(config: Any) -> int:
+    for key in ("image_token_id", "image_token_index"):
+        if isinstance(getattr(config, key, None), int):
+            return getattr(config, key)
+    raise UserError(f"model type {config.model_type!r}: its config names no image token (image_token_id); use --cache_image_features off")
 
 
 def _stop_ids(model: torch.nn.Module, end_id: int) -> list[int]:
