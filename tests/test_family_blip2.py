@@ -335,7 +335,12 @@ def test_t5_label_smoothing_reaches_the_loss(tiny_blip2_t5, loaded_t5):
         plain, output = model(**batch).loss, smoothed.eval()(**batch)
     expected = F.cross_entropy(output.logits.flatten(0, 1), batch["labels"].flatten(), ignore_index=IGNORE_INDEX, label_smoothing=0.1)
     torch.testing.assert_close(output.loss, expected)
-    assert not torch.allclose(output.loss, plain)
+    # A random model's predictions are near uniform, so smoothing moves the loss by only 0.1 x (mean NLL over the
+    # vocabulary - the targets' NLL): 4e-5 for this one, within allclose of the plain loss. Against the plain cross
+    # entropy of the same logits the difference is exact, not rounding.
+    unsmoothed = F.cross_entropy(output.logits.flatten(0, 1), batch["labels"].flatten(), ignore_index=IGNORE_INDEX)
+    torch.testing.assert_close(plain, unsmoothed)
+    assert abs(output.loss - unsmoothed) > 1e-6
 
 
 def test_t5_generate_returns_the_decoder_text_within_the_limit(loaded_t5):
@@ -396,15 +401,31 @@ def test_t5_cached_step_gives_the_uncached_loss_and_logits(tiny_blip2_t5, eight_
     check_cached_step(family, model, paths, CAPTIONS + ["a green circle"], processor, dtype=torch.float32)
 
 
+def test_t5_first_step_gradients_are_moderate(loaded_t5):
+    """The tiny model's image path trains: with transformers' zero query tokens and 1e-10 ViT init, the Q-Former's
+    LayerNorm at zero input gave the query tokens a ~1e16 gradient, AdamW's second moment then froze the image path,
+    and the overfit below wrote one caption for every image."""
+    family, model, processor = loaded_t5
+    batch = family.collate(processor, images(4), CAPTIONS + ["a green circle"], max_length=32)
+    model.zero_grad()
+    model(**batch).loss.backward()
+    norms = {name: float(torch.linalg.vector_norm(torch.cat([p.grad.flatten() for n, p in model.named_parameters() if n.startswith(name)])))
+             for name in ("vision_model", "query_tokens", "qformer", "language_projection", "language_model")}
+    model.zero_grad()
+    assert all(0 < norm < 100 for norm in norms.values()), norms
+
+
 @pytest.mark.slow
-@pytest.mark.skip(reason="not reliable yet: the tiny random ViT + Q-Former give the T5 encoder query outputs that differ "
-                         "by ~1e-3 between the shapes images; runs of 600-1500 epochs (lr 3e-3..1e-2, initializer_factor "
-                         "1.0, max_grad_norm 0) got 5-7 of 8 captions or collapsed to one caption")
 def test_t5_overfit_then_caption_command_reads_back_every_caption(tmp_path, tiny_blip2_t5, eight_shapes, capsys):
-    """Labels and generation agree for Flan-T5: after overfitting 8 images, `caption` writes exactly their captions."""
+    """Labels and generation agree for Flan-T5: after overfitting 8 images, `caption` writes exactly their captions
+    (T5's decoder start (pad) in training and generation, every caption token, and the stop at eos)."""
     dataset = eight_shapes[0][0].parents[1]
-    final = train(tmp_path / "runs", tiny_blip2_t5, dataset, "--peft_module", "none", "--epochs", "1000", "--lr", "6e-3", "--max_grad_norm", "0",
-                  "--lr_scheduler", "OneCycleLR", "--mixed_precision", "no", "--model_config", "{dropout_rate = 0.0}")
+    # ~30 s. Measured through train() on builder seeds 0-3: 8/8 exact each, final loss 0.010-0.013 (600 epochs: still
+    # 8/8, loss 0.03; with clipping at 1.0 or Q-Former dropout on: 8/8 too). lr 6e-3 let the decoder learn the caption
+    # prior before the image path and ended with one caption for all. Dropout off: the same features every step.
+    final = train(tmp_path / "runs", tiny_blip2_t5, dataset, "--peft_module", "none", "--epochs", "1000", "--lr", "1e-3",
+                  "--max_grad_norm", "0", "--lr_scheduler", "OneCycleLR", "--mixed_precision", "no", "--model_config",
+                  "{dropout_rate = 0.0, hidden_dropout_prob = 0.0, attention_probs_dropout_prob = 0.0}")
     capsys.readouterr()
     out = tmp_path / "captions.jsonl"
     assert main(["caption", str(final), str(dataset), "--output_jsonl", str(out), "--dtype", "float32", "--num_workers", "0", "--device", "cpu"]) == 0

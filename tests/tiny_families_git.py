@@ -175,6 +175,14 @@ def build_tiny_blip2(out_dir, texts: Iterable[str], *, image_size: int = 32, pat
 # bos, the <image> placeholder, and a small ViT + Q-Former + gated-GELU T5 encoder-decoder.
 
 
+def _with_random_query_tokens(model):
+    import torch
+
+    with torch.no_grad():
+        model.query_tokens.normal_(0.0, model.config.qformer_config.initializer_range)
+    return model
+
+
 def build_t5_tokenizer(texts: Iterable[str], *, max_length: int = 512):
     """Every word of `texts` is one piece; other text falls back to single characters (else <unk>)."""
     import string
@@ -201,8 +209,13 @@ def build_tiny_blip2_t5(out_dir, texts: Iterable[str], *, image_size: int = 32, 
     tokenizer = build_t5_tokenizer(texts)
     processor = Blip2Processor(ImageProcessor(size={"height": image_size, "width": image_size}), tokenizer,
                                num_query_tokens=num_query_tokens)  # adds <image> to the tokenizer
+    # Trained from scratch, so not transformers' pretrained-loading defaults (as build_tiny_blip does for BLIP): the
+    # ViT's initializer_range 1e-10 makes its output ~1e-6, and the query tokens start at zero, where the Q-Former's
+    # embedding LayerNorm (eps 1e-12) has a gradient of ~1e6 per unit: the first step's query-token gradient was ~1e16,
+    # which fills AdamW's second moment and stalls the image path while the decoder learns the caption prior alone
+    # (every image then got one caption). Normal(0, 0.02) query tokens are the original BLIP-2's initialisation.
     vision = dict(hidden_size=hidden_size, intermediate_size=2 * hidden_size, num_hidden_layers=num_layers,
-                  num_attention_heads=num_heads, image_size=image_size, patch_size=patch_size)
+                  num_attention_heads=num_heads, image_size=image_size, patch_size=patch_size, initializer_range=0.02)
     qformer = dict(hidden_size=hidden_size, intermediate_size=2 * hidden_size, num_hidden_layers=num_layers,
                    num_attention_heads=num_heads, encoder_hidden_size=hidden_size, vocab_size=len(tokenizer))
     # Flan-T5: gated-GELU feed-forward, untied output embeddings, the decoder starts from pad. T5's initialisation
@@ -215,5 +228,5 @@ def build_tiny_blip2_t5(out_dir, texts: Iterable[str], *, image_size: int = 32, 
     config = Blip2Config(vision_config=vision, qformer_config=qformer, text_config=text, num_query_tokens=num_query_tokens,
                          image_token_index=tokenizer.convert_tokens_to_ids("<image>"))
     assert not config.use_decoder_only_language_model
-    model = _seeded(seed, lambda: Blip2ForConditionalGeneration(config).eval())
+    model = _seeded(seed, lambda: _with_random_query_tokens(Blip2ForConditionalGeneration(config).eval()))
     return _save(Path(out_dir), model, processor)
