@@ -238,9 +238,11 @@ def test_a_processor_without_a_fixed_size_trains_uncached_under_auto(tmp_path, t
 @pytest.mark.slow
 def test_overfit_then_caption_command_reads_back_every_caption(tmp_path, tiny_florence, eight_shapes, capsys):
     """Labels and generation agree: after overfitting 8 images, `caption` writes exactly their captions
-    (the decoder's start, every caption token, and the stop at </s>). About 40 s on 2 cores."""
+    (the decoder's start, every caption token, and the stop at </s>). About 30 s on 2 cores. At lr 2e-3 the decoder
+    learned the captions' prior before the image path on one CPU (AVX512: 6/8 exact, 4/8 in CI; AVX2: 8/8); at 1e-3
+    the builder's seeds 0-3 all gave 8/8 there."""
     dataset = eight_shapes[0][0].parents[1]
-    final = train(tmp_path / "runs", tiny_florence, dataset, "--peft_module", "none", "--epochs", "500", "--lr", "2e-3",
+    final = train(tmp_path / "runs", tiny_florence, dataset, "--peft_module", "none", "--epochs", "500", "--lr", "1e-3",
                   "--lr_scheduler", "OneCycleLR", "--mixed_precision", "no", "--model_config", NO_DROPOUT)
     capsys.readouterr()
     out = tmp_path / "captions.jsonl"
