@@ -217,7 +217,8 @@ def test_overfit_then_caption_command_reads_back_every_caption(tmp_path, tiny_bl
     (start token, every caption token, and the stop at eos)."""
     dataset = eight_shapes[0][0].parents[1]
     # 600 epochs: 300 were enough on an AVX512 CPU but left 3 of 8 shapes confused on an AVX2 one (other rounding).
-    final = train(tmp_path / "runs", tiny_blip2, dataset, "--peft_module", "none", "--epochs", "600", "--lr", "3e-3",
+    # lr 1e-3: at 3e-3 builder seed 2 gave 7/8 (the decoder learns the captions' prior first); at 1e-3 seeds 0-3 gave 8/8.
+    final = train(tmp_path / "runs", tiny_blip2, dataset, "--peft_module", "none", "--epochs", "600", "--lr", "1e-3",
                   "--lr_scheduler", "OneCycleLR", "--mixed_precision", "no",
                   "--model_config", "{dropout = 0.0}")
     capsys.readouterr()

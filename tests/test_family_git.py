@@ -222,9 +222,10 @@ def test_gradient_checkpointing_trains(tmp_path, tiny_git, eight_shapes, module)
 @pytest.mark.slow
 def test_overfit_then_caption_command_reads_back_every_caption(tmp_path, tiny_git, eight_shapes, capsys):
     """Labels and generation agree: after overfitting 8 images, `caption` writes exactly their captions
-    (start token, every caption token, and the stop at [SEP])."""
+    (start token, every caption token, and the stop at [SEP]). At lr 3e-3 it was on the edge (6/8 exact in some
+    processes on an AVX512 CPU: the decoder learned the captions' prior first); at 1e-3 builder seeds 0-3 gave 8/8."""
     dataset = eight_shapes[0][0].parents[1]
-    final = train(tmp_path / "runs", tiny_git, dataset, "--peft_module", "none", "--epochs", "600", "--lr", "3e-3",
+    final = train(tmp_path / "runs", tiny_git, dataset, "--peft_module", "none", "--epochs", "600", "--lr", "1e-3",
                   "--lr_scheduler", "OneCycleLR", "--mixed_precision", "no",
                   "--model_config", "{hidden_dropout_prob = 0.0, attention_probs_dropout_prob = 0.0}")
     capsys.readouterr()
