@@ -314,16 +314,23 @@ class FeatureCache:
         if family.variable_image_features:
             return self._token_features_for(paths, model=model, family=family, processor=processor, autocast=autocast, device=device)
         shape = tuple(family.image_feature_shape(model, processor))
-        found = [self._lookup(path, shape) for path in paths]
-        todo = [row for row, feature in enumerate(found) if feature is None]
+        found = self._complete(paths, [shape] * len(paths), lambda todo: self._compute(
+            todo, list(pixel_rows), pixels, paths, model=model, family=family, processor=processor, autocast=autocast))
+        return torch.stack([f.to(device, non_blocking=True) for f in found])
+
+    def _complete(self, paths: Sequence[str], shapes: Sequence[tuple[int | None, ...]],
+                  compute: Callable[[list[int]], Sequence[torch.Tensor]]) -> list[torch.Tensor]:
+        """Every path's features in the cache's dtype: read from the cache where an entry of its shape is there,
+        else from `compute(rows)` (the missing rows' features, in order), which are stored."""
+        found = [self._lookup(path, shape) for path, shape in zip(paths, shapes)]
+        todo = [row for row, features in enumerate(found) if features is None]
         self.hits += len(paths) - len(todo)
         self.misses += len(todo)
         if todo:
-            computed = self._compute(todo, list(pixel_rows), pixels, paths, model=model, family=family, processor=processor, autocast=autocast)
-            for row, features in zip(todo, computed):
+            for row, features in zip(todo, compute(todo)):
                 self._store(paths[row], features)
                 found[row] = features.to(self.dtype)
-        return torch.stack([f.to(device, non_blocking=True) for f in found])
+        return found
 
     def _compute(self, rows: list[int], pixel_rows: list[int], pixels: torch.Tensor | None, paths: Sequence[str], *,
                  model: torch.nn.Module, family: Any, processor: Any, autocast: Callable[[], Any]) -> torch.Tensor:
@@ -346,34 +353,25 @@ class FeatureCache:
         cache, or, when any is missing, computed for the whole batch from its pixels and the missing ones stored."""
         counts = family.image_token_counts(model, batch["input_ids"])
         width = family.image_feature_width(model)
-        found = [self._lookup(path, (count, width)) for path, count in zip(paths, counts)]
-        todo = [row for row, features in enumerate(found) if features is None]
-        self.hits += len(paths) - len(todo)
-        self.misses += len(todo)
-        if todo:
+
+        def compute(todo: list[int]) -> list[torch.Tensor]:
             with autocast():
-                computed = family.batch_image_features(model, batch)
-            for row in todo:
-                self._store(paths[row], computed[row])
-                found[row] = computed[row].to(self.dtype)
+                computed = family.batch_image_features(model, batch)  # the whole batch: its pixels cannot be split by row
+            return [computed[row] for row in todo]
+
+        found = self._complete(paths, [(count, width) for count in counts], compute)
         batch.pop("pixel_values")
         device = batch["input_ids"].device
         return batch | family.feature_inputs([features.to(device, non_blocking=True) for features in found], model)
 
     def _token_features_for(self, paths: Sequence[str], *, model: torch.nn.Module, family: Any, processor: Any,
                             autocast: Callable[[], Any], device: torch.device | str) -> list[torch.Tensor]:
-        width = family.image_feature_width(model)
-        found = [self._lookup(path, (None, width)) for path in paths]
-        todo = [row for row, features in enumerate(found) if features is None]
-        self.hits += len(paths) - len(todo)
-        self.misses += len(todo)
-        if todo:
-            from caption_train.data.images import load_rgb
+        from caption_train.data.images import load_rgb
 
+        def compute(todo: list[int]) -> list[torch.Tensor]:
             inputs = family.prompt_inputs(processor, [load_rgb(paths[row]) for row in todo], None)
             with autocast():
-                computed = family.batch_image_features(model, inputs)
-            for row, features in zip(todo, computed):
-                self._store(paths[row], features)
-                found[row] = features.to(self.dtype)
+                return family.batch_image_features(model, inputs)
+
+        found = self._complete(paths, [(None, family.image_feature_width(model))] * len(paths), compute)
         return [features.to(device, non_blocking=True) for features in found]

@@ -323,3 +323,9 @@ def model_dtype(model: torch.nn.Module) -> torch.dtype:
 
 def model_device(model: torch.nn.Module) -> torch.device:
     return next(model.parameters()).device
+
+
+def to_model(inputs: dict[str, Any], model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The tensors of `inputs` on the model's device, floating ones in its dtype (pixels), the rest as they are."""
+    dtype, device = model_dtype(model), model_device(model)
+    return {k: (v.to(device, dtype) if v.is_floating_point() else v.to(device)) for k, v in inputs.items() if isinstance(v, torch.Tensor)}

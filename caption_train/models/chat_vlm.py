@@ -30,10 +30,10 @@ from caption_train.models.base import (
     apply_config_overrides,
     load_model_config,
     model_device,
-    model_dtype,
     pop_load_kwargs,
     register,
     swap_class,
+    to_model,
     unwrap_peft,
 )
 
@@ -150,9 +150,7 @@ class ChatVlmFamily(ModelFamily):
         base = unwrap_peft(model)
         encode = base.get_image_features
         accepted = inspect.signature(encode).parameters
-        dtype, device = model_dtype(model), model_device(model)
-        kwargs = {k: (v.to(device, dtype) if v.is_floating_point() else v.to(device)) for k, v in inputs.items()
-                  if k in accepted and k != "kwargs" and isinstance(v, torch.Tensor)}
+        kwargs = to_model({k: v for k, v in inputs.items() if k in accepted and k != "kwargs"}, model)
         with torch.inference_mode():
             output = encode(**kwargs, return_dict=True)
         extra = [name for name, value in output.items() if name not in _PLAIN_ENCODER_OUTPUTS and value is not None]
@@ -163,7 +161,7 @@ class ChatVlmFamily(ModelFamily):
         base.__dict__["_caption_train_image_container"] = "sequence" if isinstance(pooled, (list, tuple)) else "tensor"
         parts = pooled if isinstance(pooled, (list, tuple)) else [pooled]
         flat = torch.cat([part.reshape(-1, part.shape[-1]) for part in parts])
-        counts = self.image_token_counts(model, inputs["input_ids"].to(device))
+        counts = self.image_token_counts(model, inputs["input_ids"])
         if sum(counts) != flat.shape[0]:
             raise UserError(f"model {type(base).__name__}: {flat.shape[0]} image features for {sum(counts)} image tokens; use --cache_image_features off")
         return [rows.clone() for rows in flat.split(counts)]  # normal tensors again, usable in autograd
@@ -234,12 +232,10 @@ class ChatVlmFamily(ModelFamily):
                  features: Sequence[torch.Tensor] | None = None, **generate_kwargs: Any) -> list[str]:
         turns = chat_turns(processor, prompt or self.default_prompt)
         tokenizer = processor.tokenizer
-        inputs = self.prompt_inputs(processor, images, prompt)
-        dtype, device = model_dtype(model), model_device(model)
-        inputs = {k: (v.to(device, dtype) if v.is_floating_point() else v.to(device)) for k, v in inputs.items()}
+        inputs = to_model(self.prompt_inputs(processor, images, prompt), model)
         if features is not None:  # the cached image features, in place of the tower's forward
             inputs.pop("pixel_values")
-            inputs |= self.feature_inputs([f.to(device) for f in features], model)
+            inputs |= self.feature_inputs([f.to(model_device(model)) for f in features], model)
         prompt_length = inputs["input_ids"].shape[1]
         room = self.max_text_length(model) - prompt_length
         generate_kwargs["max_new_tokens"] = max(1, min(generate_kwargs.get("max_new_tokens") or 40, room))

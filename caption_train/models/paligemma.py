@@ -24,11 +24,10 @@ from caption_train.models.base import (
     ModelFamily,
     apply_config_overrides,
     load_model_config,
-    model_device,
-    model_dtype,
     pop_load_kwargs,
     register,
     swap_class,
+    to_model,
     unwrap_peft,
 )
 from caption_train.models.chat_vlm import IA3_FEEDFORWARD, IA3_TARGETS, LORA_TARGETS
@@ -119,8 +118,7 @@ class PaliGemmaFamily(ModelFamily):
             tokenizer.padding_side = side
         if features is not None:  # the frozen tower's cached output, taken in place of the pixels
             inputs["pixel_values"] = self.feature_inputs(features)["pixel_values"]
-        dtype, device = model_dtype(model), model_device(model)
-        inputs = {k: (v.to(device, dtype) if v.is_floating_point() else v.to(device)) for k, v in inputs.items() if isinstance(v, torch.Tensor)}
+        inputs = to_model(inputs, model)
         prompt_length = inputs["input_ids"].shape[1]
         room = self.max_text_length(model) - prompt_length
         generate_kwargs["max_new_tokens"] = max(1, min(generate_kwargs.get("max_new_tokens") or 40, room))
