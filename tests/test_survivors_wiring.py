@@ -120,7 +120,6 @@ def test_probe_panel_and_validation_metrics_caption_with_the_run_prompt(chat_mod
     assert len(prompts_seen) >= 2 and set(prompts_seen) == {PROMPT}, prompts_seen
 
 
-@pytest.mark.slow
 def test_interactive_caption_now_uses_the_run_prompt(chat_model, four_shapes, tmp_path, prompts_seen, capsys):
     """`train --prompt X --interactive 0`: "caption now" through the page's HTTP API captions with X. The run is
     long; once the caption has arrived the test stops it as a user would, with Ctrl-C (SIGINT)."""
