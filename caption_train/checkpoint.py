@@ -17,6 +17,7 @@ import os
 import random
 import re
 import shutil
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -200,5 +201,12 @@ def prune_step_checkpoints(run_dir: Path, keep: int) -> list[Path]:
         doomed = path.parent / f".{path.name}{TMP_MARK}delete"
         shutil.rmtree(doomed, ignore_errors=True)
         os.replace(path, doomed)
-        shutil.rmtree(doomed)
+        try:
+            shutil.rmtree(doomed)
+        except OSError as err:
+            # What is left is hidden (never listed, resumed from or pruned as a checkpoint): not worth ending a run for.
+            from tqdm.auto import tqdm
+
+            tqdm.write(f"warning: --save_total_limit could not delete all of {path.name}/ ({err.strerror or err}: {err.filename}); "
+                       f"the rest is in {doomed}, delete it by hand", file=sys.stderr)
     return removed

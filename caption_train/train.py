@@ -670,10 +670,13 @@ def caption_metrics(run: Run, epoch: int) -> dict[str, float]:
     cfg = run.cfg
     if not (cfg.eval_every_n_epochs and (epoch + 1) % cfg.eval_every_n_epochs == 0 and run.val_samples):
         return {}
+    from caption_train.captioning import GenerationOptions
     from caption_train.evaluate import validation_scores
 
+    # With the run's --prompt, as the probe panel and `caption` use it: the scores are of what training teaches.
     return validation_scores(run.accelerator.unwrap_model(run.model), run.processor, run.family,
-                             run.val_samples[: cfg.eval_max_images or None], batch_size=cfg.batch_size, accelerator=run.accelerator)
+                             run.val_samples[: cfg.eval_max_images or None], GenerationOptions(prompt=cfg.prompt),
+                             batch_size=cfg.batch_size, accelerator=run.accelerator)
 
 
 def probe_features(run: Run, model: torch.nn.Module, paths: list[str]) -> torch.Tensor | None:

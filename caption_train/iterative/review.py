@@ -64,11 +64,15 @@ class Review:
         self.sock = bind_socket(host, port, "--listen")  # before loading a model: a busy port fails fast
         self.host, self.token, self.model_name = host, token, model
         self.model: Any = None
+        self.prompt: str | None = None
         try:
             if model is not None:
                 import torch
 
+                from caption_train.captioning import trained_prompt
                 from caption_train.inference import load_for_inference
+
+                self.prompt = trained_prompt(model)  # a run's checkpoint captions with the prompt it was trained with
 
                 self.model, self.processor, self.family = load_for_inference(model, device="cuda" if torch.cuda.is_available() else "cpu")
             self.workspace = Workspace(self.dataset, scan.samples, state_dir=self.state_dir, mode="review",
@@ -101,7 +105,7 @@ class Review:
             images = workspace.take_pending(BATCH)
             if images and self.model is not None:
                 try:
-                    caption_images(workspace, self.model, self.processor, self.family, images, step=None)
+                    caption_images(workspace, self.model, self.processor, self.family, images, step=None, prompt=self.prompt)
                 except Exception as error:  # keep serving; show the failure on the page
                     workspace.record_model_captions([(image, f"(captioning failed: {type(error).__name__}: {error})") for image in images], None)
 
