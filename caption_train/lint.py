@@ -710,8 +710,6 @@ def _lint_captions(pairs: list, report: LintReport, tokenizer: Any, max_tokens: 
             report.findings.append(Finding("no_words_caption", pair.rel, f"{_quote(pair.caption)} has no letters or digits"))
     if training is not None:
         tokenizer, max_tokens = getattr(training.processor, "tokenizer", training.processor), training.max_length
-        limit = STARTUP_LOADED_IMAGES if max_tokenized and training.family.variable_image_features else max_tokenized
-        _check_truncation(training, _evenly_spaced(pairs, limit), report)
     if tokenizer is not None:
         if max_tokens is None:
             limit = getattr(tokenizer, "model_max_length", None)
@@ -726,6 +724,10 @@ def _lint_captions(pairs: list, report: LintReport, tokenizer: Any, max_tokens: 
                     report.findings.append(Finding("long_caption", pair.rel, f"{n} tokens, over the limit of {max_tokens}: training truncates it, so its end is never learned"))
         if getattr(tokenizer, "unk_token_id", None) is not None:
             report.unknown = _unknown_characters(tokenizer, sampled, unknown_spans, report.findings)
+    if training is not None and training.family.variable_image_features:  # every row its own image's tokens
+        _check_truncation(training, _evenly_spaced(pairs, STARTUP_LOADED_IMAGES if max_tokenized else 0), report)
+    elif training is not None:  # rows that do not depend on the image: longest captions first, until a batch fits
+        _check_truncation(training, sampled, report, longest_first=report.tokens)
     report.tag_style = bool(captions) and sum("," in c for c in captions) * 2 >= len(captions)
     if report.tag_style:
         for caption in captions:
@@ -950,19 +952,40 @@ _COLLATE_BATCH = 32
 _STAND_IN_SIZE = (224, 224)  # the image in the uncut rows: their caption targets never depend on the image
 
 
-def _check_truncation(view: TrainingView, pairs: list, report: LintReport) -> None:
+def _check_truncation(view: TrainingView, pairs: list, report: LintReport, longest_first: list[int] | None = None) -> None:
     """Build each caption's training row as training does (the family's collate at view.max_length, with its image
     where the prompt holds the image's tokens) and once without a limit; a caption loses the targets the two differ
-    by. A caption the collate refuses (no room after the prompt, nothing to tokenize) is a training_refuses error."""
+    by. A caption the collate refuses (no room after the prompt, nothing to tokenize) is a training_refuses error.
+
+    longest_first: the captions' token counts, for a family whose rows do not depend on the image (the same
+    prompt before every caption): captions are checked longest first, and once a whole batch fits, the shorter
+    ones fit too (their targets are the same tokenizer's, fewer); they count as checked and not truncated. Some
+    families' collate runs the processor on a stand-in image per row, so checking every caption would cost one
+    image-processor call each.
+    """
     check = TruncationCheck(view)
     report.training = check
     needs_images = view.family.variable_image_features
+    if longest_first is not None:
+        pairs = [pairs[i] for i in sorted(range(len(pairs)), key=lambda i: -longest_first[i])]
     for start in range(0, len(pairs), _COLLATE_BATCH):
+        if longest_first is not None and start and not check.refused and not any(check.lost[-_COLLATE_BATCH:]):
+            rest = len(pairs) - start  # shorter than a batch that fitted whole
+            check.checked += rest
+            check.lost += [0] * rest
+            check.before += check.before[-1:] * rest
+            break
         batch = pairs[start:start + _COLLATE_BATCH]
         images = [_load_image(pair.path) for pair in batch] if needs_images else [None] * len(batch)
         loaded = [(pair, image) for pair, image in zip(batch, images) if image is not None or not needs_images]
         batch, images = [pair for pair, _ in loaded], [image for _, image in loaded]
-        for pair, row in zip(batch, _training_rows(view, [pair.caption for pair in batch], images)):
+        rows = _training_rows(view, [pair.caption for pair in batch], images)
+        if longest_first is not None and len(rows) > 1 and all(isinstance(row, str) for row in rows) and len(set(rows)) == 1:
+            # The same refusal for every caption of a batch: the prompt leaves no room, for every caption.
+            check.refused += len(pairs) - start
+            report.findings.append(Finding("training_refuses", "", f"every caption: {rows[0]}"))
+            break
+        for pair, row in zip(batch, rows):
             if isinstance(row, str):
                 check.refused += 1
                 report.findings.append(Finding("training_refuses", pair.rel, row))

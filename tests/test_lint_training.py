@@ -182,3 +182,37 @@ def test_blip_text_report_says_the_cap(tiny_blip, blip_dataset, capsys):
 def test_prompt_for_a_family_without_one_is_refused(tiny_blip, blip_dataset, capsys):
     assert main(["lint", str(blip_dataset), "--model", str(tiny_blip), "--prompt", "describe"]) == 2
     assert "trains without a prompt" in capsys.readouterr().err
+
+
+def test_rows_without_images_are_checked_longest_first_until_a_batch_fits(tmp_path, tiny_blip, monkeypatch):
+    """A family whose rows do not depend on the image: the longest captions are collated first, and once a batch
+    fits whole, the shorter captions are not collated; the counts are those of collating every caption."""
+    from caption_train.lint import _COLLATE_BATCH, lint_dataset, load_training_view
+    from caption_train.models.blip import BlipFamily
+
+    root = write(tmp_path / "ds", {f"{i:03d}.png": ((32, 32), caption(12 if i % 20 == 0 else 1 + i % 4)) for i in range(100)})
+    view = load_training_view(str(tiny_blip))
+    rows = [0]
+    original = BlipFamily.collate
+
+    def counting(self, processor, images, captions, **kwargs):
+        rows[0] += len(captions)
+        return original(self, processor, images, captions, **kwargs)
+
+    monkeypatch.setattr(BlipFamily, "collate", counting)
+    report = lint_dataset(root, training=view, encoders=[])
+    assert (report.training.checked, sum(n > 0 for n in report.training.lost)) == (100, 5)
+    assert rows[0] == 2 * 2 * _COLLATE_BATCH  # two batches, each collated with and without the limit
+    everything = check_every_caption(view, root)
+    assert sorted(report.training.lost) == sorted(everything.lost)
+
+
+def check_every_caption(view, root):
+    """The same check on every caption (no early stop)."""
+    from caption_train.lint import LintReport, _check_truncation, _Pair
+    from caption_train.data.images import read_header
+
+    pairs = [_Pair(p.name, p, p.with_suffix(".txt").read_text(), read_header(p)) for p in sorted(root.glob("*.png"))]
+    report = LintReport(root=root)
+    _check_truncation(view, pairs, report)
+    return report.training
