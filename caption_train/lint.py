@@ -264,8 +264,8 @@ class LintReport:
             line += f" (losing {_spread(truncated)} tokens)"
         if check.refused:
             line += f"; {check.refused} refused"
-        if check.checked < self.usable:
-            line += f" (in an evenly spaced sample of {check.checked:,} of {self.usable:,})"
+        if check.checked + check.refused < self.usable:
+            line += f" (in an evenly spaced sample of {check.checked + check.refused:,} of {self.usable:,})"
         return line
 
     def _encoder_line(self) -> str:
