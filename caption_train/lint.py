@@ -1,19 +1,28 @@
 """The `lint` command: check a dataset folder before training, in one report. Reads only; never writes there.
 
     caption-train lint dataset/                          # human-readable report; exit 1 when there are errors
-    caption-train lint dataset/ --model runs/x/final     # also count caption tokens with the model's tokenizer
+    caption-train lint dataset/ --model runs/x/final     # also what training with that model truncates
+    caption-train lint dataset/ --trigger mychar         # diffusion checks: name the trigger word(s)
     caption-train lint dataset/ --json > lint.json       # the same report as one JSON object
 
     report = lint_dataset("dataset", tokenizer=processor.tokenizer, max_tokens=128, decode=False)
+    report = lint_dataset("dataset", training=load_training_view("runs/x/final"), encoders=[clip_counter()])
     report = summarize_scan(scan_dataset("dataset", probe=False), tokenizer=tok)   # the trainer's start-up check:
     for line in report.summary_lines():                  # no second walk, no image opened; the short form
         print(line)
 
 Errors are what training would lose: an image it skips (unreadable, corrupt, truncated or too large; no caption,
 an empty, unreadable or non-UTF-8 caption), a metadata.jsonl line it cannot use, or no usable pair at all.
-Warnings are what it trains on but maybe not as meant (duplicates with differing captions, captions longer than
-the token limit, caption characters the tokenizer reads as its unknown token, animated images, extensions that lie, extreme shapes, tag spelling variants) and files that look
-like data but are never read (captions without images, .gif/.tiff images, symlinked folders). See CODES.
+Warnings are what it trains on but maybe not as meant (duplicates with differing captions, captions training
+truncates, caption characters the tokenizer reads as its unknown token, animated images, extensions that lie,
+extreme shapes, tag spelling variants; for diffusion datasets, diffusion_lint: captions over CLIP's 77 or T5's 512
+tokens, boilerplate tags, tags fused into a trigger word, repeated tags, near-identical captions) and files that
+look like data but are never read (captions without images, .gif/.tiff images, symlinked folders). See CODES.
+
+With a model (`--model`, or the trainer's own), caption lengths are what training does: the family's own collate
+at the max_length training uses (min(max_length, the model's limit)), with the prompt, chat template and image
+tokens in the same row, run once as training runs it and once without a limit; a caption loses tokens when the
+two differ. No weights are loaded (the processor only).
 """
 
 from __future__ import annotations
@@ -29,6 +38,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from caption_train import diffusion_lint
 from caption_train.data import scan
 from caption_train.data.captions import split_parts
 from caption_train.data.images import (
@@ -42,6 +52,7 @@ from caption_train.data.images import (
 )
 from caption_train.errors import UserError
 from caption_train.text import plural
+from caption_train.text_encoders import TokenCounter, clip_counter, t5_counter
 
 ERROR, WARNING = "error", "warning"
 TINY_SIDE = 16  # px; smaller images carry almost nothing once upscaled to the model's input (384 px for BLIP)
@@ -58,9 +69,16 @@ CODES: dict[str, tuple[str, str]] = {
     "bad_metadata_line": (ERROR, "unusable metadata.jsonl line"),
     "unreadable_metadata": (ERROR, "unreadable metadata.jsonl"),
     "no_usable_pairs": (ERROR, "no usable image+caption pair"),
+    "training_refuses": (ERROR, "training stops on this caption (the model's batch builder refuses it)"),
     "duplicate_image_conflict": (WARNING, "identical images with differing captions"),
     "duplicate_image": (WARNING, "identical images with the same caption"),
     "long_caption": (WARNING, "caption longer than the token limit (truncated in training)"),
+    "clip_too_long": (WARNING, "caption over CLIP's 77 tokens (SD 1.x, SDXL)"),
+    "t5_too_long": (WARNING, "caption over T5's 512 tokens (Flux, SD3)"),
+    "boilerplate_tag": (WARNING, "tag in nearly every caption (boilerplate)"),
+    "trigger_cooccurrence": (WARNING, "tag that always comes with a trigger word"),
+    "duplicate_tag": (WARNING, "same tag twice in one caption"),
+    "near_identical_captions": (WARNING, "near-identical captions on different images"),
     "unknown_characters": (WARNING, "caption characters the tokenizer cannot write (read as its unknown token)"),
     "no_words_caption": (WARNING, "caption without letters or digits"),
     "tag_variants": (WARNING, "tag spelled several ways"),
@@ -87,6 +105,12 @@ _HASH_CHUNK = 1 << 20
 # The trainer's start-up check tokenizes at most this many captions (evenly spaced), so that it costs the same
 # for 5k and 5M images: ~0.3 s on a 2-core CPU, where the tokenizer manages ~15k captions/s.
 STARTUP_TOKENIZED_CAPTIONS = 5000
+# ... and loads at most this many images for the truncation check of a model whose prompt holds the image's tokens
+# (chat VLMs: their count follows each image's size, so the image must be loaded and processed).
+STARTUP_LOADED_IMAGES = 64
+# One line under a finding code's header: why it matters (the diffusion checks and training's truncation).
+WHY = {**diffusion_lint.WHY, "long_caption": "training cuts the caption off at max_length: its end is never learned"}
+TEXT_ENCODERS = ("clip", "t5")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -132,6 +156,9 @@ class LintReport:
     unknown: "UnknownCharacters | None" = None  # None without a tokenizer, or when its vocabulary has no unknown token
     repeat_folders: dict[str, tuple[int, int]] = field(default_factory=dict)  # kohya `N_name` folder -> (N, images)
     repeats_on: bool = True  # training honours the repeat folders (kohya_repeats)
+    training: "TruncationCheck | None" = None  # what training with a model does to the captions (--model)
+    encoders: list["EncoderCheck"] = field(default_factory=list)  # diffusion text encoders' token counts
+    triggers: list[str] = field(default_factory=list)  # trigger words the diffusion checks used
 
     @property
     def errors(self) -> list[Finding]:
@@ -165,7 +192,8 @@ class LintReport:
         lines = [head]
         if n_warn:
             lines.append(f"  warnings: {_format_counts(self.counts(WARNING))}")
-        for line in (self._repeat_line(short=True), self._image_line(), self._caption_line(), self._tag_line(), self._unknown_line()):
+        for line in (self._repeat_line(short=True), self._image_line(), self._caption_line(), self._training_line(),
+                     self._tag_line(), self._unknown_line(), self._diffusion_line()):
             if line:
                 lines.append("  " + line)
         return lines
@@ -185,6 +213,8 @@ class LintReport:
                 by_code.setdefault(finding.code, []).append(finding)
             for code, group in by_code.items():
                 out.append(f"  {CODES[code][1]} [{code}] ({len(group)})")
+                if code in WHY:
+                    out.append(f"    why: {WHY[code]}")
                 shown = group if max_listed <= 0 else group[:max_listed]
                 for finding in shown:
                     where = f"{finding.path}: " if finding.path else ""
@@ -192,7 +222,8 @@ class LintReport:
                 if len(shown) < len(group):
                     out.append(f"    ... and {len(group) - len(shown)} more (--max_listed 0 lists all)")
         out.append("")
-        for line in (self._repeat_line(short=False), self._image_line(), self._caption_line(), self._tag_line(top=20), self._unknown_line()):
+        for line in (self._repeat_line(short=False), self._image_line(), self._caption_line(), self._training_line(),
+                     self._tag_line(top=20), self._unknown_line(), self._encoder_line()):
             if line:
                 out.append(line)
         out.append(f"result: {plural(len(self.errors), 'error')}, {plural(len(self.warnings), 'warning')}")
@@ -211,11 +242,63 @@ class LintReport:
         line = f"captions: {_spread(self.words)} words"
         if self.tokens is not None and self.tokens:
             over = sum(n > self.max_tokens for n in self.tokens) if self.max_tokens else 0
-            limit = f", {over} over the limit of {self.max_tokens}" if self.max_tokens else ""
+            limit = f", {over} over the limit of {self.max_tokens}" if self.max_tokens and self.training is None else ""
             line += f"; {_spread(self.tokens)} tokens{limit}{self._sample_note()}"
         elif self.tokens is None:
             line += " (token lengths and unknown characters not checked: pass --model)"
         return line
+
+    def _training_line(self) -> str:
+        check = self.training
+        if check is None:
+            return ""
+        line = f"training with {_display(check.model)}: {check.describe_max_length()}"
+        before = [n for n in check.before if n is not None]
+        if before and max(before) > 1:
+            line += f", {_spread(before)} of them before each caption (prompt, template, image tokens)"
+        truncated = [n for n in check.lost if n > 0]
+        if not check.checked:
+            return line + "; no caption checked"
+        line += f"; {len(truncated)} of {check.checked:,} captions truncated"
+        if truncated:
+            line += f" (losing {_spread(truncated)} tokens)"
+        if check.refused:
+            line += f"; {check.refused} refused"
+        if check.checked + check.refused < self.usable:
+            line += f" (in an evenly spaced sample of {check.checked + check.refused:,} of {self.usable:,})"
+        return line
+
+    def _encoder_line(self) -> str:
+        """The diffusion text encoders' token counts (the full report's stats line)."""
+        parts = []
+        for check in self.encoders:
+            if not check.counts:
+                continue
+            over = sum(n > check.counter.limit for n in check.counts)
+            sample = f" in a sample of {len(check.counts):,}" if len(check.counts) < self.usable else ""
+            parts.append(f"{check.counter.name} {_spread(check.counts)} tokens, {over} over {check.counter.limit}{sample} ({check.counter.source})")
+        return "text encoders: " + "; ".join(parts) if parts else ""
+
+    def _diffusion_line(self) -> str:
+        """The diffusion checks in one line (the start-up summary); empty when they found nothing."""
+        counts = self.counts(WARNING)
+        parts = []
+        for check in self.encoders:
+            code = f"{check.counter.name.lower()}_too_long"
+            if counts[code]:
+                estimated = ", estimated" if not check.counter.exact else ""
+                sample = f" of {len(check.counts):,} checked" if len(check.counts) < self.usable else ""
+                parts.append(f"{counts[code]}{sample} over {check.counter.name}'s {check.counter.limit} tokens ({check.counter.models}{estimated})")
+        names = {"boilerplate_tag": ("tag in nearly every caption", "tags in nearly every caption"),
+                 "trigger_cooccurrence": ("tag fused into a trigger word", "tags fused into a trigger word"),
+                 "duplicate_tag": ("caption repeating a tag", "captions repeating a tag"),
+                 "near_identical_captions": ("group of near-identical captions", "groups of near-identical captions")}
+        for code, (one, many) in names.items():
+            if counts[code]:
+                example = next(f for f in self.findings if f.code == code)
+                shown = f": {example.message}" if counts[code] == 1 and code in ("boilerplate_tag", "trigger_cooccurrence") else ""
+                parts.append(f"{plural(counts[code], one, many)}{shown}")
+        return "for diffusion training: " + "; ".join(parts) if parts else ""
 
     def _sample_note(self) -> str:
         if self.captions_tokenized >= self.usable:
@@ -250,6 +333,11 @@ class LintReport:
         common = ", ".join(f"{_display(tag)} ({n})" for tag, n in self.tag_counts.most_common(top))
         return f"tags: {len(self.tag_counts)} distinct, {once} used once; most common: {common}"
 
+    def _over_limit(self) -> int:
+        if self.training is not None:
+            return sum(n > 0 for n in self.training.lost)
+        return sum(n > self.max_tokens for n in self.tokens) if self.max_tokens and self.tokens else 0
+
     # ---- machines
 
     def to_dict(self, top_tags: int = 50) -> dict[str, Any]:
@@ -270,7 +358,7 @@ class LintReport:
             "captions": {
                 "words": _stats(self.words),
                 "tokens": None if self.tokens is None else {**_stats(self.tokens), "limit": self.max_tokens,
-                                                            "over_limit": sum(n > self.max_tokens for n in self.tokens) if self.max_tokens else 0},
+                                                            "over_limit": self._over_limit()},
             },
             "tags": {
                 "tag_style": self.tag_style, "distinct": len(self.tag_counts),
@@ -282,6 +370,11 @@ class LintReport:
                 "top": [[ch, n] for ch, n in self.unknown.chars.most_common(50)],
             },
             "repeat_folders": {name: {"repeats": n, "images": count} for name, (n, count) in self.repeat_folders.items()},
+            "training": None if self.training is None else self.training.to_dict(),
+            "text_encoders": {check.counter.name: {"limit": check.counter.limit, "exact": check.counter.exact, "source": check.counter.source,
+                                                   "checked": len(check.counts), "over_limit": sum(n > check.counter.limit for n in check.counts),
+                                                   "tokens": _stats(check.counts)} for check in self.encoders},
+            "triggers": self.triggers,
             "checks": {"decoded": self.decoded, "images_checked": self.images_checked, "hashed_files": self.hashed_files,
                        "captions_tokenized": self.captions_tokenized},
         }
@@ -330,11 +423,18 @@ def lint_dataset(
     max_tokens: int | None = None,
     decode: bool = True,
     label: str = "DATASET_DIR",
+    training: TrainingView | None = None,
+    encoders: list[TokenCounter] | None = None,
+    triggers: list[str] = (),
 ) -> LintReport:
     """Check every image and caption under `root` the way scan_dataset pairs them. Never writes to `root`.
 
     tokenizer: counts caption tokens (special tokens included, as training sees them) and flags captions over
         `max_tokens` (default: the tokenizer's model_max_length, when it has a real one).
+    training: what training with a model does instead (load_training_view): its tokenizer, and the captions it
+        truncates, from its own batches.
+    encoders: diffusion text encoders to count tokens for (default: CLIP and T5, exact where a tokenizer is at
+        hand, else estimated); triggers: trigger words for the co-occurrence check (kohya folder names are added).
     decode: fully decode every image (finds any corrupt pixel data; ~5 ms per 512 px JPEG). False reads only
         headers and each file's last bytes, decoding just the files that look truncated (images.verify_image).
     Duplicates: only files whose size equals another image's are read and hashed, so a dataset of distinct
@@ -361,8 +461,8 @@ def lint_dataset(
     if not pairs:
         findings.append(Finding("no_usable_pairs", "", f"no image has a usable caption; {scan.EXPECTED_LAYOUT}"))
     report.repeat_folders = scan.repeat_folders((p.path for p in pairs), root)
-    _lint_duplicates(pairs, report)
-    _lint_captions(pairs, report, tokenizer, max_tokens)
+    same_image = _lint_duplicates(pairs, report)
+    _lint_captions(pairs, report, tokenizer, max_tokens, training=training, encoders=encoders, triggers=triggers, same_image=same_image)
     return report
 
 
@@ -380,13 +480,17 @@ def summarize_scan(
     max_tokens: int | None = None,
     repeats: bool = True,
     max_tokenized: int = STARTUP_TOKENIZED_CAPTIONS,
+    training: TrainingView | None = None,
+    encoders: list[TokenCounter] | None = None,
 ) -> LintReport:
     """The trainer's start-up check, built from the scan it trains on: no second walk, no image opened.
 
     Reports what the scan skipped, the repeat folders (`repeats`: whether training honours them), and the caption
     checks (words, tags, token lengths and unknown characters, the last two on at most `max_tokenized` evenly spaced
-    captions, so the cost does not grow with the dataset). Images are checked when first loaded; `lint_dataset`
-    (the `lint` command) does every check.
+    captions, so the cost does not grow with the dataset; training's truncation likewise, on at most
+    STARTUP_LOADED_IMAGES images where it must load them), and the diffusion checks (text-encoder limits on the
+    same sample, the others on every caption). Images are checked when first loaded; `lint_dataset` (the `lint`
+    command) does every check.
     """
     root = result.root
     report = LintReport(root=root, decoded=False, images_checked=result.probed, repeats_on=repeats)
@@ -398,7 +502,7 @@ def summarize_scan(
     report.usable = len(result.samples)
     report.repeat_folders = result.repeat_folders
     pairs = [_ScannedPair(sample, root) for sample in result.samples]
-    _lint_captions(pairs, report, tokenizer, max_tokens, max_tokenized=max_tokenized)
+    _lint_captions(pairs, report, tokenizer, max_tokens, max_tokenized=max_tokenized, training=training, encoders=encoders)
     return report
 
 
@@ -553,12 +657,14 @@ def _lint_metadata(root: Path, findings: list[Finding]) -> dict[str, str]:
     return metadata
 
 
-def _lint_duplicates(pairs: list[_Pair], report: LintReport) -> None:
-    """Group usable images by content hash, hashing only files whose size another file shares."""
+def _lint_duplicates(pairs: list[_Pair], report: LintReport) -> list[object]:
+    """Group usable images by content hash, hashing only files whose size another file shares. Returns, per pair,
+    an id that is the same for byte-identical images (its hash, else its index)."""
     by_size: dict[int, list[_Pair]] = {}
     for pair in pairs:
         by_size.setdefault(pair.info.file_size, []).append(pair)
     by_hash: dict[bytes, list[_Pair]] = {}
+    identity: dict[int, object] = {}
     for group in by_size.values():
         if len(group) < 2:
             continue
@@ -567,6 +673,7 @@ def _lint_duplicates(pairs: list[_Pair], report: LintReport) -> None:
             report.hashed_files += 1
             if digest is not None:
                 by_hash.setdefault(digest, []).append(pair)
+                identity[id(pair)] = digest
     for group in by_hash.values():
         if len(group) < 2:
             continue
@@ -577,6 +684,7 @@ def _lint_duplicates(pairs: list[_Pair], report: LintReport) -> None:
             report.findings.append(Finding("duplicate_image_conflict", group[0].rel, f"same image as {others}; captions differ: {shown}"))
         else:
             report.findings.append(Finding("duplicate_image", group[0].rel, f"same image and caption as {others}; it counts {len(group)}x in every epoch"))
+    return [identity.get(id(pair), index) for index, pair in enumerate(pairs)]
 
 
 def _file_digest(path: Path) -> bytes | None:
@@ -590,13 +698,18 @@ def _file_digest(path: Path) -> bytes | None:
     return hasher.digest()
 
 
-def _lint_captions(pairs: list, report: LintReport, tokenizer: Any, max_tokens: int | None, max_tokenized: int = 0) -> None:
-    """Caption checks on `pairs` (_Pair or _ScannedPair); token checks on at most `max_tokenized` of them (0 = all)."""
+def _lint_captions(pairs: list, report: LintReport, tokenizer: Any, max_tokens: int | None, max_tokenized: int = 0, *,
+                   training: TrainingView | None = None, encoders: list[TokenCounter] | None = None, triggers: list[str] = (),
+                   same_image: list[object] | None = None) -> None:
+    """Caption checks on `pairs` (_Pair or _ScannedPair); token checks on at most `max_tokenized` of them (0 = all).
+    With `training`, its processor's tokenizer counts tokens and its batches say what is truncated."""
     captions = [p.caption for p in pairs]
     report.words = [len(c.split()) for c in captions]
     for pair in pairs:
         if not any(ch.isalnum() for ch in pair.caption):
             report.findings.append(Finding("no_words_caption", pair.rel, f"{_quote(pair.caption)} has no letters or digits"))
+    if training is not None:
+        tokenizer, max_tokens = getattr(training.processor, "tokenizer", training.processor), training.max_length
     if tokenizer is not None:
         if max_tokens is None:
             limit = getattr(tokenizer, "model_max_length", None)
@@ -605,12 +718,16 @@ def _lint_captions(pairs: list, report: LintReport, tokenizer: Any, max_tokens: 
         sampled = _evenly_spaced(pairs, max_tokenized)
         report.captions_tokenized = len(sampled)
         report.tokens, unknown_spans = tokenize_captions(tokenizer, [p.caption for p in sampled])
-        if max_tokens:
+        if max_tokens and training is None:
             for pair, n in zip(sampled, report.tokens):
                 if n > max_tokens:
                     report.findings.append(Finding("long_caption", pair.rel, f"{n} tokens, over the limit of {max_tokens}: training truncates it, so its end is never learned"))
         if getattr(tokenizer, "unk_token_id", None) is not None:
             report.unknown = _unknown_characters(tokenizer, sampled, unknown_spans, report.findings)
+    if training is not None and training.family.variable_image_features:  # every row its own image's tokens
+        _check_truncation(training, _evenly_spaced(pairs, STARTUP_LOADED_IMAGES if max_tokenized else 0), report)
+    elif training is not None:  # rows that do not depend on the image: longest captions first, until a batch fits
+        _check_truncation(training, sampled, report, longest_first=report.tokens)
     report.tag_style = bool(captions) and sum("," in c for c in captions) * 2 >= len(captions)
     if report.tag_style:
         for caption in captions:
@@ -623,6 +740,40 @@ def _lint_captions(pairs: list, report: LintReport, tokenizer: Any, max_tokens: 
                 spellings.sort(key=lambda t: -report.tag_counts[t])
                 listed = ", ".join(f"{_quote(t)} ({report.tag_counts[t]})" for t in spellings)
                 report.findings.append(Finding("tag_variants", "", f"{listed}: the model learns them as different tags"))
+    _lint_for_diffusion(pairs, report, max_tokenized, encoders, triggers, same_image)
+
+
+def _lint_for_diffusion(pairs: list, report: LintReport, max_tokenized: int, encoders: list[TokenCounter] | None,
+                        triggers: list[str], same_image: list[object] | None) -> None:
+    """The diffusion checks (diffusion_lint): text-encoder limits on at most `max_tokenized` captions, the rest on all."""
+    captions = [p.caption for p in pairs]
+    folder_of = [_repeat_folder(p.path, report.root) for p in pairs]
+    report.triggers = sorted({diffusion_lint.normalize_tag(t) for t in triggers}
+                             | diffusion_lint.kohya_triggers(report.repeat_folders, captions, folder_of))
+    issues = diffusion_lint.caption_issues(captions, tag_style=report.tag_style, triggers=report.triggers, same_image=same_image)
+    sampled = _evenly_spaced(list(range(len(pairs))), max_tokenized)
+    for counter in default_encoders() if encoders is None else encoders:
+        counts, over = diffusion_lint.encoder_limit_issues([captions[i] for i in sampled], counter)
+        report.encoders.append(EncoderCheck(counter, counts))
+        issues += [diffusion_lint.Issue(i.code, sampled[i.index], i.message) for i in over]
+    for issue in issues:
+        message = issue.message
+        if issue.others:
+            listed = ", ".join(pairs[i].rel for i in issue.others[:5]) + (f" and {len(issue.others) - 5} more" if len(issue.others) > 5 else "")
+            message += f" (with {listed})"
+        report.findings.append(Finding(issue.code, pairs[issue.index].rel, message))
+
+
+def default_encoders(names: tuple[str, ...] = TEXT_ENCODERS, clip_tokenizer: str | None = None, t5_tokenizer: str | None = None) -> list[TokenCounter]:
+    """The diffusion text encoders to check captions against: CLIP and T5 by default."""
+    made = {"clip": lambda: clip_counter(clip_tokenizer), "t5": lambda: t5_counter(t5_tokenizer)}
+    return [made[name]() for name in names]
+
+
+def _repeat_folder(path: Path, root: Path) -> str | None:
+    """The top-level folder an image is under (a kohya `N_name` folder, when it is one)."""
+    parts = Path(path).relative_to(root).parts
+    return parts[0] if len(parts) > 1 else None
 
 
 def _evenly_spaced(items: list, limit: int) -> list:
@@ -702,7 +853,222 @@ def _char_name(text: str) -> str:
 
 
 # ---------------------------------------------------------------------------------------------
-# --model: the tokenizer and its limit
+# --model: what training does to the captions
+
+
+@dataclass(frozen=True)
+class TrainingView:
+    """What training with a model needs to build its batches: the family, the processor (no weights), the prompt
+    and the max_length it uses (min(requested, model_limit), as train.setup takes it)."""
+
+    model: str
+    family: Any  # ModelFamily
+    processor: Any
+    prompt: str | None
+    requested: int  # --max_length, or training's default
+    origin: str  # where `requested` came from, for the report
+    model_limit: int  # family.text_length_limit of the model's config
+
+    @property
+    def max_length(self) -> int:
+        return min(self.requested, self.model_limit)
+
+
+@dataclass
+class TruncationCheck:
+    """What the training rows of the checked captions hold: per caption, the target tokens training cuts off and the
+    tokens in its row before the caption (None where the family's row does not show them)."""
+
+    view: TrainingView
+    checked: int = 0
+    lost: list[int] = field(default_factory=list)
+    before: list[int | None] = field(default_factory=list)
+    refused: int = 0  # captions the family's collate refused (a training_refuses finding each)
+
+    @property
+    def model(self) -> str:
+        return self.view.model
+
+    def describe_max_length(self) -> str:
+        view = self.view
+        if view.max_length == view.requested:
+            return f"max_length {view.max_length} ({view.origin}, within the model's {view.model_limit})"
+        return f"max_length {view.max_length} (the model's limit; {view.origin} is {view.requested})"
+
+    def to_dict(self) -> dict[str, Any]:
+        view = self.view
+        return {"model": view.model, "max_length": view.max_length, "requested": view.requested, "origin": view.origin,
+                "model_limit": view.model_limit, "prompt": view.prompt, "captions_checked": self.checked,
+                "truncated": sum(n > 0 for n in self.lost), "refused": self.refused,
+                "tokens_lost": _stats([n for n in self.lost if n > 0]), "tokens_before_caption": _stats([n for n in self.before if n is not None])}
+
+
+@dataclass
+class EncoderCheck:
+    """A diffusion text encoder's token counts for the checked captions."""
+
+    counter: TokenCounter
+    counts: list[int] = field(default_factory=list)
+
+
+def load_training_view(model: str, *, max_length: int | None = None, prompt: str | None = None,
+                       model_config: dict[str, Any] | None = None) -> TrainingView | None:
+    """How training with MODEL (a run's final/ or epoch-N/, a model folder or a hub id) builds its batches,
+    loading its processor but no weights; None when no model family takes MODEL (then only its tokenizer counts).
+
+    max_length: --max_length (default: training's default). prompt: --prompt (default: the family's, as in
+    training). model_config: training's model_config (its `processor` table sets e.g. a chat VLM's max_pixels).
+    For a run folder, the processor saved with it (what training used), the limit and family of its base model.
+    """
+    from caption_train.config import TrainConfig
+    from caption_train.inference import resolve_model_source
+    from caption_train.models import resolve_family
+
+    source = resolve_model_source(model, label="--model")
+    try:
+        family, config = resolve_family(source.base or source.path)
+    except UserError:
+        return None
+    prompt = family.training_prompt(prompt)  # an error where the family takes none, as in training
+    verbosity = _quiet_transformers()
+    try:
+        processor = None
+        if source.is_adapter:  # the processor saved beside the adapter, else the base model's
+            try:
+                processor = family.training_processor(source.path, model_config or {}, config)
+            except UserError:
+                processor = None
+        if processor is None:
+            processor = family.training_processor(source.base or source.path, model_config or {}, config)
+    finally:
+        _restore_transformers(verbosity)
+    requested, origin = (max_length, "--max_length") if max_length is not None else (TrainConfig.__dataclass_fields__["max_length"].default, "training's default")
+    return TrainingView(model=model, family=family, processor=processor, prompt=prompt, requested=requested, origin=origin,
+                        model_limit=family.text_length_limit(config))
+
+
+_UNLIMITED = 1 << 20  # a max_length no caption reaches: the rows training would build if it never cut
+_COLLATE_BATCH = 32
+_STAND_IN_SIZE = (224, 224)  # the image in the uncut rows: their caption targets never depend on the image
+
+
+def _check_truncation(view: TrainingView, pairs: list, report: LintReport, longest_first: list[int] | None = None) -> None:
+    """Build each caption's training row as training does (the family's collate at view.max_length, with its image
+    where the prompt holds the image's tokens) and once without a limit; a caption loses the targets the two differ
+    by. A caption the collate refuses (no room after the prompt, nothing to tokenize) is a training_refuses error.
+
+    longest_first: the captions' token counts, for a family whose rows do not depend on the image (the same
+    prompt before every caption): captions are checked longest first, and once a whole batch fits, the shorter
+    ones fit too (their targets are the same tokenizer's, fewer); they count as checked and not truncated. Some
+    families' collate runs the processor on a stand-in image per row, so checking every caption would cost one
+    image-processor call each.
+    """
+    check = TruncationCheck(view)
+    report.training = check
+    needs_images = view.family.variable_image_features
+    if longest_first is not None:
+        pairs = [pairs[i] for i in sorted(range(len(pairs)), key=lambda i: -longest_first[i])]
+    for start in range(0, len(pairs), _COLLATE_BATCH):
+        if longest_first is not None and start and not check.refused and not any(check.lost[-_COLLATE_BATCH:]):
+            rest = len(pairs) - start  # shorter than a batch that fitted whole
+            check.checked += rest
+            check.lost += [0] * rest
+            check.before += check.before[-1:] * rest
+            break
+        batch = pairs[start:start + _COLLATE_BATCH]
+        images = [_load_image(pair.path) for pair in batch] if needs_images else [None] * len(batch)
+        loaded = [(pair, image) for pair, image in zip(batch, images) if image is not None or not needs_images]
+        batch, images = [pair for pair, _ in loaded], [image for _, image in loaded]
+        rows = _training_rows(view, [pair.caption for pair in batch], images)
+        if longest_first is not None and len(rows) > 1 and all(isinstance(row, str) for row in rows) and len(set(rows)) == 1:
+            # The same refusal for every caption of a batch: the prompt leaves no room, for every caption.
+            check.refused += len(pairs) - start
+            report.findings.append(Finding("training_refuses", "", f"every caption: {rows[0]}"))
+            break
+        for pair, row in zip(batch, rows):
+            if isinstance(row, str):
+                check.refused += 1
+                report.findings.append(Finding("training_refuses", pair.rel, row))
+                continue
+            kept, full, before = row
+            check.checked += 1
+            check.lost.append(full - kept)
+            check.before.append(before)
+            if full > kept:
+                inside = f", {before} of them before the caption" if before and before > 1 else ""
+                report.findings.append(Finding("long_caption", pair.rel, f"training keeps {kept} of its {full} target tokens (max_length {view.max_length}{inside}): {_quote(pair.caption)}"))
+
+
+def _training_rows(view: TrainingView, captions: list[str], images: list) -> list:
+    """Per caption (kept targets, all targets, tokens before the caption) or, where the collate refuses it, its
+    one-line error. A refused batch is retried caption by caption, to name the ones training would stop on."""
+    if not captions:
+        return []
+    try:
+        cut = view.family.collate(view.processor, images, captions, max_length=view.max_length, prompt=view.prompt)
+        stand_in = [None if image is None else _stand_in() for image in images]
+        whole = view.family.collate(view.processor, stand_in, captions, max_length=_UNLIMITED, prompt=view.prompt)
+    except UserError as error:
+        if len(captions) == 1:
+            return [str(error)]
+        return [row for caption, image in zip(captions, images) for row in _training_rows(view, [caption], [image])]
+    kept, full = _targets(cut), _targets(whole)
+    return list(zip(kept, full, _before_caption(cut)))
+
+
+def _targets(batch: dict[str, Any]) -> list[int]:
+    from caption_train.models.base import IGNORE_INDEX
+
+    return (batch["labels"] != IGNORE_INDEX).sum(dim=1).tolist()
+
+
+def _before_caption(batch: dict[str, Any]) -> list[int | None]:
+    """Tokens in each row before its caption (prompt, template, image placeholders): the row's length less its
+    targets, where the row is the one the labels line up with (a decoder's own inputs); None where it is not
+    (an encoder-decoder's labels beside the encoder's inputs)."""
+    from caption_train.models.base import IGNORE_INDEX
+
+    labels = batch["labels"]
+    mask = batch.get("decoder_attention_mask")
+    if mask is None:
+        ids, mask = batch.get("input_ids"), batch.get("attention_mask")
+        targets = labels != IGNORE_INDEX
+        if ids is None or mask is None or ids.shape != labels.shape or not bool((ids[targets] == labels[targets]).all()):
+            return [None] * len(labels)
+    targets = (labels != IGNORE_INDEX).sum(dim=1)
+    return (mask.sum(dim=1) - targets).tolist()
+
+
+def _stand_in() -> Any:
+    from PIL import Image
+
+    return Image.new("RGB", _STAND_IN_SIZE)
+
+
+def _load_image(path: Path) -> Any:
+    """The image as training loads it, or None where it cannot be (training skips it too)."""
+    try:
+        return load_rgb(path)
+    except (ImageLoadError, OSError):
+        return None
+
+
+def _quiet_transformers() -> int:
+    from transformers.utils import logging as hf_logging
+
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    return verbosity
+
+
+def _restore_transformers(verbosity: int) -> None:
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity(verbosity)
+
+
+# ---------------------------------------------------------------------------------------------
+# --model: the tokenizer and its limit (a model no family takes)
 
 
 def load_tokenizer(model: str) -> tuple[Any, int | None]:
@@ -849,8 +1215,20 @@ def _spread(values: list[int]) -> str:
 # Command line
 
 
+def _encoder_names(text: str) -> tuple[str, ...]:
+    names = [name.strip().lower() for name in text.split(",") if name.strip()]
+    if names == ["none"]:
+        return ()
+    if names == ["both"]:
+        return TEXT_ENCODERS
+    unknown = [name for name in names if name not in TEXT_ENCODERS]
+    if unknown or not names:
+        raise UserError(f"--text_encoders {text!r}: use clip, t5, clip,t5 (both) or none")
+    return tuple(dict.fromkeys(names))
+
+
 def build_parser() -> argparse.ArgumentParser:
-    from caption_train.config import _Parser
+    from caption_train.config import _Parser, parse_dict
 
     parser = _Parser(
         prog="caption-train lint",
@@ -858,8 +1236,14 @@ def build_parser() -> argparse.ArgumentParser:
                     "what it would use but maybe not as you meant (warnings). Reads only; writes nothing.",
     )
     parser.add_argument("dataset_dir", metavar="DATASET_DIR", help="folder of images with .txt captions beside them (or a metadata.jsonl)")
-    parser.add_argument("--model", default=None, help="count caption tokens with this model's tokenizer: a run's final/ folder, a model folder or a hub id")
-    parser.add_argument("--max_length", type=int, default=None, help="token limit for captions (default: the model's own; training truncates at min(--max_length, model limit), 128 by default)")
+    parser.add_argument("--model", default=None, help="check captions against what training with this model does (its tokenizer, prompt, image tokens and max_length): a run's final/ folder, a model folder or a hub id")
+    parser.add_argument("--max_length", type=int, default=None, help="the max_length you train with (default: training's, 128); training truncates at min(max_length, the model's limit)")
+    parser.add_argument("--prompt", default=None, help="the --prompt you train with (chat VLMs, Florence-2, PaliGemma; default: the family's own)")
+    parser.add_argument("--model_config", type=parse_dict, default=None, help="the model_config you train with, as a TOML inline table or JSON; its processor table sets a chat VLM's image size, e.g. '{processor = {max_pixels = 200704}}'")
+    parser.add_argument("--trigger", action="append", default=[], metavar="WORD", help="a trigger word of a diffusion dataset (repeat for several): warns about tags that always come with it. Default: kohya folder names (10_mychar/) used as a tag")
+    parser.add_argument("--text_encoders", default="clip,t5", help="diffusion text encoders to check caption lengths against: clip (77 tokens, SD 1.x/SDXL), t5 (512, Flux/SD3), clip,t5 (default) or none")
+    parser.add_argument("--clip_tokenizer", default=None, metavar="DIR", help="a CLIP tokenizer folder (e.g. an SD model's tokenizer/) for exact CLIP counts (default: open_clip_torch's vocabulary if installed, else an estimate)")
+    parser.add_argument("--t5_tokenizer", default=None, metavar="DIR", help="a T5 tokenizer folder (e.g. a Flux model's tokenizer_2/) for exact T5 counts (default: an estimate)")
     parser.add_argument("--json", action="store_true", help="print the report as one JSON object")
     parser.add_argument("--quick", action="store_true", help="read image headers and file ends instead of decoding every image (finds truncated files, not all corrupt pixel data)")
     parser.add_argument("--strict", action="store_true", help="exit status 1 on warnings too")
@@ -872,12 +1256,18 @@ def main(argv: list[str] | None = None) -> int:
     if args.max_length is not None and args.max_length < 2:
         raise UserError(f"--max_length must be >= 2, got {args.max_length}")
     root = scan._check_root(args.dataset_dir, label="DATASET_DIR")
-    tokenizer, limit = load_tokenizer(args.model) if args.model else (None, None)
-    if args.max_length is not None:
-        if tokenizer is None:
-            raise UserError("--max_length needs --model (captions are measured in the model's tokens)")
-        limit = min(args.max_length, limit) if limit else args.max_length
-    report = lint_dataset(root, tokenizer=tokenizer, max_tokens=limit, decode=not args.quick)
+    for flag in ("max_length", "prompt", "model_config"):
+        if getattr(args, flag) is not None and not args.model:
+            raise UserError(f"--{flag} needs --model (it says how training with that model builds its batches)")
+    encoders = default_encoders(_encoder_names(args.text_encoders), args.clip_tokenizer, args.t5_tokenizer)
+    training = load_training_view(args.model, max_length=args.max_length, prompt=args.prompt, model_config=args.model_config) if args.model else None
+    tokenizer, limit = (None, None)
+    if args.model and training is None:  # no family takes the model: its tokenizer and limit only
+        tokenizer, limit = load_tokenizer(args.model)
+        if args.max_length is not None:
+            limit = min(args.max_length, limit) if limit else args.max_length
+    report = lint_dataset(root, tokenizer=tokenizer, max_tokens=limit, decode=not args.quick, training=training,
+                          encoders=encoders, triggers=args.trigger)
     text = json.dumps(report.to_dict(), indent=1) if args.json else report.format_text(max_listed=args.max_listed)
     try:
         print(text, flush=True)

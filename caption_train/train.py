@@ -30,7 +30,7 @@ from caption_train.data.dataset import CaptionDataset, drop_failed
 from caption_train.data.scan import Sample, scan_dataset, split_validation
 from caption_train.errors import UserError
 from caption_train.features import CachePlan, FeatureCache, plan_feature_cache, vision_is_frozen
-from caption_train.lint import summarize_scan
+from caption_train.lint import TrainingView, summarize_scan
 from caption_train.models import ModelFamily, resolve_family
 from caption_train.models.base import unwrap_peft
 from caption_train.optim import build_optimizer, build_scheduler, current_lr, optimizer_steps_per_epoch
@@ -380,8 +380,11 @@ def setup(cfg: TrainConfig, hooks: TrainingHooks) -> Run:
     prompt = family.training_prompt(cfg.prompt)  # checked before the model loads
     model, processor = load_model(cfg, family, resume_dir)
     max_length = min(cfg.max_length, family.max_text_length(model))
-    if main:  # the dataset summary, from the scan above: skips, repeat folders, caption lengths, unknown characters
-        report = summarize_scan(scan, tokenizer=getattr(processor, "tokenizer", None), max_tokens=max_length, repeats=cfg.kohya_repeats)
+    if main:  # the dataset summary, from the scan above: skips, repeat folders, caption lengths (and what this run
+        # truncates, from its own collate), unknown characters, the diffusion checks
+        view = TrainingView(model=cfg.model_name_or_path, family=family, processor=processor, prompt=prompt, requested=cfg.max_length,
+                            origin="this run's max_length", model_limit=family.max_text_length(model))
+        report = summarize_scan(scan, repeats=cfg.kohya_repeats, training=view)
         for line in report.summary_lines():
             print(line, flush=True)
     if cfg.freeze_vision_tower:

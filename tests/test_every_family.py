@@ -46,11 +46,19 @@ def test_evaluate_captions_and_scores_every_image(model_dir, six_shapes, tmp_pat
 
 
 def test_lint_counts_tokens_against_the_familys_limit(model_dir, six_shapes, capsys):
+    """lint --model builds each caption's training row with the family's own collate, at the max_length training
+    uses (min(max_length, the family's limit)); at --max_length 3 every 3-word caption is cut (or, where the prompt
+    and image fill the 3 tokens, refused), as training would."""
     family, config = resolve_family(str(model_dir))
     assert main(["lint", str(six_shapes), "--model", str(model_dir), "--json"]) == 0
     data = json.loads(capsys.readouterr().out)
-    assert data["captions"]["tokens"]["limit"] == family.text_length_limit(config)
+    limit = family.text_length_limit(config)
+    assert data["captions"]["tokens"]["limit"] == min(128, limit) == data["training"]["max_length"]
+    assert data["training"]["model_limit"] == limit and data["training"]["captions_checked"] == 6 and data["training"]["truncated"] == 0
     assert data["captions"]["tokens"]["max"] >= 3  # "a red circle": at least one token per word
+    main(["lint", str(six_shapes), "--model", str(model_dir), "--json", "--max_length", "3"])
+    data = json.loads(capsys.readouterr().out)
+    assert data["training"]["truncated"] + data["training"]["refused"] == 6, data["training"]
 
 
 @pytest.fixture(scope="module")

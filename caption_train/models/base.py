@@ -39,6 +39,17 @@ class ModelFamily:
         """(model, processor) with `overrides` applied to the model config. Weights in float32 unless overridden."""
         raise NotImplementedError
 
+    def training_processor(self, name_or_path: str, model_config: dict[str, Any], config: Any) -> Any:
+        """The processor `load` returns for these `model_config` overrides, without loading any weights (what
+        `lint --model` builds training batches with). `config`: the model's config (resolve_family's)."""
+        from transformers import AutoProcessor
+
+        try:
+            return AutoProcessor.from_pretrained(name_or_path)
+        except (OSError, ValueError, TypeError, KeyError) as err:
+            reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            raise UserError(f"model {name_or_path}: could not load its processor ({reason}); the processor files must be saved beside the model") from None
+
     def max_text_length(self, model: torch.nn.Module) -> int:
         """Longest token sequence the text side accepts: what training caps max_length at."""
         return self.text_length_limit(unwrap_peft(model).config)

@@ -88,14 +88,15 @@ class ChatVlmFamily(ModelFamily):
             raise UserError(f"label_smoothing {label_smoothing}: the {self.name} family trains with the model's own loss, which has none; remove label_smoothing")
         config = load_model_config(name_or_path)
         load_kwargs, overrides = pop_load_kwargs(overrides)
-        processor_kwargs = overrides.pop("processor", {})
-        if not isinstance(processor_kwargs, dict):
-            raise UserError("model_config.processor must be a table of processor settings, e.g. {max_pixels = 200704}")
+        processor_kwargs = _pop_processor_kwargs(overrides)
         sub_configs = tuple(name for name in getattr(config, "sub_configs", {}) if getattr(config, name, None) is not None)
         apply_config_overrides(config, overrides, sub_configs=sub_configs)
         processor = load_processor(name_or_path, config.model_type, processor_kwargs)
         model = AutoModelForImageTextToText.from_pretrained(name_or_path, config=config, **load_kwargs)
         return model, processor
+
+    def training_processor(self, name_or_path: str, model_config: dict[str, Any], config: Any) -> Any:
+        return load_processor(name_or_path, config.model_type, _pop_processor_kwargs(dict(model_config)))
 
     def text_length_limit(self, config: Any) -> int:
         text = getattr(config, "text_config", config)
@@ -269,6 +270,14 @@ def chat_turns(processor: Any, prompt: str) -> ChatTurns:
     if end_id is None:
         raise UserError("the model's chat template writes nothing after the answer and its tokenizer has no eos_token: no token ends a caption")
     return ChatTurns(prompt_text=prompt_text, before=before, end_id=int(end_id))
+
+
+def _pop_processor_kwargs(overrides: dict[str, Any]) -> dict[str, Any]:
+    """model_config's `processor` table (e.g. {max_pixels = 200704}), taken out of `overrides`."""
+    processor_kwargs = overrides.pop("processor", {})
+    if not isinstance(processor_kwargs, dict):
+        raise UserError("model_config.processor must be a table of processor settings, e.g. {max_pixels = 200704}")
+    return processor_kwargs
 
 
 def load_processor(name_or_path: str, model_type: str, kwargs: dict[str, Any]) -> Any:
