@@ -14,7 +14,6 @@ must receive that token as eos_token_id and stop after one step, instead of writ
 from __future__ import annotations
 
 import pytest
-import torch
 from PIL import Image
 
 from caption_train.models import resolve_family
