@@ -20,10 +20,14 @@ from caption_train.config import load_train_config
 from caption_train.errors import UserError
 from caption_train.hooks import TrainingHooks
 from caption_train.models import resolve_family
+from caption_train.models.base import unwrap_peft
 from caption_train.train import train
 
 from conftest import REPO, base_args
 from test_interactive_api import URL_LINE, Page, wait_for
+
+
+FORCED_WORD = "circle"
 
 
 class Recorder(TrainingHooks):
@@ -51,17 +55,26 @@ class Recorder(TrainingHooks):
             self.saved_again = run.save("from-a-hook")  # an existing folder is left alone
 
     def caption_now(self, run):
-        paths = [s.image_path for s in run.samples[:3]]
-        images = [Image.open(path).convert("RGB") for path in paths]
-        self.captions = run.caption(paths, images)
-        self.mode_after = run.model.training
-        # The same weights, captioned by the family directly (family and processor found as a user would).
+        """Caption three images through the protocol while the live model is made to say one word: its LM head's
+        bias for "circle" raised, then restored. Only the weights being trained can give that caption."""
         family, _ = resolve_family(str(self.model_dir))
         _, processor = family.load(str(self.model_dir), {})
-        model = run.model.eval()
+        paths = [s.image_path for s in run.samples[:3]]
+        images = [Image.open(path).convert("RGB") for path in paths]
+        head = unwrap_peft(run.model).text_decoder.cls.predictions.decoder
+        word = processor.tokenizer.convert_tokens_to_ids(FORCED_WORD)
         with torch.no_grad():
-            self.direct = family.generate(model, processor, images)
-        model.train()
+            head.bias[word] += 100.0
+        try:
+            self.captions = run.caption(paths, images)
+            self.mode_after = run.model.training
+            model = run.model.eval()  # the same weights, captioned by the family directly
+            with torch.no_grad():
+                self.direct = family.generate(model, processor, images)
+            model.train()
+        finally:
+            with torch.no_grad():
+                head.bias[word] -= 100.0
         base, _ = family.load(str(self.model_dir), {})
         with torch.no_grad():
             self.base = family.generate(base.eval(), processor, images)
@@ -83,10 +96,9 @@ class Recorder(TrainingHooks):
 
 
 def test_every_event_in_order_with_what_a_hook_sees_and_may_do(tmp_path, tiny_blip, shapes_dir):
-    # 24 images, a quarter held out: 18 training / batch 8 = 3 optimizer steps per epoch, 2 epochs. A high LR, so
-    # the weights that "caption now" uses are far from the base model's.
+    # 24 images, a quarter held out: 18 training / batch 8 = 3 optimizer steps per epoch, 2 epochs.
     hooks = Recorder(tiny_blip, caption_at=2, save_at=4)
-    args = base_args(shapes_dir, tiny_blip, tmp_path, "--epochs", "2", "--validation_split", "0.25", "--lr", "0.05",
+    args = base_args(shapes_dir, tiny_blip, tmp_path, "--epochs", "2", "--validation_split", "0.25",
                      "--save_every_n_epochs", "0", "--mixed_precision", "no")
     final = train(load_train_config(args), hooks=hooks)
 
@@ -109,9 +121,10 @@ def test_every_event_in_order_with_what_a_hook_sees_and_may_do(tmp_path, tiny_bl
     assert hooks.metrics == logged and [step for step, row in logged if "train/loss" in row] == [1, 2, 3, 4, 5, 6]
     assert [step for step, row in logged if "val/loss" in row] == [3, 6]
 
-    # Caption now: the current (trained) weights through the family's generate, and training mode afterwards.
+    # Caption now: the live weights (made to say one word) through the family's generate, then training mode again.
     assert hooks.captions == hooks.direct and hooks.mode_after is True
-    assert hooks.direct != hooks.base  # else this could not tell the trained weights from the base model's
+    assert all(set(caption.split()) == {FORCED_WORD} for caption in hooks.captions), hooks.captions
+    assert all(set(caption.split()) != {FORCED_WORD} for caption in hooks.base), hooks.base
 
     # Save: a resumable checkpoint at the current position, written once.
     assert hooks.saved == hooks.saved_again == final.parent / "from-a-hook"
