@@ -326,7 +326,7 @@ def _check_ranges(cfg: TrainConfig, skip: set[str] = frozenset()) -> list[str]:
     need(cfg.training_name.strip() != "" and "/" not in cfg.training_name and "\\" not in cfg.training_name,
          f"training_name must be a non-empty folder name without slashes, got {cfg.training_name!r}")
     if cfg.interactive is not None:
-        from caption_train.iterative.address import parse_interactive  # light: no aiohttp/torch import
+        from caption_train.address import parse_interactive  # light: no aiohttp/torch import
 
         try:
             parse_interactive(cfg.interactive)

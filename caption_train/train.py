@@ -5,6 +5,8 @@
 
 Runs unchanged on one CPU, one GPU, or several processes under `torchrun` / `accelerate launch`.
 Resumable (`--resume auto|PATH`), and stops cleanly on SIGINT / SIGTERM with a checkpoint to resume from.
+Hooks (caption_train.hooks.TrainingHooks) get the run's events with a RunView, the narrow HookRun protocol over
+the loop's state; the loop knows no particular hooks (the `train` command builds the interactive page's).
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 from tqdm.auto import tqdm
@@ -30,6 +32,7 @@ from caption_train.data.dataset import CaptionDataset, drop_failed
 from caption_train.data.scan import Sample, scan_dataset, split_validation
 from caption_train.errors import UserError
 from caption_train.features import CachePlan, FeatureCache, plan_feature_cache, vision_is_frozen
+from caption_train.hooks import HookedTracker, SampleLoss, TrainingHooks
 from caption_train.lint import TrainingView, summarize_scan
 from caption_train.models import ModelFamily, resolve_family
 from caption_train.models.base import unwrap_peft
@@ -38,31 +41,6 @@ from caption_train.precision import Precision, enable_fast_gpu_matmul, resolve_p
 from caption_train.quantize import check_quantize_runnable, describe_quantization, prepare_quantized_for_training, quantization_load_kwargs
 from caption_train.text import plural
 from caption_train.tracking import Tracker, make_tracker, plot_losses
-
-
-class TrainingHooks:
-    """Extension points called by the loop on every process (no-ops here). The interactive page plugs in here.
-
-    Hooks run in the training thread, between optimizer steps, so they may pause, generate (use eval mode and
-    no_grad, then restore train mode) or call `save(run, name, epoch=...)`. Under several processes every rank
-    calls every hook: anything collective (a save, a pause) must be agreed, e.g. via broadcast_object_list.
-    """
-
-    def on_setup(self, run: "Run") -> None:
-        pass
-
-    def on_step_end(self, run: "Run", epoch: int) -> None:
-        pass
-
-    def on_epoch_end(self, run: "Run", epoch: int) -> None:
-        pass
-
-    def on_train_end(self, run: "Run") -> None:
-        pass
-
-    def close(self) -> None:
-        """Release what the hooks hold (a server, threads); called once when train() returns or raises."""
-
 
 
 class TrainingStopped(UserError):
@@ -134,7 +112,118 @@ class Run:
     stop: StopRequest = field(default_factory=StopRequest)
     stop_agreed: int = 0  # signal number all processes agreed to stop on (0 = keep going)
     last_batch: dict[str, torch.Tensor] | None = None
-    progress: Any = None  # the training bar, once run_training made it (the page's hooks take a pause off its clock)
+    progress: Any = None  # the training bar, once run_training made it (a hook's pause is taken off its clock)
+    # The latest caption loss per training image (path relative to dataset_dir), for hooks (HookRun.sample_losses).
+    # Filled when an epoch's per-image losses are in; empty until the loop records them.
+    sample_losses: dict[str, SampleLoss] = field(default_factory=dict)
+
+    @functools.cached_property
+    def view(self) -> "RunView":
+        """What the hooks see of this run."""
+        return RunView(self)
+
+
+class RunView:
+    """The run as hooks see it: caption_train.hooks.HookRun over the loop's Run, and nothing more (the hooks,
+    the interactive page among them, never touch the Run itself)."""
+
+    def __init__(self, run: Run):
+        self._run = run
+
+    @property
+    def run_dir(self) -> Path:
+        return self._run.run_dir
+
+    @property
+    def dataset_dir(self) -> Path:
+        return Path(self._run.cfg.dataset_dir)
+
+    @property
+    def samples(self) -> list[Sample]:
+        return [sample for dataset in self._datasets() for sample in dataset.samples]
+
+    @property
+    def probe_samples(self) -> list[Sample]:
+        return list(self._run.sample_items)
+
+    @property
+    def epoch(self) -> int:
+        return self._run.epoch
+
+    @property
+    def epochs(self) -> int:
+        return self._run.cfg.epochs
+
+    @property
+    def step(self) -> int:
+        return self._run.global_step
+
+    @property
+    def total_steps(self) -> int:
+        return self._run.total_steps
+
+    @property
+    def is_main_process(self) -> bool:
+        return self._run.accelerator.is_main_process
+
+    @property
+    def num_processes(self) -> int:
+        return self._run.accelerator.num_processes
+
+    @property
+    def stop_requested(self) -> bool:
+        return bool(self._run.stop.signum)
+
+    @property
+    def model(self) -> torch.nn.Module:
+        return self._run.accelerator.unwrap_model(self._run.model)
+
+    def sample_losses(self) -> dict[str, SampleLoss]:
+        return dict(self._run.sample_losses)
+
+    def follow_captions(self, live_file: Path) -> None:
+        for dataset in self._datasets():
+            dataset.follow(live_file)
+
+    def caption(self, paths: Sequence[str | Path], images: Sequence[Any]) -> list[str]:
+        return generate_captions(self._run, [str(path) for path in paths], list(images))
+
+    def save(self, name: str) -> Path:
+        return save(self._run, name, epoch=self._run.epoch)
+
+    def agree(self, value: Any) -> Any:
+        if self._run.accelerator.num_processes == 1:
+            return value
+        from accelerate.utils import broadcast_object_list
+
+        holder = [value]
+        broadcast_object_list(holder, from_process=0)
+        return holder[0]
+
+    def paused_for(self, seconds: float) -> None:
+        leave_out_of_bar(self._run.progress, seconds)
+
+    def request_stop(self) -> None:
+        self._run.stop.signum = self._run.stop.signum or int(signal.SIGINT)
+
+    def _datasets(self) -> list[CaptionDataset]:
+        """The training dataset, and the validation one when there is one (accelerate's loader wraps it)."""
+        val = getattr(self._run.val_loader, "dataset", None) if self._run.val_loader is not None else None
+        return [self._run.train_dataset] + ([val] if isinstance(val, CaptionDataset) else [])
+
+
+def leave_out_of_bar(bar: Any, seconds: float) -> None:
+    """Take `seconds` (a pause) off the bar's clock: its elapsed time, rate and ETA then count training only.
+
+    tqdm's rate is a moving average of (steps, seconds since the last print); moving both the start and the last
+    print forward keeps the pause out of both. (`tqdm.unpause` would also drop the training time between the
+    bar's last print and the pause.)
+    """
+    if bar is None or getattr(bar, "disable", True) or seconds <= 0:
+        return
+    bar.start_t += seconds
+    bar.last_print_t += seconds
+    bar.refresh()
 
 
 class Timings:
@@ -564,7 +653,7 @@ def optimizer_step(run: Run, window: torch.Tensor, epoch: int, progress: tqdm) -
             f"the last good weights are in {path}; lower --lr or --max_grad_norm, or check the data", exit_code=3)
     if run.cfg.save_every_n_steps and run.global_step % run.cfg.save_every_n_steps == 0:
         save(run, f"step-{run.global_step}", epoch=epoch)
-    run.hooks.on_step_end(run, epoch)
+    run.hooks.on_step_end(run.view, epoch)
     if stop:
         run.stop_agreed = run.stop.signum or int(signal.SIGTERM)
 
@@ -594,8 +683,6 @@ def sample_captions(run: Run) -> list[dict[str, Any]]:
         return []
     from caption_train.data.images import ImageLoadError, load_rgb
 
-    model = run.accelerator.unwrap_model(run.model)
-    model.eval()
     items = []
     for sample in run.sample_items:
         try:
@@ -604,12 +691,25 @@ def sample_captions(run: Run) -> list[dict[str, Any]]:
             continue
     if not items:
         return []
-    features = probe_features(run, model, [str(sample.image_path) for sample, _ in items])
-    with run.accelerator.autocast():
-        predictions = run.family.generate(model, run.processor, [image for _, image in items], prompt=run.cfg.prompt,
-                                          max_new_tokens=run.sample_new_tokens, **({} if features is None else {"features": features}))
-    model.train()
+    predictions = generate_captions(run, [str(sample.image_path) for sample, _ in items], [image for _, image in items],
+                                    max_new_tokens=run.sample_new_tokens)
     return [{"image": str(sample.image_path), "truth": sample.caption, "prediction": prediction} for (sample, _), prediction in zip(items, predictions)]
+
+
+@torch.no_grad()
+def generate_captions(run: Run, paths: list[str], images: list[Any], *, max_new_tokens: int | None = None) -> list[str]:
+    """Caption images with the current weights (eval mode, then the model's mode as it was): the run's prompt and
+    autocast, and the cached image features when the cache is on. Probe captions and hooks' "caption now"."""
+    model = run.accelerator.unwrap_model(run.model)
+    was_training = model.training
+    model.eval()
+    try:
+        features = probe_features(run, model, paths)
+        with run.accelerator.autocast():
+            return run.family.generate(model, run.processor, images, prompt=run.cfg.prompt, max_new_tokens=max_new_tokens,
+                                       **({} if features is None else {"features": features}))
+    finally:
+        model.train(was_training)
 
 
 def save(run: Run, name: str, *, epoch: int, batches_done: int | None = None) -> Path:
@@ -733,17 +833,18 @@ def stop_early(run: Run, epoch: int) -> None:
 # The whole run
 
 
-def make_hooks(cfg: TrainConfig) -> TrainingHooks:
-    """--interactive: the page's hooks. They bind the port now, so a busy port fails before anything is written."""
-    if cfg.interactive is None:
-        return TrainingHooks()
-    from caption_train.iterative import InteractiveHooks, parse_interactive
-
-    return InteractiveHooks(*parse_interactive(cfg.interactive))
-
-
 def train(cfg: TrainConfig, hooks: TrainingHooks | None = None) -> Path:
-    hooks = hooks or make_hooks(cfg)
+    """Train and return final/. `hooks` get the run's events (caption_train.hooks); they are closed on return.
+
+    The loop knows no particular hooks: the `train` command builds the interactive page's from --interactive
+    (cli.make_hooks). Called directly with cfg.interactive set and no hooks, it refuses rather than train without
+    the page that was asked for.
+    """
+    if hooks is None:
+        if cfg.interactive is not None:
+            raise UserError(f"interactive = {cfg.interactive!r}: train(cfg) does not start the page itself; "
+                            "pass hooks=caption_train.cli.make_hooks(cfg), or run `caption-train train` / train2.py")
+        hooks = TrainingHooks()
     try:
         return run_training(cfg, hooks)
     finally:
@@ -763,8 +864,10 @@ def run_training(cfg: TrainConfig, hooks: TrainingHooks) -> Path:
         run.tracker.finish()
         return run.resumed_from
     run.stop.install()
+    if main:  # the hooks see every metrics line and the probe captions as they are logged
+        run.tracker = HookedTracker(run.tracker, run.hooks)
     try:
-        run.hooks.on_setup(run)
+        run.hooks.on_setup(run.view)
         progress = tqdm(total=run.total_steps, initial=run.global_step, desc="training", unit="step", disable=not main, dynamic_ncols=True, file=sys.stderr)
         run.progress = progress
         for epoch in range(run.epoch, cfg.epochs):
@@ -775,10 +878,10 @@ def run_training(cfg: TrainConfig, hooks: TrainingHooks) -> Path:
                 progress.close()
                 stop_early(run, epoch)
             end_of_epoch(run, epoch)
-            run.hooks.on_epoch_end(run, epoch)
+            run.hooks.on_epoch_end(run.view, epoch)
             run.batches_done = 0
         progress.close()
-        run.hooks.on_train_end(run)
+        run.hooks.on_train_end(run.view)
         final_dir = finish(run)
     finally:
         run.stop.uninstall()

@@ -576,14 +576,12 @@ class _StopAfter:
     """A TrainingHooks that asks the loop to stop (like SIGINT) once step `k` is done."""
 
     def __new__(cls, k):
-        import signal
-
-        from caption_train.train import TrainingHooks
+        from caption_train.hooks import TrainingHooks
 
         class Hooks(TrainingHooks):
             def on_step_end(self, run, epoch):
-                if run.global_step == k:
-                    run.stop.signum = int(signal.SIGINT)
+                if run.step == k:
+                    run.request_stop()
 
         return Hooks()
 

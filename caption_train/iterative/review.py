@@ -22,7 +22,7 @@ from typing import Any
 
 from caption_train.data.scan import _check_root, scan_dataset
 from caption_train.errors import UserError
-from caption_train.iterative.address import exposure_warning, is_loopback, parse_interactive
+from caption_train.address import exposure_warning, is_loopback, parse_interactive
 from caption_train.iterative.store import Workspace, inside
 
 BATCH = 8

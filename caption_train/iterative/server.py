@@ -29,7 +29,7 @@ from aiohttp import WSCloseCode, WSMsgType, web
 from pydantic import ValidationError
 
 from caption_train.errors import UserError
-from caption_train.iterative.address import is_loopback, page_url, url_host
+from caption_train.address import is_loopback, page_url, url_host
 from caption_train.iterative.schema import (
     MAX_CAPTION_CHARS, MAX_GENERATE_IMAGES, Ack, Hello, ModelCaptions, error_details, error_message, parse_client_message,
     server_message,
