@@ -151,6 +151,7 @@ class InteractiveHooks(TrainingHooks):
             self.sock = bind_socket(self.host, self.port)
         self.workspace = Workspace(run.dataset_dir, run.samples, state_dir=state_dir, mode="training",
                                    probe=run.probe_samples, log=say)
+        self.workspace.set_losses(run.sample_loss_history())  # a resumed run's earlier epochs
         self.workspace.update_status(state="running", epoch=run.epoch + 1, epochs=run.epochs,
                                      step=run.step, total_steps=run.total_steps, can_generate=True)
         if self.start_paused:
@@ -191,7 +192,9 @@ class InteractiveHooks(TrainingHooks):
                 workspace.update_status(state="running")
 
     def on_epoch_end(self, run: HookRun, epoch: int) -> None:
+        """The epoch's per-image losses are in: the review queue re-ranks (the page offers to reload it)."""
         if self.workspace is not None:
+            self.workspace.set_losses(run.sample_loss_history())
             self.workspace.update_status(epoch=epoch + 1, step=run.step)
 
     def on_train_end(self, run: HookRun) -> None:
