@@ -223,6 +223,7 @@ def test_review_page_fits_phone_and_wide_screens(tmp_path, tiny_blip):
         review.close()
 
 
+@pytest.mark.slow
 def test_review_queue_in_the_browser(tmp_path):
     """The page opens on the queue: the first k cards are the k highest latest-epoch losses, with loss and trend;
     the keys move through it, mark fine, edit and skip; re-ranking leaves out what was handled; it fits a phone."""

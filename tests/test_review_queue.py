@@ -257,3 +257,37 @@ def test_the_queue_is_the_default_view_only_with_losses(queued, tmp_path):
     finally:
         with_losses.close()
         without.close()
+
+
+# ---------------------------------------------------------------------------------------------
+# during training: the queue follows each epoch's losses through the hook protocol
+
+
+@pytest.mark.slow
+@pytest.mark.xfail(strict=True, reason="issue 16 item 1: the loop records no per-image losses yet (remove this mark when it does)")
+def test_the_queue_during_training_follows_each_epochs_losses(tmp_path, tiny_blip, shapes_dir):
+    from caption_train.config import resolve
+    from caption_train.iterative.hooks import InteractiveHooks
+    from caption_train.train import train
+
+    seen: list[tuple[int, list[str], dict]] = []
+
+    class Watch(InteractiveHooks):
+        def on_epoch_end(self, run, epoch):
+            super().on_epoch_end(run, epoch)
+            page = Page(self.url)  # the live server, between optimizer steps
+            written = run.run_dir / LOSSES_FILE
+            seen.append((page.status()["loss_epoch"], queue(page), read_sample_losses(written) if written.is_file() else {}))
+
+    cfg = resolve({}, {"dataset_dir": str(shapes_dir), "model_name_or_path": str(tiny_blip), "output_dir": str(tmp_path / "runs"),
+                       "epochs": 2, "batch_size": 8, "num_workers": 0, "log_with": "none", "num_sample_captions": 0, "save_every_n_epochs": 0})
+    hooks = Watch()
+    try:
+        final = train(cfg, hooks=hooks)
+    finally:
+        hooks.close()
+    captions = {p.relative_to(shapes_dir).with_suffix(".png").as_posix(): p.read_text().strip() for p in shapes_dir.rglob("*.txt")}
+    assert [epoch for epoch, _, _ in seen] == [1, 2]
+    for epoch, order, history in seen:
+        assert order and order == suspect_order(history, captions), epoch
+    assert seen[-1][2] == read_sample_losses(final.parent / LOSSES_FILE)

@@ -7,6 +7,9 @@
 protocol alone (caption_train.hooks.HookRun): this module never imports the training loop, and the loop never
 imports the page.
 
+The review queue: the run's per-image losses reach the page through the protocol (`run.sample_loss_history()`,
+at set-up for a resumed run and after every epoch); the page ranks them (ranking.suspect_order).
+
 Threads: the server runs on its own event loop in a daemon thread and only touches the Workspace (captions,
 ratings, requests). Everything that needs the model runs here, in the training thread, in `on_step_end` between
 optimizer steps: "caption now" (`run.caption`), pause (blocks, still serving and captioning, until resumed) and

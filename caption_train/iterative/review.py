@@ -45,7 +45,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--model", default=None, help="A run's final/ (or epoch-N/), a merged model, or a hub id/path; without it the page only edits and rates.")
     parser.add_argument("--listen", default="127.0.0.1:0", metavar="[HOST:]PORT", help="Where to serve the page (default 127.0.0.1 and a free port).")
     parser.add_argument("--losses", default=None, metavar="RUN_DIR_OR_FILE", help="A run folder or its sample_losses.jsonl: open on the review queue, most suspect caption first (default: the run of --model RUN/final or RUN/epoch-N, when it has one).")
-    parser.add_argument("--state_dir", default=None, help="Folder for history.jsonl and ratings.json (default ./caption-review/<dataset>-<hash>/); must be outside the dataset.")
+    parser.add_argument("--state_dir", default=None, help="Folder for history.jsonl, ratings.json and fine.json (default ./caption-review/<dataset>-<hash>/); must be outside the dataset.")
     return parser
 
 

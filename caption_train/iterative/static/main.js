@@ -73,8 +73,8 @@ function handle(message) {
   const payload = message.payload;
   switch (message.type) {
     case "hello":
-      if (ui.view === null) {
-        ui.view = payload.status.ranked ? "suspects" : payload.probe.length ? "probe" : "all";
+      if (ui.view === null) {  // showStatus then opens the queue instead when losses exist (showQueue)
+        ui.view = payload.probe.length ? "probe" : "all";
         $("view").value = ui.view;
         if (!payload.probe.length) $("view").querySelector('option[value="probe"]').hidden = true;
       }
