@@ -303,3 +303,35 @@ def test_review_queue_in_the_browser(tmp_path):
         assert not problems, problems
     finally:
         review.close()
+
+
+@pytest.mark.slow
+def test_queue_keys_cross_pages(tmp_path):
+    """j past the last card of a page loads the next page of the queue; k before the first goes back."""
+    sync_api = need_browser()
+    data = tmp_path / "data"
+    make_shapes_dataset(data, 26, seed=1, size=32, subfolders=0)
+    losses = {f"img_{i:04d}.png": [1.0, 10.0 - i / 10] for i in range(26)}  # img_0000 the most suspect, then in order
+    write_losses(tmp_path / "run", data, losses)
+    review = Review(data, losses=tmp_path / "run", state_dir=tmp_path / "state")
+    url = review.start()
+    try:
+        with sync_api.sync_playwright() as playwright:
+            browser = launch_chromium(playwright)
+            page = browser.new_page(viewport={"width": 1400, "height": 900})
+            page.goto(url)
+            expect = sync_api.expect
+            current = page.locator("article.card.current .path")
+            expect(current).to_have_text("img_0000.png", timeout=30_000)
+            page.keyboard.press("k")  # nothing before the first
+            expect(current).to_have_text("img_0000.png")
+            for _ in range(24):
+                page.keyboard.press("j")
+            expect(page.locator("#page-info")).to_have_text("25–26 of 26")
+            expect(current).to_have_text("img_0024.png")
+            page.keyboard.press("k")
+            expect(page.locator("#page-info")).to_have_text("1–24 of 26")
+            expect(current).to_have_text("img_0023.png")
+            browser.close()
+    finally:
+        review.close()
