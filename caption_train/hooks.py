@@ -22,6 +22,7 @@ process only, or on each process for its own images).
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol, Sequence, TypeVar
@@ -50,7 +51,15 @@ class SampleLoss:
     tokens: int
     """How many target tokens that mean is over."""
     caption_sha1: str
-    """SHA-1 of the caption trained on, so an edited caption's losses tell apart from the old text's."""
+    """SHA-1 of the caption trained on (`caption_sha1(text)`), so an edited caption's losses tell apart from the
+    old text's."""
+
+
+def caption_sha1(text: str) -> str:
+    """`SampleLoss.caption_sha1` of a caption: the SHA-1 (hex) of its UTF-8 text as training reads it, before
+    shuffling and dropout (whitespace runs collapsed, as data.scan and the page's edits store it). The loop writes
+    it beside each loss; the page compares it with the caption now to tell a caption fixed since its loss."""
+    return hashlib.sha1(text.encode("utf-8")).hexdigest()
 
 
 class HookRun(Protocol):
@@ -111,7 +120,12 @@ class HookRun(Protocol):
     def sample_losses(self) -> dict[str, SampleLoss]:
         """The latest caption loss of every training image, keyed by `SampleLoss.image`; updated when an epoch's
         losses are in (before `on_epoch_end`). Empty until the loop records per-image losses; the whole history is
-        `<run_dir>/sample_losses.jsonl`."""
+        `<run_dir>/sample_losses.jsonl` (and `sample_loss_history`)."""
+
+    def sample_loss_history(self) -> dict[str, list[SampleLoss]]:
+        """Every recorded epoch's caption loss of every training image, oldest epoch first, keyed like
+        `sample_losses` (whose values are these lists' last items): what `sample_losses.jsonl` holds, a resumed
+        run's earlier epochs included. The page draws each image's trend from it."""
 
     # ---- what a hook may do
 

@@ -116,6 +116,7 @@ class Run:
     # The latest caption loss per training image (path relative to dataset_dir), for hooks (HookRun.sample_losses).
     # Filled when an epoch's per-image losses are in; empty until the loop records them.
     sample_losses: dict[str, SampleLoss] = field(default_factory=dict)
+    sample_loss_history: dict[str, list[SampleLoss]] = field(default_factory=dict)  # every epoch's, oldest first
 
     @functools.cached_property
     def view(self) -> "RunView":
@@ -180,6 +181,9 @@ class RunView:
 
     def sample_losses(self) -> dict[str, SampleLoss]:
         return dict(self._run.sample_losses)
+
+    def sample_loss_history(self) -> dict[str, list[SampleLoss]]:
+        return {image: list(rows) for image, rows in self._run.sample_loss_history.items()}
 
     def follow_captions(self, live_file: Path) -> None:
         for dataset in self._datasets():

@@ -3,7 +3,8 @@
     caption-train train --dataset_dir data --interactive 8765      # prints: interactive page: http://127.0.0.1:8765/?token=...
     caption-train review data --model runs/x/final                  # the same page, no training
 
-Modules: `schema` (pydantic messages), `store` (ids, atomic caption writes, ratings, history), `server` (aiohttp,
+Modules: `schema` (pydantic messages), `store` (ids, atomic caption writes, ratings, history), `ranking` (the
+review queue's order from per-image losses: suspect_order; reading sample_losses.jsonl), `server` (aiohttp,
 token, origin checks), `hooks` (InteractiveHooks: the page during training, written against the hook protocol in
 caption_train.hooks), `review` (the command), `static/` (index.html, main.js, main.css: no build step). `[HOST:]PORT`
 parsing lives outside, in caption_train.address, so config validation reads it without touching the page.

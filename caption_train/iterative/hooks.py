@@ -7,6 +7,9 @@
 protocol alone (caption_train.hooks.HookRun): this module never imports the training loop, and the loop never
 imports the page.
 
+The review queue: the run's per-image losses reach the page through the protocol (`run.sample_loss_history()`,
+at set-up for a resumed run and after every epoch); the page ranks them (ranking.suspect_order).
+
 Threads: the server runs on its own event loop in a daemon thread and only touches the Workspace (captions,
 ratings, requests). Everything that needs the model runs here, in the training thread, in `on_step_end` between
 optimizer steps: "caption now" (`run.caption`), pause (blocks, still serving and captioning, until resumed) and
@@ -151,6 +154,7 @@ class InteractiveHooks(TrainingHooks):
             self.sock = bind_socket(self.host, self.port)
         self.workspace = Workspace(run.dataset_dir, run.samples, state_dir=state_dir, mode="training",
                                    probe=run.probe_samples, log=say)
+        self.workspace.set_losses(run.sample_loss_history())  # a resumed run's earlier epochs
         self.workspace.update_status(state="running", epoch=run.epoch + 1, epochs=run.epochs,
                                      step=run.step, total_steps=run.total_steps, can_generate=True)
         if self.start_paused:
@@ -191,7 +195,9 @@ class InteractiveHooks(TrainingHooks):
                 workspace.update_status(state="running")
 
     def on_epoch_end(self, run: HookRun, epoch: int) -> None:
+        """The epoch's per-image losses are in: the review queue re-ranks (the page offers to reload it)."""
         if self.workspace is not None:
+            self.workspace.set_losses(run.sample_loss_history())
             self.workspace.update_status(epoch=epoch + 1, step=run.step)
 
     def on_train_end(self, run: HookRun) -> None:
