@@ -243,6 +243,11 @@ def _image_cell(path: Path, out_dir: Path, thumbnails: int) -> str:
     return f'<a href="{href}">{inner}</a>'
 
 
+def _prediction_html(text: str) -> str:
+    """A model's caption, escaped; an empty one shows as "(empty)", set apart from captions that say so."""
+    return html.escape(text) if text.strip() else '<span class="empty">(empty)</span>'
+
+
 def render_report_html(result: EvalResult, *, model: str, dataset: Path, out_dir: Path, thumbnails: int = THUMBNAIL_SIZE) -> str:
     """One self-contained page: corpus metrics, then every item worst-first by CIDEr-D, sortable by any column."""
     esc = html.escape
@@ -262,7 +267,7 @@ def render_report_html(result: EvalResult, *, model: str, dataset: Path, out_dir
             f'<tr data-file="{esc(_relative(item.image, dataset), quote=True)}"><td class="num" data-v="{rank}">{rank}</td>'
             f"<td>{_image_cell(item.image, out_dir, thumbnails)}</td>"
             f'<td><div class="ref">{esc(item.reference)}</div><div class="file">{esc(_relative(item.image, dataset))}</div></td>'
-            f'<td class="pred">{esc(item.prediction)}</td>{cells}</tr>'
+            f'<td class="pred">{_prediction_html(item.prediction)}</td>{cells}</tr>'
         )
     unreadable = "".join(f"<li>{esc(_relative(p, dataset))}: {esc(r)}</li>" for p, r in result.unreadable)
     options = ", ".join(f"{k}={v}" for k, v in result.options.items())
@@ -339,11 +344,11 @@ def _samples_row(image: str, truth: str, history: list[dict[str, Any]], latest: 
     def match_class(r: dict[str, Any]) -> str:
         return ' class="match"' if _same_caption(r["prediction"], truth) else ""
 
-    shown = [f'<div data-epoch="{r["epoch"]}"{match_class(r)}{"" if r["epoch"] == latest else " hidden"}>{esc(r["prediction"])}</div>' for r in history]
+    shown = [f'<div data-epoch="{r["epoch"]}"{match_class(r)}{"" if r["epoch"] == latest else " hidden"}>{_prediction_html(r["prediction"])}</div>' for r in history]
     has_latest = any(r["epoch"] == latest for r in history)
     shown.append(f'<div class="none"{" hidden" if has_latest else ""}>(not captioned that epoch)</div>')
     items = "".join(
-        f'<li{match_class(r)}><span class="ep">epoch {r["epoch"]}</span>{esc(r["prediction"])}</li>' for r in reversed(history)
+        f'<li{match_class(r)}><span class="ep">epoch {r["epoch"]}</span>{_prediction_html(r["prediction"])}</li>' for r in reversed(history)
     )
     first = next((r["epoch"] for r in history if _same_caption(r["prediction"], truth)), None)
     summary = f"{len(history)} epochs" + (f"; first right at epoch {first}" if first is not None else "")
