@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import shutil
+from pathlib import Path
 
 import pytest
 
@@ -66,3 +67,35 @@ def test_help_into_a_closed_pipe_is_quiet():
     err = proc.stderr.decode()
     assert "Traceback" not in err and "BrokenPipeError" not in err, err
     assert proc.returncode == 141
+
+
+def test_training_start_lines_count_in_plurals_and_small_features_in_kb(capsys, tmp_path, shapes_dir, tiny_blip):
+    """"2 unreadable images", "2 captions with unknown characters" (not "2 unreadable image"), and the feature cache
+    line gives a tiny model's features in B/KB (not "24 x 0.0 MB")."""
+    import re
+
+    data = Path(shutil.copytree(shapes_dir, tmp_path / "data"))
+    for i in range(2):
+        (data / f"empty{i}.png").write_bytes(b"")
+        (data / f"empty{i}.txt").write_text("a red circle", encoding="utf-8")
+        shutil.copy(shapes_dir / "part0" / "img_0000.png", data / f"utf16_{i}.png")
+        (data / f"utf16_{i}.txt").write_bytes("a red circle".encode("utf-16"))
+        (data / "part0" / f"img_000{2 * i}.txt").write_text("a red circle, big", encoding="utf-8")  # ',' is not in the tiny vocabulary
+    assert main(["train", "--dataset_dir", str(data), "--model_name_or_path", str(tiny_blip), "--output_dir", str(tmp_path / "runs"), "--epochs", "1",
+                 "--batch_size", "8", "--num_workers", "0", "--log_with", "none", "--num_sample_captions", "0", "--cache_image_features", "memory"]) == 0
+    out = capsys.readouterr().out
+    assert "skipped 4 (" in out and "2 unreadable images" in out and "2 captions not UTF-8" in out, out
+    assert "  warnings: 2 captions with unknown characters\n" in out, out
+    assert re.search(r"caching in memory \(24 x \d+(\.\d)? (B|KB) (float32|bfloat16)\)", out), out
+
+
+def test_a_zero_byte_image_is_an_empty_file_in_caption_and_lint(capsys, tmp_path, shapes_dir, tiny_blip):
+    folder = tmp_path / "images"
+    folder.mkdir()
+    shutil.copy(shapes_dir / "part0" / "img_0000.png", folder / "good.png")
+    (folder / "zero.png").write_bytes(b"")
+    assert main(["caption", str(tiny_blip), str(folder), "--num_workers", "0", "--max_new_tokens", "3"]) == 0
+    assert f"skipped unreadable image {folder / 'zero.png'}: empty file" in capsys.readouterr().err
+    (folder / "zero.txt").write_text("a red circle", encoding="utf-8")
+    main(["lint", str(folder)])
+    assert "zero.png: empty file" in capsys.readouterr().out
