@@ -42,8 +42,29 @@ def test_demo_refuses_a_used_workdir_before_building_anything(capsys, tmp_path, 
     (tmp_path / used).mkdir()
     assert main(["demo", "--workdir", str(tmp_path), "--images", "12", "--epochs", "1"]) == 2
     captured = capsys.readouterr()
-    assert f"{tmp_path / used} already exists" in captured.err and "building" not in captured.out
+    assert f"{tmp_path / used} already exists; continue that demo with --resume auto" in captured.err and "building" not in captured.out
     assert sorted(p.name for p in tmp_path.iterdir()) == [used]  # nothing built beside it
+
+
+def test_demo_resume_refuses_a_workdir_whose_build_never_finished(capsys, tmp_path):
+    """--resume needs the settings file prepare() writes last; folders without it are a build that was stopped."""
+    (tmp_path / "shapes").mkdir()
+    assert main(["demo", "--workdir", str(tmp_path), "--images", "12", "--epochs", "1", "--resume", "auto"]) == 2
+    captured = capsys.readouterr()
+    assert "were never finished (stopped while building); delete that folder, or pass a new --workdir" in captured.err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["shapes"]
+    (tmp_path / "demo.json").write_text("not json")
+    assert main(["demo", "--workdir", str(tmp_path), "--images", "12", "--epochs", "1", "--resume", "auto"]) == 2
+    assert f"{tmp_path / 'demo.json'}: cannot read it" in capsys.readouterr().err
+
+
+def test_demo_resume_refuses_other_data_settings(capsys, tmp_path):
+    """The data on disk was generated with the recorded --images/--heldout/--seed: resuming with others is refused."""
+    for name in ("tiny-blip", "shapes", "heldout"):
+        (tmp_path / name).mkdir()
+    (tmp_path / "demo.json").write_text('{"images": 12, "heldout": 1, "seed": 0}\n')
+    assert main(["demo", "--workdir", str(tmp_path), "--images", "24", "--heldout", "1", "--resume", "auto"]) == 2
+    assert "was built with --images 12 --heldout 1 --seed 0; resume with those, or pass a new --workdir" in capsys.readouterr().err
 
 
 def test_demo_refuses_a_file_as_workdir(capsys, tmp_path):
