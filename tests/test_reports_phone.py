@@ -57,6 +57,7 @@ def check_phone_layout(browser, page_path: Path, shots: Path, *, open_history: b
         assert not problems, f"{page_path.name} at {width} px:\n" + "\n".join(problems[:20])
 
 
+@pytest.mark.slow
 def test_report_and_samples_fit_a_phone(tmp_path):
     sync_api = need_browser()
     pairs = make_shapes_dataset(tmp_path / "heldout", 4, seed=2, size=64, subfolders=0)
