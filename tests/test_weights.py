@@ -288,3 +288,47 @@ def test_caption_and_evaluate_load_in_the_dtype_they_print(tmp_path, bf16_lora, 
     weights, base = model.state_dict(), load_file(str(bf16_base / "model.safetensors"))
     for name, delta in lora_deltas(adapter).items():
         assert torch.equal(weights[name], (base[name].float() + delta).to(torch.bfloat16)), name
+
+
+# ---------------------------------------------------------------------------------------------
+# The interactive page
+
+
+@pytest.mark.slow
+def test_the_page_captions_with_the_runs_bf16_weights(tmp_path):
+    """--interactive on bf16 frozen weights (Qwen2.5-VL: fp32 RMSNorms beside bf16 layers): paused after step 1,
+    "caption now" answers what the family generates with the run's weights under the run's autocast."""
+    from PIL import Image
+
+    from caption_train.config import resolve
+    from test_interactive_api import KeepRun, Page, TrainingThread, wait_for
+
+    model_dir = MODELS["qwen2_5_vl"](tmp_path / "model")
+    data = tmp_path / "data"
+    make_shapes_dataset(data, 4, seed=2, size=32, subfolders=0)
+    cfg = resolve({}, {"dataset_dir": str(data), "model_name_or_path": str(model_dir), "output_dir": str(tmp_path / "runs"),
+                       "epochs": 1, "batch_size": 2, "num_workers": 0, "log_with": "none", "num_sample_captions": 0,
+                       "save_every_n_epochs": 0, "mixed_precision": "bf16"})
+    hooks = KeepRun(start_paused=True)
+    thread = TrainingThread(cfg, hooks)
+    thread.start()
+    wait_for(lambda: hooks.url or thread.error, "the page to start")
+    assert thread.error is None, thread.error
+    page = Page(hooks.url)
+    wait_for(lambda: page.status()["state"] == "paused", "the run to pause")
+
+    names = [f"img_000{i}.png" for i in range(4)]
+    targets = [page.image(name) for name in names]
+    assert page.send("caption_generate", {"images": [t["id"] for t in targets]})[0] == 200
+    captions = [wait_for(lambda: page.get(f"/api/images/{t['id']}")["model_caption"], "caption now") for t in targets]
+    run = hooks.run
+    model = run.accelerator.unwrap_model(run.model).eval()
+    assert {p.dtype for p in model.parameters() if not p.requires_grad} == {torch.bfloat16, torch.float32}  # frozen bf16, norms fp32
+    with run.accelerator.autocast():
+        direct = run.family.generate(model, run.processor, [Image.open(data / name).convert("RGB") for name in names], prompt=run.cfg.prompt)
+    model.train()
+    assert [c["step"] for c in captions] == [1] * 4 and any(c["text"] for c in captions)
+    assert [" ".join(c["text"].split()) for c in captions] == [" ".join(d.split()) for d in direct]
+    page.send("resume", {})
+    thread.join(300)
+    assert not thread.is_alive() and thread.error is None, thread.error
