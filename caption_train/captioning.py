@@ -363,9 +363,11 @@ def generation_options(args: argparse.Namespace, model_dir: str | None = None) -
 def load_model_for_command(args: argparse.Namespace) -> tuple[torch.nn.Module, Any, ModelFamily, torch.device]:
     """Resolve --device/--dtype and load MODEL (adapters merged into the base: same captions, faster)."""
     from caption_train.inference import load_for_inference, pick_device, pick_dtype
+    from caption_train.precision import describe_inference_dtype
 
     device = pick_device(args.device)
     dtype = pick_dtype(args.dtype, device)
+    print(describe_inference_dtype(args.dtype, device), flush=True)
     model, processor, family = load_for_inference(args.model, base_model=args.base_model, device=device, dtype=dtype, merge_adapter=True)
     return model, processor, family, device
 

@@ -82,7 +82,7 @@ class TrainConfig:
     lr_scheduler: str = _field("CosineAnnealingLR", "LR schedule, stepped once per optimizer step.", choices=SCHEDULERS)
     scheduler_args: dict = _field({}, "Keyword arguments for the scheduler, overriding the computed ones, e.g. {eta_min = 1e-6}.")
     max_grad_norm: float = _field(1.0, "Clip the gradient norm to this value (0 = no clipping).")
-    mixed_precision: str = _field("auto", "Autocast precision: auto (bf16 where the GPU/CPU runs it natively, else fp32), no (fp32), fp16 (GPU only, with a grad scaler) or bf16. Weights and optimizer state stay fp32.", choices=MIXED_PRECISION)
+    mixed_precision: str = _field("auto", "Autocast precision: auto (bf16 where the GPU/CPU runs it natively, else fp32), no (fp32), fp16 (GPU only, with a grad scaler) or bf16. What trains and its optimizer state stay fp32; under bf16 an adapter run holds its frozen weights in bf16 (norms fp32).", choices=MIXED_PRECISION)
     seed: int = _field(42, "Random seed for weights init of adapters, data order, caption transforms and the split.")
     # ---- output
     output_dir: str = _field("runs", "Runs are written to <output_dir>/<training_name>-<timestamp>/.")

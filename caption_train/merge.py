@@ -276,6 +276,9 @@ def main(argv: list[str] | None = None) -> int:
 
     inputs = load_merge_inputs(args.adapter_dir, base_model=args.base_model, need_base=any(a != 1.0 for a in alphas))
     print(f"merging {inputs.kind} {inputs.source}" + (f" with base {inputs.base}" if inputs.base else ""), flush=True)
+    # Whatever dtype the checkpoints hold, the fine-tuning delta is computed and scaled in float32 and rounded once,
+    # on saving: a delta below half a bf16 step of a weight would otherwise vanish before --alpha scales it.
+    print(f"weights: merged in float32, saved as {args.dtype}", flush=True)
     sweep = evaluate_alphas(inputs, alphas, eval_samples, options, args) if eval_samples is not None else []
     chosen = best_alpha(sweep) if len(sweep) > 1 else alphas[0]
 

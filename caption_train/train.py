@@ -41,6 +41,7 @@ from caption_train.precision import Precision, enable_fast_gpu_matmul, resolve_p
 from caption_train.quantize import check_quantize_runnable, describe_quantization, prepare_quantized_for_training, quantization_load_kwargs
 from caption_train.text import plural
 from caption_train.tracking import Tracker, make_tracker, plot_losses
+from caption_train.weights import WeightsPlan, describe_weights, keep_in_fp32, plan_weights
 
 
 class TrainingStopped(UserError):
@@ -408,17 +409,22 @@ def pick_sample_items(train: list[Sample], val: list[Sample], count: int) -> lis
 # Setup
 
 
-def load_model(cfg: TrainConfig, family: ModelFamily, resume_dir: Path | None) -> tuple[torch.nn.Module, Any]:
-    """The model to train: fresh adapters on the base model, or the checkpoint's weights when resuming."""
+def load_model(cfg: TrainConfig, family: ModelFamily, resume_dir: Path | None, weights: WeightsPlan) -> tuple[torch.nn.Module, Any]:
+    """The model to train: fresh adapters on the base model, or the checkpoint's weights when resuming; its weights
+    in the dtypes `weights` plans (frozen ones in bf16 under bf16 autocast, what trains and norms in fp32)."""
     if resume_dir is not None and cfg.peft_module == "none":
-        return family.load(str(resume_dir), cfg.model_config, label_smoothing=cfg.label_smoothing)
-    # --quantize reaches from_pretrained through the family like any load kwarg (models/base.pop_load_kwargs).
-    overrides = cfg.model_config | quantization_load_kwargs(cfg.quantize)
+        return family.load(str(resume_dir), weights.load_overrides(cfg.model_config), label_smoothing=cfg.label_smoothing)
+    # --quantize and the weights' dtype reach from_pretrained through the family like any load kwarg
+    # (models/base.pop_load_kwargs).
+    overrides = weights.load_overrides(cfg.model_config) | quantization_load_kwargs(cfg.quantize)
     model, processor = family.load(cfg.model_name_or_path, overrides, label_smoothing=cfg.label_smoothing)
     model = prepare_quantized_for_training(model)
     if resume_dir is not None:
-        return load_adapter_for_training(model, resume_dir), processor
-    return wrap_model(model, family, cfg.peft_module, cfg.peft_args), processor
+        model = load_adapter_for_training(model, resume_dir)
+    else:
+        model = wrap_model(model, family, cfg.peft_module, cfg.peft_args)
+    keep_in_fp32(model, weights)
+    return model, processor
 
 
 def open_run_dir(cfg: TrainConfig, resume_dir: Path | None, main: bool) -> Path:
@@ -471,7 +477,8 @@ def setup(cfg: TrainConfig, hooks: TrainingHooks) -> Run:
     # ---- model
     family, _ = resolve_family(cfg.model_name_or_path)
     prompt = family.training_prompt(cfg.prompt)  # checked before the model loads
-    model, processor = load_model(cfg, family, resume_dir)
+    weights = plan_weights(precision.mode, peft_module=cfg.peft_module, quantize=cfg.quantize, model_config=cfg.model_config, sharded=sharded)
+    model, processor = load_model(cfg, family, resume_dir, weights)
     max_length = min(cfg.max_length, family.max_text_length(model))
     if main:  # the dataset summary, from the scan above: skips, repeat folders, caption lengths (and what this run
         # truncates, from its own collate), unknown characters, the diffusion checks
@@ -492,15 +499,18 @@ def setup(cfg: TrainConfig, hooks: TrainingHooks) -> Run:
     if sharded:
         plan = CachePlan("off", "image features: computed every step (FSDP shards the vision tower)")
     else:
-        plan = plan_feature_cache(requested=cfg.cache_image_features, family=family, model=model, processor=processor,
-                                  n_images=len(train_samples) + len(val_samples), random_flip=cfg.random_flip,
-                                  mixed_precision=precision.mode, cache_dir=cfg.cache_dir, dataset_dir=cfg.dataset_dir,
-                                  sample_image=str(train_samples[0].image_path) if train_samples else None)
+        # Under autocast, as in training: a chat VLM's plan runs its tower once, on weights that may mix bf16 and fp32.
+        with accelerator.autocast():
+            plan = plan_feature_cache(requested=cfg.cache_image_features, family=family, model=model, processor=processor,
+                                      n_images=len(train_samples) + len(val_samples), random_flip=cfg.random_flip,
+                                      mixed_precision=precision.mode, cache_dir=cfg.cache_dir, dataset_dir=cfg.dataset_dir,
+                                      sample_image=str(train_samples[0].image_path) if train_samples else None)
     if main:
         print(f"model {cfg.model_name_or_path} ({family.name}), {cfg.peft_module}: {trainable:,} of {total:,} parameters trainable ({100 * trainable / total:.2f}%)", flush=True)
         if (targets := describe_adapters(model)) is not None:
             print(targets, flush=True)
         print(precision.describe(), flush=True)
+        print(describe_weights(model, weights), flush=True)
         if (quantized := describe_quantization(cfg.quantize)) is not None:
             print(quantized, flush=True)
         print(plan.message, flush=True)

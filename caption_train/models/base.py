@@ -106,7 +106,8 @@ class ModelFamily:
         """The frozen tower's output for a batch of pixel_values, as the text side consumes it (no autograd).
         Default: the tower's last_hidden_state."""
         with torch.inference_mode():
-            features = self.vision_tower(model)(pixel_values=pixel_values.to(model_dtype(model))).last_hidden_state
+            tower = self.vision_tower(model)
+            features = tower(pixel_values=pixel_values.to(model_dtype(tower))).last_hidden_state
         return features.clone()  # a normal tensor again, usable in autograd
 
     def feature_inputs(self, features: torch.Tensor, model: torch.nn.Module | None = None) -> dict[str, Any]:
@@ -329,6 +330,16 @@ def unwrap_peft(model: torch.nn.Module) -> torch.nn.Module:
 
 
 def model_dtype(model: torch.nn.Module) -> torch.dtype:
+    """The dtype inputs to `model` are cast to: that of its first weight outside a normalization layer. Weights
+    need not share one dtype (under bf16 autocast norms and what trains are fp32 beside bf16 frozen weights:
+    caption_train/weights.py), so pass the module that reads the input, e.g. the vision tower for pixels."""
+    from caption_train.weights import is_norm
+
+    for module in model.modules():
+        if not is_norm(module):
+            for param in module.parameters(recurse=False):
+                if param.is_floating_point():
+                    return param.dtype
     return next(model.parameters()).dtype
 
 
@@ -337,6 +348,7 @@ def model_device(model: torch.nn.Module) -> torch.device:
 
 
 def to_model(inputs: dict[str, Any], model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """The tensors of `inputs` on the model's device, floating ones in its dtype (pixels), the rest as they are."""
+    """The tensors of `inputs` on the model's device, floating ones (pixels) in the dtype of its first weight outside
+    a norm (model_dtype: the vision tower's input layer, which comes first), the rest as they are."""
     dtype, device = model_dtype(model), model_device(model)
     return {k: (v.to(device, dtype) if v.is_floating_point() else v.to(device)) for k, v in inputs.items() if isinstance(v, torch.Tensor)}

@@ -108,7 +108,7 @@ class BlipFamily(ModelFamily):
         inputs = dict(processor.tokenizer(texts, return_tensors="pt")) if texts else {}
         inputs["pixel_values"] = self.generation_pixels(processor, images, features)
         inputs = {k: v.to(model_device(model)) for k, v in inputs.items() if k in ("pixel_values", "input_ids", "attention_mask")}
-        inputs["pixel_values"] = inputs["pixel_values"].to(model_dtype(model))
+        inputs["pixel_values"] = inputs["pixel_values"].to(model_dtype(self.vision_tower(model)))
         # Positions past the text model's limit would index off its position embeddings.
         prompt_length = inputs["input_ids"].shape[1] - 1 if "input_ids" in inputs else 1
         room = self.max_text_length(model) - prompt_length

@@ -160,7 +160,7 @@ class Blip2Family(ModelFamily):
                  features: torch.Tensor | None = None, **generate_kwargs: Any) -> list[str]:
         tokenizer = processor.tokenizer
         device = model_device(model)
-        pixel_values = self.generation_pixels(processor, images, features).to(device, model_dtype(model))
+        pixel_values = self.generation_pixels(processor, images, features).to(device, model_dtype(self.vision_tower(model)))
         start = self.start_ids(processor)
         if prompt:  # conditional captioning: the caption continues the prompt, which stays in it (as with BLIP)
             start += tokenizer(prompt, add_special_tokens=False)["input_ids"]

@@ -146,7 +146,7 @@ class Florence2Family(ModelFamily):
         inputs = {k: v.to(device) for k, v in self.encoder_inputs(processor, images, prompt).items()}
         if features is not None:  # the frozen backbone's cached output, taken in place of the pixels
             inputs["pixel_values"] = self.feature_inputs(features)["pixel_values"].to(device)
-        inputs["pixel_values"] = inputs["pixel_values"].to(model_dtype(model))
+        inputs["pixel_values"] = inputs["pixel_values"].to(model_dtype(self.vision_tower(model)))
         start = unwrap_peft(model).config.text_config.decoder_start_token_id
         prefix = torch.tensor([[start, tokenizer.bos_token_id]] * len(images), device=device)  # as collate() trains
         room = self.max_text_length(model) - prefix.shape[1]

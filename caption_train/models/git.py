@@ -119,7 +119,7 @@ class GitFamily(ModelFamily):
                  features: torch.Tensor | None = None, **generate_kwargs: Any) -> list[str]:
         tokenizer = processor.tokenizer
         device = model_device(model)
-        pixel_values = self.generation_pixels(processor, images, features).to(device, model_dtype(model))
+        pixel_values = self.generation_pixels(processor, images, features).to(device, model_dtype(self.vision_tower(model)))
         # Start from [CLS], as training does (GIT's own config.bos_token_id is [CLS] too; passing it makes the
         # start token independent of the generation config). A prompt (conditional captioning) follows it and,
         # as with BLIP, stays in the caption.
