@@ -324,14 +324,19 @@ def image_only_processor_class(cls: type) -> type:
     def get_attributes(klass: type) -> list[str]:
         return [name for name in cls.get_attributes() if name != "video_processor"]
 
+    # SmolVLM's processor requires a video_processor argument: None (no videos). Given where from_pretrained builds
+    # the processor, not by wrapping __init__, because transformers reads the accepted keyword names off __init__'s
+    # own code. transformers 5.25 builds it through from_dict; earlier 5.x through from_args_and_dict.
     def from_args_and_dict(klass: type, args: Any, processor_dict: dict, **kwargs: Any) -> Any:
-        # SmolVLM's processor requires a video_processor argument: None (no videos). Given here, not by wrapping
-        # __init__, because transformers reads the accepted keyword names off __init__'s own code.
         kwargs.setdefault("video_processor", None)
         return cls.from_args_and_dict.__func__(klass, args, processor_dict, **kwargs)
 
+    def from_dict(klass: type, processor_dict: dict, **kwargs: Any) -> Any:
+        kwargs.setdefault("video_processor", None)
+        return cls.from_dict.__func__(klass, processor_dict, **kwargs)
+
     image_only = type(cls.__name__, (cls,), {"get_attributes": classmethod(get_attributes), "from_args_and_dict": classmethod(from_args_and_dict),
-                                             "video_processor": _NoVideos(), "__module__": cls.__module__})
+                                             "from_dict": classmethod(from_dict), "video_processor": _NoVideos(), "__module__": cls.__module__})
     _IMAGE_ONLY[cls] = image_only
     return image_only
 
