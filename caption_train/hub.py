@@ -8,14 +8,13 @@ is on and the model is not in the local cache.
 Without this, huggingface_hub retries every request on a connection error with exponential backoff (five rounds
 per file, each printing "Retrying in Ns"), which costs half a minute to minutes before the first clear error.
 One plain request to the hub's endpoint, through huggingface_hub's own HTTP client (so its proxy and TLS settings
-apply) and without retries, tells the same thing in a few seconds.
+apply) and without retries, tells the same thing at once (or after one timeout, where packets are dropped).
 """
 
 from __future__ import annotations
 
 import functools
 
-PROBE_TIMEOUT_S = 5.0  # the hub answers a HEAD in well under a second when it is reachable
 OFFLINE_HINT = "HF_HUB_OFFLINE=1"
 
 
@@ -40,12 +39,13 @@ def hub_problem(repo_id: str) -> str | None:
 
 @functools.lru_cache(maxsize=None)
 def unreachable_reason(endpoint: str) -> str | None:
-    """None when `endpoint` answers one HTTP request (any status) within PROBE_TIMEOUT_S, else why not.
-    Asked once per process: a command asks for a config, a processor and weights, all from the same hub."""
-    from huggingface_hub import get_session
+    """None when `endpoint` answers one HTTP request (any status) within huggingface_hub's own timeout for metadata
+    requests (HF_HUB_ETAG_TIMEOUT, 10 s by default), else why not. Asked once per process: a command asks for a
+    config, a processor and weights, all from the same hub."""
+    from huggingface_hub import constants, get_session
 
     try:
-        get_session().head(endpoint, timeout=PROBE_TIMEOUT_S)
+        get_session().head(endpoint, timeout=constants.HF_HUB_ETAG_TIMEOUT)
     # Any failure to get an answer means unreachable; huggingface_hub has changed HTTP libraries (requests, httpx,
     # httpx2) and their exception classes between versions, so no one library's class is named here.
     except Exception as err:  # noqa: BLE001
