@@ -344,6 +344,11 @@ def trained_prompt(model_dir: str | None) -> str | None:
     return prompt if isinstance(prompt, str) and prompt else None
 
 
+def prompt_origin(args: argparse.Namespace, model_dir: str | None) -> str:
+    """Where `generation_options` took a prompt from, for the start-up line (`ModelFamily.prompt_line`)."""
+    return "--prompt" if args.prompt else f"the one trained with, from {Path(model_dir or '') / 'config.toml'}"
+
+
 def generation_options(args: argparse.Namespace, model_dir: str | None = None) -> tuple[GenerationOptions, list[str]]:
     """(options, problems) from parsed arguments; problems cover batch_size and num_workers too. Without --prompt,
     a run's checkpoint (`model_dir`) captions with the prompt it was trained with."""
@@ -414,6 +419,7 @@ def main(argv: list[str] | None = None) -> int:
     model, processor, family, device = load_model_for_command(args)
     torch.manual_seed(args.seed)
     print(f"captioning {plural(len(plan.todo), 'image')} under {root} with {args.model} on {device}", flush=True)
+    print(family.prompt_line(options.prompt, prompt_origin(args, args.model)), flush=True)
     caption_into(model, processor, family, root, plan.todo, options, summary, jsonl=jsonl, overwrite=args.overwrite, prefix=args.prefix, suffix=args.suffix,
                  batch_size=args.batch_size, num_workers=args.num_workers)
     print(summary.line(), flush=True)

@@ -22,7 +22,7 @@ import tomllib
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from caption_train.errors import UserError
 
@@ -38,11 +38,22 @@ QUANTIZE_MODES = ("none", "4bit", "8bit")
 ALIASES = {"train_dir": "dataset_dir", "learning_rate": "lr"}
 
 
-def _field(default: Any, help: str, **meta: Any) -> Any:
-    """A dataclass field carrying its help text (and argparse hints) so the CLI is built from one place."""
+def _field(default: Any, help: str | Callable[[], str], **meta: Any) -> Any:
+    """A dataclass field carrying its help text (or a function making it) and argparse hints, so the CLI is built from
+    one place."""
     if isinstance(default, (dict, list)):
         return field(default_factory=lambda: type(default)(default), metadata={"help": help, **meta})
     return field(default=default, metadata={"help": help, **meta})
+
+
+def _prompt_help() -> str:
+    """--prompt's help, naming the families from the registry (imported only when the parser is built)."""
+    from caption_train.models.base import prompt_family_names
+    from caption_train.text import join_words
+
+    taking, refusing = prompt_family_names()
+    return (f"Instruction or task prompt, for the families that take one ({join_words(taking)}; default: the family's own). "
+            f"The {join_words(refusing)} families train without one and refuse it.")
 
 
 @dataclass
@@ -62,7 +73,7 @@ class TrainConfig:
     # ---- model
     model_name_or_path: str = _field("Salesforce/blip-image-captioning-base", "Hub id or local folder of the model to fine-tune.")
     model_config: dict = _field({}, "Overrides for the model config, e.g. {hidden_dropout_prob = 0.1} or {text_config = {...}, dtype = 'bfloat16'}.")
-    prompt: str | None = _field(None, "Instruction or task prompt for families that take one (chat VLMs, Florence-2, PaliGemma; default: the family's own). BLIP trains without one.")
+    prompt: str | None = _field(None, _prompt_help)
     label_smoothing: float = _field(0.0, "Label smoothing of the caption loss (original BLIP used 0.1).")
     peft_module: str = _field("LoRA", "Adapter to train: LoRA, IA3, or none (full fine-tune).", choices=PEFT_MODULES)
     peft_args: dict = _field({}, "Keyword arguments for the peft config, e.g. {r = 16, lora_alpha = 32, target_modules = ['query', 'value']}.")
@@ -270,6 +281,8 @@ def build_arg_parser(prog: str = "caption-train train") -> argparse.ArgumentPars
         flags = [f"--{f.name}"] + [f"--{alias}" for alias, target in ALIASES.items() if target == f.name]
         kind = _base_type(f.type)
         help_text = f.metadata["help"]
+        if callable(help_text):  # a help text made from something else (the model registry) when it is shown
+            help_text = help_text()
         default = getattr(defaults, f.name)
         if kind != "dict" and default is not None:
             help_text += f" (default: {default})"

@@ -447,7 +447,7 @@ def model_label(model: str) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from caption_train.captioning import generation_options, load_model_for_command
+    from caption_train.captioning import generation_options, load_model_for_command, prompt_origin
     from caption_train.checkpoint import new_run_dir
     from caption_train.inference import resolve_model_source
 
@@ -466,6 +466,7 @@ def main(argv: list[str] | None = None) -> int:
     print(summary, flush=True)
 
     model, processor, family, device = load_model_for_command(args)
+    print(family.prompt_line(options.prompt, prompt_origin(args, args.model)), flush=True)
     torch.manual_seed(args.seed)
     tags = {"auto": None, "on": True, "off": False}[args.tags]
     result = evaluate_samples(model, processor, family, samples, options, batch_size=args.batch_size, num_workers=args.num_workers, progress=True, tags=tags)

@@ -18,7 +18,9 @@ import torch
 
 from caption_train.data.images import load_rgb
 from caption_train.errors import UserError
+from caption_train.hub import hub_problem
 from caption_train.models import ModelFamily, resolve_family
+from caption_train.models.base import quiet_transformers_bars
 
 ADAPTER_CONFIG = "adapter_config.json"
 MODEL_CONFIG = "config.json"
@@ -76,6 +78,8 @@ def _check_base_model(base: str, *, from_flag: bool, adapter_dir: Path) -> str:
             return str(path)
         why = "no such folder" if not path.exists() else f"no {MODEL_CONFIG} there"
         raise UserError(f"adapter's base model not found: looked for {base} ({origin}: {why}); pass --base_model with the base model's folder or hub id")
+    if (problem := hub_problem(base)) is not None:  # at once, not after minutes of retries
+        raise UserError(f"adapter's base model {base} ({origin}) cannot be loaded: {problem}; or pass --base_model with the base model's folder")
     reason = _hub_config_error(base)
     if reason is not None:
         raise UserError(f"adapter's base model not found: looked for {base} ({origin}; hub: {reason}); pass --base_model with the base model's folder or hub id")
@@ -101,6 +105,8 @@ def resolve_model_source(model: str | Path, *, base_model: str | None = None, la
         raise UserError(f"{label} {name}: is a file; pass a run's final/ or epoch-N/ folder, a merged model folder, or a hub id")
     if _is_local_reference(name):
         raise UserError(f"{label} {name}: no such folder; pass a run's final/ or epoch-N/ folder, a merged model folder, or a hub id")
+    if (problem := hub_problem(name)) is not None:  # at once, not after minutes of retries
+        raise UserError(f"{label} {name}: not a local folder; as a hub id: {problem}")
     reason = _hub_config_error(name)
     if reason is not None:
         raise UserError(f"{label} {name}: not a local folder, and not loadable as a hub id ({reason}); check the path or id, or your network")
@@ -140,6 +146,7 @@ def pick_dtype(name: str, device: torch.device) -> torch.dtype:
 # ---------------------------------------------------------------------------- loading
 
 
+@quiet_transformers_bars()  # the command's start-up lines and bar cover it
 def load_for_inference(
     path: str | Path,
     *,
@@ -176,9 +183,14 @@ def load_for_inference(
 
 
 def load_processor(folder: str, *, fallback: Any) -> Any:
-    """The processor saved beside an adapter (the one training used), or `fallback` (the base's) if there is none."""
+    """The processor saved beside an adapter (the one training used), or `fallback` (the base's) if there is none
+    or only part of one (without its vocabulary, transformers would build an empty tokenizer)."""
     from transformers import AutoProcessor
 
+    from caption_train.models.base import missing_processor_files
+
+    if missing_processor_files(folder):
+        return fallback
     try:
         return AutoProcessor.from_pretrained(folder)
     except (OSError, ValueError, KeyError):

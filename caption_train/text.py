@@ -3,6 +3,7 @@
     plural(1, "image")  # "1 image"
     plural(3, "step")   # "3 steps"
     byte_size(24_576)   # "24.6 KB"
+    join_words(["blip", "git", "blip-2"])  # "blip, git and blip-2"
 """
 
 from __future__ import annotations
@@ -19,3 +20,8 @@ def byte_size(n: float) -> str:
         if n >= scale:
             return f"{n / scale:.1f} {unit}"
     return f"{n:.0f} B"
+
+
+def join_words(words: list[str]) -> str:
+    """"a", "a and b", "a, b and c"."""
+    return words[0] if len(words) == 1 else f"{', '.join(words[:-1])} and {words[-1]}"

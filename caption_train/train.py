@@ -12,6 +12,7 @@ the loop's state; the loop knows no particular hooks (the `train` command builds
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import os
 import signal
@@ -35,7 +36,7 @@ from caption_train.features import CachePlan, FeatureCache, plan_feature_cache, 
 from caption_train.hooks import HookedTracker, SampleLoss, TrainingHooks
 from caption_train.lint import TrainingView, summarize_scan
 from caption_train.models import ModelFamily, resolve_family
-from caption_train.models.base import unwrap_peft
+from caption_train.models.base import quiet_transformers_bars, unwrap_peft
 from caption_train.optim import build_optimizer, build_scheduler, current_lr, optimizer_steps_per_epoch
 from caption_train.precision import Precision, enable_fast_gpu_matmul, resolve_precision
 from caption_train.quantize import check_quantize_runnable, describe_quantization, prepare_quantized_for_training, quantization_load_kwargs
@@ -409,6 +410,7 @@ def pick_sample_items(train: list[Sample], val: list[Sample], count: int) -> lis
 # Setup
 
 
+@quiet_transformers_bars()  # the start-up lines cover it
 def load_model(cfg: TrainConfig, family: ModelFamily, resume_dir: Path | None, weights: WeightsPlan) -> tuple[torch.nn.Module, Any]:
     """The model to train: fresh adapters on the base model, or the checkpoint's weights when resuming; its weights
     in the dtypes `weights` plans (frozen ones in bf16 under bf16 autocast, what trains and norms in fp32)."""
@@ -457,6 +459,11 @@ def setup(cfg: TrainConfig, hooks: TrainingHooks) -> Run:
         fsdp_limits(cfg)
     # ---- what to resume (checked before anything heavy is loaded)
     resume_dir = resume.resolve_resume(cfg)
+    family, _ = resolve_family(cfg.model_name_or_path)
+    # The prompt trained with, resolved (checked before the model loads) and recorded in every config.toml, so that
+    # caption/evaluate use it, and a resumed run keeps it, even if the family's default changes in a later version.
+    prompt, prompt_origin = resume.given_prompt(cfg, resume_dir)
+    cfg = dataclasses.replace(cfg, prompt=family.training_prompt(prompt))
     state: dict[str, Any] = {}
     if resume_dir is not None:
         notes = resume.check_config_compatible(cfg, resume_dir)
@@ -475,14 +482,12 @@ def setup(cfg: TrainConfig, hooks: TrainingHooks) -> Run:
     train_samples, val_samples = split_validation(scan.samples, cfg.validation_split, cfg.seed)
 
     # ---- model
-    family, _ = resolve_family(cfg.model_name_or_path)
-    prompt = family.training_prompt(cfg.prompt)  # checked before the model loads
     weights = plan_weights(precision.mode, peft_module=cfg.peft_module, quantize=cfg.quantize, model_config=cfg.model_config, sharded=sharded)
     model, processor = load_model(cfg, family, resume_dir, weights)
     max_length = min(cfg.max_length, family.max_text_length(model))
     if main:  # the dataset summary, from the scan above: skips, repeat folders, caption lengths (and what this run
         # truncates, from its own collate), unknown characters, the diffusion checks
-        view = TrainingView(model=cfg.model_name_or_path, family=family, processor=processor, prompt=prompt, requested=cfg.max_length,
+        view = TrainingView(model=cfg.model_name_or_path, family=family, processor=processor, prompt=cfg.prompt, requested=cfg.max_length,
                             origin="this run's max_length", model_limit=family.max_text_length(model))
         report = summarize_scan(scan, repeats=cfg.kohya_repeats, training=view)
         for line in report.summary_lines():
@@ -506,7 +511,9 @@ def setup(cfg: TrainConfig, hooks: TrainingHooks) -> Run:
                                       mixed_precision=precision.mode, cache_dir=cfg.cache_dir, dataset_dir=cfg.dataset_dir,
                                       sample_image=str(train_samples[0].image_path) if train_samples else None)
     if main:
-        print(f"model {cfg.model_name_or_path} ({family.name}), {cfg.peft_module}: {trainable:,} of {total:,} parameters trainable ({100 * trainable / total:.2f}%)", flush=True)
+        adapter = "full fine-tune" if cfg.peft_module == "none" else cfg.peft_module
+        print(f"model {cfg.model_name_or_path} ({family.name}), {adapter}: {trainable:,} of {total:,} parameters trainable ({100 * trainable / total:.2f}%)", flush=True)
+        print(family.prompt_line(prompt, prompt_origin) + ("; recorded in the run's config.toml" if cfg.prompt is not None else ""), flush=True)
         if (targets := describe_adapters(model)) is not None:
             print(targets, flush=True)
         print(precision.describe(), flush=True)
@@ -518,7 +525,7 @@ def setup(cfg: TrainConfig, hooks: TrainingHooks) -> Run:
             print("compiled: text decoder (torch.compile; the first steps are slow while it compiles)", flush=True)
 
     # ---- loaders
-    collate = functools.partial(collate_batch, family=family, processor=processor, max_length=max_length, prompt=prompt)
+    collate = functools.partial(collate_batch, family=family, processor=processor, max_length=max_length, prompt=cfg.prompt)
     transform = CaptionTransform(shuffle=cfg.shuffle_captions, frozen_parts=cfg.frozen_parts, dropout=cfg.caption_dropout)
     train_dataset = CaptionDataset(train_samples, transform, seed=cfg.seed, random_flip=cfg.random_flip, repeat=cfg.kohya_repeats)
     train_loader = make_loader(train_dataset, cfg, collate, shuffle=True)

@@ -15,7 +15,6 @@ are targets. Everything else (template, prompt, image tokens, padding) is -100.
 from __future__ import annotations
 
 import inspect
-import re
 from dataclasses import dataclass
 from typing import Any, Sequence
 
@@ -29,6 +28,7 @@ from caption_train.models.base import (
     ModelFamily,
     apply_config_overrides,
     load_model_config,
+    load_processor as load_base_processor,
     model_device,
     pop_load_kwargs,
     register,
@@ -293,27 +293,11 @@ def load_processor(name_or_path: str, model_type: str, kwargs: dict[str, Any]) -
     cls = getattr(transformers, PROCESSOR_MAPPING_NAMES.get(model_type) or "AutoProcessor", transformers.AutoProcessor)
     if "video_processor" in getattr(cls, "get_attributes", lambda: [])():
         cls = image_only_processor_class(cls)
-    try:
-        processor = cls.from_pretrained(name_or_path, **kwargs)
-    except ImportError as err:  # e.g. SmolVLM(2)'s processor needs num2words
-        raise UserError(missing_package_message(name_or_path, err)) from None
-    except (OSError, ValueError, TypeError) as err:
-        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise UserError(f"model {name_or_path}: could not load its processor ({reason}); the processor files must be saved beside the model") from None
+    processor = load_base_processor(name_or_path, cls, **kwargs)
     if not getattr(processor, "chat_template", None) or not hasattr(processor, "tokenizer"):
         raise UserError(f"model {name_or_path}: its processor has no chat template (chat_template.jinja); the {ChatVlmFamily.name} family "
                         "places the prompt and caption with it: add the model's template, or use a model that ships one")
     return processor
-
-
-def missing_package_message(name_or_path: str, err: ImportError) -> str:
-    """One line naming the package a processor could not import and the pip command that installs it."""
-    text = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-    match = re.search(r"pip install (?:-U )?[`'\"]?([A-Za-z0-9_.\-]+)", text) or re.search(r"`([A-Za-z0-9_.\-]+)`", text)
-    package = err.name.split(".")[0] if err.name else (match.group(1) if match else None)
-    if package is None:
-        return f"model {name_or_path}: its processor needs a package that is not installed ({text})"
-    return f"model {name_or_path}: its processor needs the {package} package, which is not installed: pip install {package}"
 
 
 def image_only_processor_class(cls: type) -> type:
