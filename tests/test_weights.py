@@ -51,7 +51,7 @@ class CaptureWeights(TrainingHooks):
     itself keeps in fp32 (transformers' _keep_in_fp32_modules, e.g. BLIP-2's Q-Former)."""
 
     def on_setup(self, run):
-        model = unwrap_peft(run.accelerator.unwrap_model(run.model))
+        model = unwrap_peft(run.model)  # the hook protocol's model is already unwrapped from accelerate
         self.params = {name: (p.dtype, p.requires_grad, p.numel() * p.element_size()) for name, p in model.named_parameters()}
         self.norms = {f"{name}.{key}" for name, module in model.named_modules() if is_norm_layer(name, module)
                       for key, _ in module.named_parameters(recurse=False)}
@@ -301,6 +301,7 @@ def test_the_page_captions_with_the_runs_bf16_weights(tmp_path):
     from PIL import Image
 
     from caption_train.config import resolve
+    from caption_train.models import resolve_family
     from test_interactive_api import KeepRun, Page, TrainingThread, wait_for
 
     model_dir = MODELS["qwen2_5_vl"](tmp_path / "model")
@@ -321,11 +322,14 @@ def test_the_page_captions_with_the_runs_bf16_weights(tmp_path):
     targets = [page.image(name) for name in names]
     assert page.send("caption_generate", {"images": [t["id"] for t in targets]})[0] == 200
     captions = [wait_for(lambda: page.get(f"/api/images/{t['id']}")["model_caption"], "caption now") for t in targets]
-    run = hooks.run
-    model = run.accelerator.unwrap_model(run.model).eval()
+    # The run's weights as they are at step 1 (paused), captioned directly by the family under the run's autocast
+    # (family and processor found from the model folder; no --prompt, so the family's own).
+    family, _ = resolve_family(str(model_dir))
+    _, processor = family.load(str(model_dir), {})
+    model = hooks.run.model.eval()
     assert {p.dtype for p in model.parameters() if not p.requires_grad} == {torch.bfloat16, torch.float32}  # frozen bf16, norms fp32
-    with run.accelerator.autocast():
-        direct = run.family.generate(model, run.processor, [Image.open(data / name).convert("RGB") for name in names], prompt=run.cfg.prompt)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        direct = family.generate(model, processor, [Image.open(data / name).convert("RGB") for name in names])
     model.train()
     assert [c["step"] for c in captions] == [1] * 4 and any(c["text"] for c in captions)
     assert [" ".join(c["text"].split()) for c in captions] == [" ".join(d.split()) for d in direct]
