@@ -1,5 +1,6 @@
-"""Say at once, in one line, why a hub id cannot be loaded now: the Hugging Face Hub is unreachable, or offline mode
-is on and the model is not in the local cache.
+"""Say at once, in one line, why a hub id cannot be loaded now: the Hugging Face Hub is unreachable and the model is
+not in the local cache, or offline mode is on and the model is not in the local cache. (Unreachable but cached: the
+cached copy is loaded, with a one-line note.)
 
     problem = hub_problem("Salesforce/blip-image-captioning-base")   # None, or the reason to put in a UserError
     if problem:
@@ -14,13 +15,15 @@ apply) and without retries, tells the same thing at once (or after one timeout, 
 from __future__ import annotations
 
 import functools
+import os
+import sys
 
 OFFLINE_HINT = "HF_HUB_OFFLINE=1"
 
 
 def hub_problem(repo_id: str) -> str | None:
     """Why `repo_id` cannot be loaded from the hub or the local cache right now, or None when loading may go ahead
-    (the hub answers, or offline mode is on and the model is cached)."""
+    (the hub answers, or the model is cached: with the hub unreachable, this process then goes offline, with a note)."""
     from huggingface_hub import constants, is_offline_mode
 
     if is_offline_mode():
@@ -32,9 +35,22 @@ def hub_problem(repo_id: str) -> str | None:
     if reason is None:
         return None
     if is_cached(repo_id):
-        return f"the Hugging Face Hub ({constants.ENDPOINT}) cannot be reached ({reason}); {repo_id} is in the local cache: set {OFFLINE_HINT} to load it from there"
+        # What the retry rounds used to end in, at once: the cached copy, with the rest of this process offline.
+        use_local_cache_only()
+        print(f"note: the Hugging Face Hub ({constants.ENDPOINT}) cannot be reached ({reason}); loading {repo_id} from the local cache "
+              f"(set {OFFLINE_HINT} to skip this check)", file=sys.stderr, flush=True)
+        return None
     return (f"the Hugging Face Hub ({constants.ENDPOINT}) cannot be reached ({reason}) and {repo_id} is not in the local cache; "
             f"check your network or pass a local model folder ({OFFLINE_HINT} loads models from the local cache only)")
+
+
+def use_local_cache_only() -> None:
+    """Offline mode for the rest of this process (huggingface_hub reads HF_HUB_OFFLINE once, at import; transformers
+    asks huggingface_hub), so that no later request of this command waits on the unreachable hub."""
+    from huggingface_hub import constants
+
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    constants.HF_HUB_OFFLINE = True
 
 
 @functools.lru_cache(maxsize=None)
