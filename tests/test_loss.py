@@ -18,6 +18,7 @@ from caption_train.data.images import load_rgb
 from caption_train.models import resolve_family
 from caption_train.models.base import IGNORE_INDEX
 from caption_train.models.chat_vlm import ChatVlmFamily
+from caption_train.models.paligemma import PaliGemmaFamily
 from caption_train.tracking import read_metrics
 from caption_train.train import TrainingHooks
 
@@ -158,6 +159,33 @@ def test_soft_capped_logits_are_capped_as_the_models_forward_caps_them(model_dir
             model.config.get_text_config().final_logit_softcapping = None
     assert (abs(float(own) - float(uncapped)) > 1e-3) == forward_caps
     assert abs(result.loss.item() - float(own)) <= 1e-5
+
+
+class _KnowsNoSoftCap(PaliGemmaFamily):
+    """PaliGemma as a family would see it that did not know the model soft-caps its logits (a future model's own
+    post-processing after its head): the first forward's check must catch it."""
+
+    def logit_softcap(self, model):
+        return None
+
+
+def test_logits_changed_after_the_head_in_an_unknown_way_are_caught_and_the_full_logits_used(model_dirs, capsys):
+    family = _KnowsNoSoftCap()
+    _, model, processor = load(model_dirs("paligemma"))
+    batch = padded_batch(family, processor)
+    capsys.readouterr()  # (the loading bar)
+    model.config.get_text_config().final_logit_softcapping = 0.05
+    try:
+        output = model(**batch)
+        expected = gradients(model, output.loss)
+        result = family.caption_loss(model, batch)
+        again = family.caption_loss(model, batch)  # later batches go straight to the full logits
+    finally:
+        model.config.get_text_config().final_logit_softcapping = None
+    assert abs(result.loss.item() - output.loss.item()) <= 1e-5 and abs(again.loss.item() - output.loss.item()) <= 1e-5
+    assert_same_gradients(expected, gradients(model, result.loss))
+    warning = capsys.readouterr().err.strip().splitlines()
+    assert len(warning) == 1 and "changes its output layer's result" in warning[0] and "computing logits at every position" in warning[0]
 
 
 @pytest.mark.parametrize("arch", ["qwen2_vl", "blip"])

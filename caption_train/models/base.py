@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import inspect
+import sys
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -16,7 +17,9 @@ from PIL import Image
 
 from caption_train.errors import UserError
 # IGNORE_INDEX is defined beside the loss and imported from here by the families (one definition).
-from caption_train.models.loss import IGNORE_INDEX, LOGIT_CHUNK_ELEMENTS, CaptionLoss, StashingHead, target_loss  # noqa: F401
+from caption_train.models.loss import (  # noqa: F401
+    IGNORE_INDEX, LOGIT_CHUNK_ELEMENTS, CaptionLoss, StashingHead, UnknownLogitTransform, target_loss,
+)
 
 _REGISTRY: dict[str, "ModelFamily"] = {}
 _FALLBACKS: list["ModelFamily"] = []  # families asked, in registration order, about model types nobody registered
@@ -169,11 +172,24 @@ class ModelFamily:
         plain cross-entropy and target count, with the output layer applied at the target positions only. `model`
         may be wrapped (peft, DDP): the forward goes through the wrapper. `rows`: see models/loss.target_loss."""
         inner = unwrap_peft(_unwrap_parallel(model))
-        head = None if _shards_parameters(model) else self.output_head(inner)
+        full_logits = _shards_parameters(model) or inner.__dict__.get("_caption_train_full_logits", False)
+        head = None if full_logits else self.output_head(inner)
         if head is not None:
             swap_class(head, StashingHead)
-        return target_loss(model, self.loss_inputs(inner, batch), batch["labels"], head=head, shift=self.label_shift(inner),
-                           softcap=self.logit_softcap(inner), label_smoothing=label_smoothing, rows=rows, chunk_elements=chunk_elements)
+        kwargs = dict(shift=self.label_shift(inner), softcap=self.logit_softcap(inner), label_smoothing=label_smoothing, rows=rows,
+                      chunk_elements=chunk_elements)
+        inputs = self.loss_inputs(inner, batch)
+        checked = inner.__dict__.get("_caption_train_logits_checked", False)
+        try:
+            result = target_loss(model, inputs, batch["labels"], head=head, check_logits=not checked, **kwargs)
+        except UnknownLogitTransform as err:
+            # A forward that post-processes its logits in a way this family does not know: the model's own logits
+            # from now on (this batch again too), rather than a loss that differs from the model's own.
+            print(f"loss: {err}; computing logits at every position for it (more memory than at the caption tokens alone)", file=sys.stderr, flush=True)
+            inner.__dict__["_caption_train_full_logits"] = True
+            result = target_loss(model, inputs, batch["labels"], head=None, **kwargs)
+        inner.__dict__["_caption_train_logits_checked"] = True
+        return result
 
     def loss_note(self, model: torch.nn.Module) -> str | None:
         """One start-up line when this model's loss cannot skip the positions without targets, else None."""

@@ -95,16 +95,22 @@ def output_width(head: torch.nn.Module) -> int:
     return max(module.out_features for module in head.modules() if isinstance(module, torch.nn.Linear))
 
 
+class UnknownLogitTransform(Exception):
+    """The model's forward changed its output layer's result before returning it, other than as the family said."""
+
+
 def target_loss(model: torch.nn.Module, inputs: dict[str, Any], labels: torch.Tensor, *, head: torch.nn.Module | None,
                 shift: int, softcap: float | None, label_smoothing: float = 0.0, rows: torch.Tensor | None = None,
-                chunk_elements: int = LOGIT_CHUNK_ELEMENTS) -> CaptionLoss:
+                chunk_elements: int = LOGIT_CHUNK_ELEMENTS, check_logits: bool = False) -> CaptionLoss:
     """Run `model(**inputs)` (no labels in `inputs`) and score `labels` at their target positions.
 
     `head` (with StashingHead) is the output layer to apply at the targets only; None, or a head the forward did not
     call (a hook replaced its forward), scores the model's full logits instead. `shift`: how far a label is ahead of
     the position that predicts it (1 for decoder-only models, 0 for encoder-decoders, whose labels are the decoder's
     next tokens already). `softcap`: the model's final_logit_softcapping, applied to the head's output as its forward
-    does. `rows`: [batch, labels] the sample each label belongs to (default: its batch row).
+    does. `rows`: [batch, labels] the sample each label belongs to (default: its batch row). `check_logits`: raise
+    UnknownLogitTransform unless the forward returned the head's output as `softcap` says it does (once per model is
+    enough: what a forward does after its head does not change between batches).
     """
     if head is None:
         return _score(model(**inputs).logits, labels, _identity, shift=shift, label_smoothing=label_smoothing,
@@ -115,10 +121,20 @@ def target_loss(model: torch.nn.Module, inputs: dict[str, Any], labels: torch.Te
         return _score(outputs.logits, labels, _identity, shift=shift, label_smoothing=label_smoothing, rows=rows, chunk_rows=None)
     if stash.calls > 1:
         raise RuntimeError(f"the output head {type(head).__name__} ran {stash.calls} times in one forward; cannot tell which call made the logits")
-    del outputs  # its "logits" are the hidden states themselves
+    if check_logits and not _returned_as_expected(outputs.logits, stash.hidden, softcap):
+        raise UnknownLogitTransform(f"{type(model).__name__}'s forward changes its output layer's result before returning it")
+    del outputs  # its "logits" are the hidden states themselves (soft-capped where the model caps)
     project = _projection(head, stash.autocast, softcap)
     return _score(stash.hidden, labels, project, shift=shift, label_smoothing=label_smoothing, rows=rows,
                   chunk_rows=max(1, chunk_elements // output_width(head)))
+
+
+def _returned_as_expected(returned: torch.Tensor, hidden: torch.Tensor, softcap: float | None) -> bool:
+    """Whether the forward returned the stashing head's output (the hidden states) as the loss will treat real
+    logits: unchanged (a dtype cast aside), or soft-capped by `softcap`."""
+    with torch.no_grad():
+        expected = hidden.float() if softcap is None else torch.tanh(hidden.float() / softcap) * softcap
+        return returned.shape == expected.shape and torch.allclose(returned.float(), expected, rtol=1e-5, atol=1e-5)
 
 
 def _identity(states: torch.Tensor) -> torch.Tensor:
