@@ -185,7 +185,8 @@ class ModelFamily:
         except UnknownLogitTransform as err:
             # A forward that post-processes its logits in a way this family does not know: the model's own logits
             # from now on (this batch again too), rather than a loss that differs from the model's own.
-            print(f"loss: {err}; computing logits at every position for it (more memory than at the caption tokens alone)", file=sys.stderr, flush=True)
+            print(f"loss: {type(inner).__name__}: {err}; computing logits at every position for it (more memory than at the caption tokens alone)",
+                  file=sys.stderr, flush=True)
             inner.__dict__["_caption_train_full_logits"] = True
             result = target_loss(model, inputs, batch["labels"], head=None, **kwargs)
         inner.__dict__["_caption_train_logits_checked"] = True

@@ -122,7 +122,7 @@ def target_loss(model: torch.nn.Module, inputs: dict[str, Any], labels: torch.Te
     if stash.calls > 1:
         raise RuntimeError(f"the output head {type(head).__name__} ran {stash.calls} times in one forward; cannot tell which call made the logits")
     if check_logits and not _returned_as_expected(outputs.logits, stash.hidden, softcap):
-        raise UnknownLogitTransform(f"{type(model).__name__}'s forward changes its output layer's result before returning it")
+        raise UnknownLogitTransform("its forward changes its output layer's result before returning it")
     del outputs  # its "logits" are the hidden states themselves (soft-capped where the model caps)
     project = _projection(head, stash.autocast, softcap)
     return _score(stash.hidden, labels, project, shift=shift, label_smoothing=label_smoothing, rows=rows,
@@ -133,8 +133,10 @@ def _returned_as_expected(returned: torch.Tensor, hidden: torch.Tensor, softcap:
     """Whether the forward returned the stashing head's output (the hidden states) as the loss will treat real
     logits: unchanged (a dtype cast aside), or soft-capped by `softcap`."""
     with torch.no_grad():
-        expected = hidden.float() if softcap is None else torch.tanh(hidden.float() / softcap) * softcap
-        return returned.shape == expected.shape and torch.allclose(returned.float(), expected, rtol=1e-5, atol=1e-5)
+        # In the hidden states' own dtype, as the forward did it; compared to a few units of its rounding.
+        expected = hidden if softcap is None else torch.tanh(hidden / softcap) * softcap
+        tolerance = 4 * torch.finfo(hidden.dtype).eps if hidden.is_floating_point() else 0.0
+        return returned.shape == expected.shape and torch.allclose(returned.float(), expected.float(), rtol=tolerance, atol=tolerance)
 
 
 def _identity(states: torch.Tensor) -> torch.Tensor:
