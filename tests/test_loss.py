@@ -346,3 +346,57 @@ def test_train_command_trains_and_validates_on_the_caption_loss(tmp_path, tiny_b
         assert kept_tokens.tolist() == step["tokens"].tolist()
         assert step["kept_count"] == step_number  # one entry per batch of this epoch
     assert [row["val/loss"] for row in metrics if "val/loss" in row] == pytest.approx(reference.validation, rel=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------
+# several processes
+
+_DDP_SCRIPT = '''
+import sys, torch, torch.distributed as dist
+from PIL import Image
+from caption_train.models import resolve_family
+
+dist.init_process_group("gloo")
+rank, path = dist.get_rank(), sys.argv[1]
+family, _ = resolve_family(path)
+
+def head_gradient(wrap):
+    model, processor = family.load(path, {})
+    images = [Image.new("RGB", (32 + 8 * rank, 32), (40 * i + 100 * rank, 120, 60)) for i in range(2)]
+    captions = [["a red circle", "a blue square"], ["a very long caption about a yellow shape", "a"]][rank]
+    batch = family.collate(processor, images, captions, max_length=64, prompt=family.training_prompt(None))
+    wrapped = wrap(model)  # held until backward is done: DDP's reducer all-reduces from it
+    family.caption_loss(wrapped, batch).loss.backward()
+    return model.lm_head.weight.grad
+
+def gather(tensor):
+    parts = [torch.zeros_like(tensor) for _ in range(dist.get_world_size())]
+    dist.all_gather(parts, tensor)
+    return parts
+
+synced = gather(head_gradient(torch.nn.parallel.DistributedDataParallel))
+alone = gather(head_gradient(lambda model: model))
+if rank == 0:
+    print("ranks agree", torch.equal(synced[0], synced[1]), "differ alone", not torch.allclose(alone[0], alone[1]),
+          "mean of ranks", torch.allclose(synced[0], (alone[0] + alone[1]) / 2, rtol=1e-5, atol=1e-8))
+dist.destroy_process_group()
+'''
+
+
+@pytest.mark.slow
+def test_the_output_layers_gradient_is_averaged_over_processes_under_ddp(tmp_path, model_dirs):
+    """The head runs after the DDP-wrapped forward: its gradient must still be all-reduced (2 CPU processes, gloo,
+    a full fine-tune of a tiny Qwen2-VL on different rows per process)."""
+    import socket
+    import subprocess
+    import sys
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    script = tmp_path / "ddp_head.py"
+    script.write_text(_DDP_SCRIPT, encoding="utf-8")
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port), str(script),
+                             str(model_dirs("qwen2_vl"))], capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "ranks agree True differ alone True mean of ranks True" in result.stdout
