@@ -75,7 +75,7 @@ def main() -> None:
 
     def text_step() -> None:
         with torch.autocast("cuda", dtype=torch.bfloat16):
-            loss = model(**text_inputs).loss
+            loss = family.caption_loss(model, text_inputs).loss  # the trainer's loss: logits at the caption tokens only
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)

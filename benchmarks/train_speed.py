@@ -211,7 +211,7 @@ def step_flops(model_dir: Path, data_dir: Path) -> tuple[float, float]:
         features = family.image_features(model, batch["pixel_values"])
     batch = batch | family.feature_inputs(features)
     with FlopCounterMode(display=False) as text:
-        model(**batch).loss.backward()
+        family.caption_loss(model, batch).loss.backward()  # the trainer's loss: logits at the caption tokens only
     return float(vision.get_total_flops()), float(text.get_total_flops())
 
 

@@ -36,7 +36,7 @@ from caption_train.features import CachePlan, FeatureCache, plan_feature_cache, 
 from caption_train.hooks import HookedTracker, SampleLoss, TrainingHooks
 from caption_train.lint import TrainingView, summarize_scan
 from caption_train.models import ModelFamily, resolve_family
-from caption_train.models.base import quiet_transformers_bars, unwrap_peft
+from caption_train.models.base import CaptionLoss, quiet_transformers_bars, unwrap_peft
 from caption_train.optim import build_optimizer, build_scheduler, current_lr, optimizer_steps_per_epoch
 from caption_train.precision import Precision, enable_fast_gpu_matmul, resolve_precision
 from caption_train.quantize import check_quantize_runnable, describe_quantization, prepare_quantized_for_training, quantization_load_kwargs
@@ -114,6 +114,9 @@ class Run:
     stop: StopRequest = field(default_factory=StopRequest)
     stop_agreed: int = 0  # signal number all processes agreed to stop on (0 = keep going)
     last_batch: dict[str, torch.Tensor] | None = None
+    # This epoch's training batches so far, per image: (image_paths, each row's summed caption cross-entropy, its
+    # target-token count; detached, on the device), this process's share. See keep_batch_losses.
+    batch_losses: list[tuple[list[str], torch.Tensor, torch.Tensor]] = field(default_factory=list)
     progress: Any = None  # the training bar, once run_training made it (a hook's pause is taken off its clock)
     # The latest caption loss per training image (path relative to dataset_dir), for hooks (HookRun.sample_losses).
     # Filled when an epoch's per-image losses are in; empty until the loop records them.
@@ -415,11 +418,11 @@ def load_model(cfg: TrainConfig, family: ModelFamily, resume_dir: Path | None, w
     """The model to train: fresh adapters on the base model, or the checkpoint's weights when resuming; its weights
     in the dtypes `weights` plans (frozen ones in bf16 under bf16 autocast, what trains and norms in fp32)."""
     if resume_dir is not None and cfg.peft_module == "none":
-        return family.load(str(resume_dir), weights.load_overrides(cfg.model_config), label_smoothing=cfg.label_smoothing)
+        return family.load(str(resume_dir), weights.load_overrides(cfg.model_config))
     # --quantize and the weights' dtype reach from_pretrained through the family like any load kwarg
     # (models/base.pop_load_kwargs).
     overrides = weights.load_overrides(cfg.model_config) | quantization_load_kwargs(cfg.quantize)
-    model, processor = family.load(cfg.model_name_or_path, overrides, label_smoothing=cfg.label_smoothing)
+    model, processor = family.load(cfg.model_name_or_path, overrides)
     model = prepare_quantized_for_training(model)
     if resume_dir is not None:
         model = load_adapter_for_training(model, resume_dir)
@@ -521,6 +524,8 @@ def setup(cfg: TrainConfig, hooks: TrainingHooks) -> Run:
         if (quantized := describe_quantization(cfg.quantize)) is not None:
             print(quantized, flush=True)
         print(plan.message, flush=True)
+        if (note := family.loss_note(model)) is not None:
+            print(note, flush=True)
         if cfg.compile:
             print("compiled: text decoder (torch.compile; the first steps are slow while it compiles)", flush=True)
 
@@ -610,10 +615,11 @@ def train_one_epoch(run: Run, epoch: int, progress: tqdm) -> None:
     """Train until the epoch ends or all processes agree to stop."""
     accelerator, model = run.accelerator, run.model
     model.train()
+    run.batch_losses = []
     window = torch.zeros(3, device=accelerator.device)  # this step's (sum of finite losses, batches, non-finite batches)
     for batch in epoch_batches(run, epoch):
         run.batches_done += 1
-        weight = 1.0
+        weight, paths = 1.0, []
         if batch is None:
             # Every image of this batch was unreadable or excluded. Under DDP this process must still join the
             # gradient all-reduce, so it replays its previous batch with zero weight instead of skipping.
@@ -621,10 +627,14 @@ def train_one_epoch(run: Run, epoch: int, progress: tqdm) -> None:
                 continue
             batch, weight = run.last_batch, 0.0
         else:
+            paths = batch["image_paths"]
             batch = model_inputs(run, batch)
         run.last_batch = batch
         with accelerator.accumulate(model):
-            loss = model(**batch).loss
+            result = run.family.caption_loss(model, batch, label_smoothing=run.cfg.label_smoothing)
+            loss = result.loss
+            if weight:
+                keep_batch_losses(run, paths, result)
             # Backward even when the loss is not finite: under DDP every process must join the gradient
             # all-reduce. The step is then skipped for everyone.
             accelerator.backward(loss * weight)
@@ -637,6 +647,12 @@ def train_one_epoch(run: Run, epoch: int, progress: tqdm) -> None:
                 window.zero_()
         if run.stop_agreed:
             return
+
+
+def keep_batch_losses(run: Run, paths: list[str], result: CaptionLoss) -> None:
+    """Keep a training batch's per-image losses: its image paths beside each row's summed plain (unsmoothed) token
+    cross-entropy and target count, from the forward the step ran anyway. Where per-image losses are collected."""
+    run.batch_losses.append((paths, result.row_loss_sum, result.row_tokens))
 
 
 def optimizer_step(run: Run, window: torch.Tensor, epoch: int, progress: tqdm) -> None:
@@ -690,7 +706,7 @@ def validation_loss(run: Run) -> float | None:
     for batch in run.val_loader:
         if batch is None:
             continue
-        total[0] += run.model(**model_inputs(run, batch)).loss.float()
+        total[0] += run.family.caption_loss(run.model, model_inputs(run, batch), label_smoothing=run.cfg.label_smoothing).loss.float()
         total[1] += 1
     total = run.accelerator.reduce(total, reduction="sum")
     run.model.train()

@@ -109,18 +109,6 @@ def test_loss_scores_each_caption_token_from_the_position_before_it(loaded):
     torch.testing.assert_close(output.loss, F.cross_entropy(torch.stack(picked), torch.stack(wanted)))
 
 
-def test_label_smoothing_reaches_the_loss(tiny_blip2, loaded):
-    family, model, processor = loaded
-    smoothed, _ = family.load(str(tiny_blip2), {}, label_smoothing=0.1)
-    batch = family.collate(processor, images(2), CAPTIONS[:2], max_length=32)
-    with torch.no_grad():
-        plain, output = model(**batch).loss, smoothed.eval()(**batch)
-    logits = output.logits[:, :-1].reshape(-1, output.logits.shape[-1])
-    expected = F.cross_entropy(logits, batch["labels"][:, 1:].reshape(-1), ignore_index=IGNORE_INDEX, label_smoothing=0.1)
-    torch.testing.assert_close(output.loss, expected)
-    assert not torch.allclose(output.loss, plain)
-
-
 def test_model_config_overrides_reach_the_sub_configs(tiny_blip2):
     model, _ = Blip2Family().load(str(tiny_blip2), {"dropout": 0.0, "qformer_config": {"hidden_dropout_prob": 0.2}})
     assert model.config.text_config.dropout == 0.0 and model.config.qformer_config.hidden_dropout_prob == 0.2
@@ -326,22 +314,6 @@ def test_t5_loss_scores_caption_and_eos_after_the_decoder_start(loaded_t5):
     torch.testing.assert_close(output.logits, by_hand.logits)
     expected = F.cross_entropy(output.logits.flatten(0, 1), batch["labels"].flatten(), ignore_index=IGNORE_INDEX)
     torch.testing.assert_close(output.loss, expected)
-
-
-def test_t5_label_smoothing_reaches_the_loss(tiny_blip2_t5, loaded_t5):
-    family, model, processor = loaded_t5
-    smoothed, _ = family.load(str(tiny_blip2_t5), {}, label_smoothing=0.1)
-    batch = family.collate(processor, images(2), CAPTIONS[:2], max_length=32)
-    with torch.no_grad():
-        plain, output = model(**batch).loss, smoothed.eval()(**batch)
-    expected = F.cross_entropy(output.logits.flatten(0, 1), batch["labels"].flatten(), ignore_index=IGNORE_INDEX, label_smoothing=0.1)
-    torch.testing.assert_close(output.loss, expected)
-    # A random model's predictions are near uniform, so smoothing moves the loss by only 0.1 x (mean NLL over the
-    # vocabulary - the targets' NLL): 4e-5 for this one, within allclose of the plain loss. Against the plain cross
-    # entropy of the same logits the difference is exact, not rounding.
-    unsmoothed = F.cross_entropy(output.logits.flatten(0, 1), batch["labels"].flatten(), ignore_index=IGNORE_INDEX)
-    torch.testing.assert_close(plain, unsmoothed)
-    assert abs(output.loss - unsmoothed) > 1e-6
 
 
 def test_t5_generate_returns_the_decoder_text_within_the_limit(loaded_t5):

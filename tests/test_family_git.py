@@ -110,19 +110,6 @@ def test_loss_scores_each_caption_token_from_the_position_before_it(loaded):
     torch.testing.assert_close(output.loss, manual)
 
 
-def test_label_smoothing_reaches_the_loss(tiny_git, loaded):
-    family, model, processor = loaded
-    smoothed, _ = family.load(str(tiny_git), {}, label_smoothing=0.1)
-    batch = family.collate(processor, images(2), CAPTIONS[:2], max_length=32)
-    with torch.no_grad():
-        plain, output = model(**batch).loss, smoothed.eval()(**batch)
-    n_image = output.logits.shape[1] - batch["input_ids"].shape[1]
-    logits = output.logits[:, n_image:-1].reshape(-1, output.logits.shape[-1])
-    expected = F.cross_entropy(logits, batch["labels"][:, 1:].reshape(-1), ignore_index=IGNORE_INDEX, label_smoothing=0.1)
-    torch.testing.assert_close(output.loss, expected)
-    assert not torch.allclose(output.loss, plain)
-
-
 def test_model_config_overrides_reach_the_config(tiny_git):
     model, _ = GitFamily().load(str(tiny_git), {"hidden_dropout_prob": 0.0, "vision_config": {"attention_dropout": 0.2}})
     assert model.config.hidden_dropout_prob == 0.0 and model.config.vision_config.attention_dropout == 0.2

@@ -88,23 +88,13 @@ def test_forward_loss_ignores_padding(loaded):
 
 def test_model_config_overrides_reach_sub_configs(tiny_blip):
     family = BlipFamily()
-    model, _ = family.load(str(tiny_blip), {"hidden_dropout_prob": 0.3, "vision_config": {"attention_dropout": 0.2}}, label_smoothing=0.1)
+    model, _ = family.load(str(tiny_blip), {"hidden_dropout_prob": 0.3, "vision_config": {"attention_dropout": 0.2}})
     assert model.config.text_config.hidden_dropout_prob == 0.3
     assert model.config.vision_config.attention_dropout == 0.2
-    assert model.config.text_config.label_smoothing == 0.1
     with pytest.raises(UserError, match="unknown key 'hidden_dropout'"):
         family.load(str(tiny_blip), {"hidden_dropout": 0.3})
     with pytest.raises(UserError, match="not a torch dtype"):
         family.load(str(tiny_blip), {"dtype": "float33"})
-
-
-def test_label_smoothing_changes_loss(tiny_blip):
-    family = BlipFamily()
-    plain, processor = family.load(str(tiny_blip), {})
-    smooth, _ = family.load(str(tiny_blip), {}, label_smoothing=0.2)
-    batch = family.collate(processor, images(2), ["a red circle", "a blue square"], max_length=32)
-    with torch.no_grad():
-        assert not torch.allclose(plain.eval()(**batch).loss, smooth.eval()(**batch).loss)
 
 
 @pytest.mark.parametrize("module", ["LoRA", "IA3"])

@@ -50,18 +50,17 @@ class StopAtStep(TrainingHooks):
 
 
 class PoisonLoss(TrainingHooks):
-    """Makes the loss NaN for the given (1-based) optimizer steps, through a forward hook on the real model."""
+    """Makes the loss NaN for the given (1-based) optimizer steps, through a forward hook on the real model's input
+    embeddings (the loss is computed from the hidden states, outside the model's own output)."""
 
     def __init__(self, bad_steps: set[int]):
         self.bad_steps = bad_steps
 
     def on_setup(self, run):
         def poison(module, inputs, output):
-            if run.step + 1 in self.bad_steps:
-                output.loss = output.loss * float("nan")
-            return output
+            return output * float("nan") if run.step + 1 in self.bad_steps else output
 
-        run.model.register_forward_hook(poison)
+        run.model.get_input_embeddings().register_forward_hook(poison)
 
 
 def losses(run_dir: Path, key: str = "train/loss") -> list[float]:

@@ -8,6 +8,8 @@
 from __future__ import annotations
 
 import contextlib
+import inspect
+import sys
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
@@ -15,8 +17,11 @@ import torch
 from PIL import Image
 
 from caption_train.errors import UserError
+# IGNORE_INDEX is defined beside the loss and imported from here by the families (one definition).
+from caption_train.models.loss import (  # noqa: F401
+    IGNORE_INDEX, LOGIT_CHUNK_ELEMENTS, CaptionLoss, StashingHead, UnknownLogitTransform, target_loss,
+)
 
-IGNORE_INDEX = -100  # positions with this label are left out of the loss (torch CrossEntropyLoss default)
 DEFAULT_NEW_TOKENS = 40  # longest caption generate() writes when not told (the caption command's --max_new_tokens default)
 
 _REGISTRY: dict[str, "ModelFamily"] = {}
@@ -37,8 +42,9 @@ class ModelFamily:
         return False
 
     # ---- loading
-    def load(self, name_or_path: str, overrides: dict[str, Any], *, label_smoothing: float = 0.0) -> tuple[torch.nn.Module, Any]:
-        """(model, processor) with `overrides` applied to the model config. Weights in float32 unless overridden."""
+    def load(self, name_or_path: str, overrides: dict[str, Any]) -> tuple[torch.nn.Module, Any]:
+        """(model, processor) with `overrides` applied to the model config. Weights in float32 unless overridden.
+        (Label smoothing is the loss's: caption_loss.)"""
         raise NotImplementedError
 
     def training_processor(self, name_or_path: str, model_config: dict[str, Any], config: Any) -> Any:
@@ -155,6 +161,67 @@ class ModelFamily:
         if not loaded:
             return {}
         return {"pixel_values": processor.image_processor(images=loaded, return_tensors="pt")["pixel_values"]}
+
+    # ---- the loss, computed where the labels are (models/loss.py)
+    def output_head(self, model: torch.nn.Module) -> torch.nn.Module | None:
+        """The module that turns the text side's last hidden states into vocabulary logits, called once per forward
+        on [rows, positions, width] (`model` without peft or DDP around it). None: the loss scores the full logits."""
+        return None
+
+    def label_shift(self, model: torch.nn.Module) -> int:
+        """How far a label is ahead of the position whose logits predict it: 1 for a decoder-only model (its forward
+        shifts the labels), 0 for an encoder-decoder (the labels are the decoder's next tokens already)."""
+        return 1
+
+    def logit_softcap(self, model: torch.nn.Module) -> float | None:
+        """The soft cap (cap * tanh(logits / cap)) the model's forward applies to the head's output, if any. Default:
+        the text config's final_logit_softcapping where the forward reads it: PaliGemma's does, Gemma 3's image-text
+        model does not (transformers 5.25), though its config sets one."""
+        config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+        cap = getattr(config, "final_logit_softcapping", None)
+        code = inspect.unwrap(type(model).forward).__code__
+        return cap if cap and "final_logit_softcapping" in (*code.co_names, *code.co_consts) else None
+
+    def loss_inputs(self, model: torch.nn.Module, batch: dict[str, Any]) -> dict[str, Any]:
+        """The forward's keyword arguments without labels: whatever the model would have built from the labels (an
+        encoder-decoder's decoder inputs) is the family's to add. No cache: nothing is generated."""
+        inputs = {key: value for key, value in batch.items() if key != "labels"}
+        if "use_cache" in inspect.signature(type(model).forward).parameters:
+            inputs["use_cache"] = False
+        return inputs
+
+    def caption_loss(self, model: torch.nn.Module, batch: dict[str, Any], *, label_smoothing: float = 0.0,
+                     rows: torch.Tensor | None = None, chunk_elements: int = LOGIT_CHUNK_ELEMENTS) -> CaptionLoss:
+        """The batch's caption loss (mean over its target tokens, `label_smoothing` applied) and each row's summed
+        plain cross-entropy and target count, with the output layer applied at the target positions only. `model`
+        may be wrapped (peft, DDP): the forward goes through the wrapper. `rows`: see models/loss.target_loss."""
+        inner = unwrap_peft(_unwrap_parallel(model))
+        full_logits = _shards_parameters(model) or inner.__dict__.get("_caption_train_full_logits", False)
+        head = None if full_logits else self.output_head(inner)
+        if head is not None:
+            swap_class(head, StashingHead)
+        kwargs = dict(shift=self.label_shift(inner), softcap=self.logit_softcap(inner), label_smoothing=label_smoothing, rows=rows,
+                      chunk_elements=chunk_elements)
+        inputs = self.loss_inputs(inner, batch)
+        checked = inner.__dict__.get("_caption_train_logits_checked", False)
+        try:
+            result = target_loss(model, inputs, batch["labels"], head=head, check_logits=not checked, **kwargs)
+        except UnknownLogitTransform as err:
+            # A forward that post-processes its logits in a way this family does not know: the model's own logits
+            # from now on (this batch again too), rather than a loss that differs from the model's own.
+            print(f"loss: {type(inner).__name__}: {err}; computing logits at every position for it (more memory than at the caption tokens alone)",
+                  file=sys.stderr, flush=True)
+            inner.__dict__["_caption_train_full_logits"] = True
+            result = target_loss(model, inputs, batch["labels"], head=None, **kwargs)
+        inner.__dict__["_caption_train_logits_checked"] = True
+        return result
+
+    def loss_note(self, model: torch.nn.Module) -> str | None:
+        """One start-up line when this model's loss cannot skip the positions without targets, else None."""
+        if self.output_head(unwrap_peft(model)) is not None:
+            return None
+        return (f"loss: no output layer known for {type(unwrap_peft(model)).__name__} in the {self.name} family; "
+                "computing logits at every position (more memory than at the caption tokens alone)")
 
     # ---- inference
     def generation_pixels(self, processor: Any, images: Sequence[Image.Image], features: torch.Tensor | None) -> torch.Tensor:
@@ -447,6 +514,25 @@ class FrozenPooledVisionTower(FrozenVisionTower):
         with torch.no_grad():
             pooled = self.post_layernorm(features[:, 0, :].to(self.post_layernorm.weight.dtype))
         return BaseModelOutputWithPooling(last_hidden_state=features, pooler_output=pooled)
+
+
+def _unwrap_parallel(model: torch.nn.Module) -> torch.nn.Module:
+    """The model inside a DDP (or other accelerate) wrapper."""
+    from accelerate.utils import extract_model_from_parallel
+
+    return extract_model_from_parallel(model, keep_torch_compile=False)
+
+
+def _shards_parameters(model: torch.nn.Module) -> bool:
+    """FSDP / DeepSpeed: the head's weights are whole only inside the wrapped forward, so the loss cannot apply the
+    head after it; such a model scores its full logits."""
+    if type(model).__name__ == "DeepSpeedEngine":
+        return True
+    if not torch.distributed.is_available():
+        return False
+    from torch.distributed.fsdp import FSDPModule, FullyShardedDataParallel
+
+    return isinstance(model, (FullyShardedDataParallel, FSDPModule)) or isinstance(_unwrap_parallel(model), FSDPModule)
 
 
 def unwrap_peft(model: torch.nn.Module) -> torch.nn.Module:

@@ -3,7 +3,7 @@
     family = BlipFamily()
     model, processor = family.load("Salesforce/blip-image-captioning-base", {})
     batch = family.collate(processor, images, ["a red circle", "a blue square"], max_length=64)
-    loss = model(**batch).loss
+    loss = family.caption_loss(model, batch).loss  # logits at the caption tokens only (models/loss.py)
 """
 
 from __future__ import annotations
@@ -37,13 +37,12 @@ class BlipFamily(ModelFamily):
     model_types = ("blip",)
     supports_feature_cache = True
 
-    def load(self, name_or_path: str, overrides: dict[str, Any], *, label_smoothing: float = 0.0) -> tuple[torch.nn.Module, Any]:
+    def load(self, name_or_path: str, overrides: dict[str, Any]) -> tuple[torch.nn.Module, Any]:
         from transformers import BlipForConditionalGeneration, BlipProcessor
 
         config = load_model_config(name_or_path)
         load_kwargs, overrides = pop_load_kwargs(overrides)
         apply_config_overrides(config, overrides, sub_configs=("text_config", "vision_config"))
-        config.text_config.label_smoothing = label_smoothing
         # transformers runs BLIP's attention eagerly only; "sdpa" (the default) swaps in our SDPA attention below.
         attention = load_kwargs.pop("attn_implementation", "sdpa")
         if attention not in ("sdpa", "eager"):
@@ -77,6 +76,10 @@ class BlipFamily(ModelFamily):
 
     def text_model(self, model: torch.nn.Module) -> torch.nn.Module:
         return unwrap_peft(model).text_decoder
+
+    def output_head(self, model: torch.nn.Module) -> torch.nn.Module:
+        # The whole prediction head (dense, GELU, LayerNorm, then the vocabulary projection), not just its decoder.
+        return unwrap_peft(model).text_decoder.cls
 
     def freeze_vision_tower(self, model: torch.nn.Module) -> None:
         swap_class(self.vision_tower(model), FrozenPooledVisionTower)  # takes its own output for pixels

@@ -4,7 +4,7 @@
     family = Blip2Family()
     model, processor = family.load("Salesforce/blip2-opt-2.7b", {})
     batch = family.collate(processor, images, ["a red circle", "a blue square"], max_length=64)
-    loss = model(**batch).loss
+    loss = family.caption_loss(model, batch).loss  # logits at the caption tokens only (models/loss.py)
 
 The language model reads [<image> x num_query_tokens | bos | caption | eos]: the Q-Former's outputs replace the
 <image> placeholders, bos (OPT's `</s>`) is where generate() starts, and forward() shifts labels internally (labels
@@ -38,7 +38,6 @@ from caption_train.models.base import (
     swap_class,
     unwrap_peft,
 )
-from caption_train.models.git import use_label_smoothing
 
 # The language model's attention and MLP: OPT's decoder layers, or T5's encoder and decoder blocks (self- and
 # cross-attention q/k/v/o, feed-forward wi or gated wi_0/wi_1, and wo). A model has one of the two layouts, so one
@@ -60,7 +59,7 @@ class Blip2Family(ModelFamily):
     model_types = ("blip-2",)
     supports_feature_cache = True  # the ViT's output is cached; the Q-Former and projection run every step
 
-    def load(self, name_or_path: str, overrides: dict[str, Any], *, label_smoothing: float = 0.0) -> tuple[torch.nn.Module, Any]:
+    def load(self, name_or_path: str, overrides: dict[str, Any]) -> tuple[torch.nn.Module, Any]:
         from transformers import Blip2ForConditionalGeneration
 
         config = load_model_config(name_or_path)
@@ -77,10 +76,6 @@ class Blip2Family(ModelFamily):
         if image_token != config.image_token_id or processor.num_query_tokens != config.num_query_tokens:
             raise UserError(f"model {name_or_path}: the processor's image placeholder (id {image_token}, {processor.num_query_tokens} tokens) does not match the model config's (image_token_index {config.image_token_id}, num_query_tokens {config.num_query_tokens}); save the processor that belongs to this model beside it")
         model = Blip2ForConditionalGeneration.from_pretrained(name_or_path, config=config, **load_kwargs)
-        if label_smoothing and _is_encoder_decoder(processor):
-            _use_label_smoothing_in_t5(model.language_model, label_smoothing)
-        elif label_smoothing:
-            use_label_smoothing(model, label_smoothing, config.text_config.vocab_size)
         return model, processor
 
     def text_length_limit(self, config: Any) -> int:
@@ -100,6 +95,25 @@ class Blip2Family(ModelFamily):
 
     def text_model(self, model: torch.nn.Module) -> torch.nn.Module:
         return unwrap_peft(model).language_model
+
+    # ---- the loss
+
+    def output_head(self, model: torch.nn.Module) -> torch.nn.Module:
+        return unwrap_peft(model).language_model.lm_head  # OPT's or T5's (T5 rescales its input before it, inside)
+
+    def label_shift(self, model: torch.nn.Module) -> int:
+        return 1 if unwrap_peft(model).config.use_decoder_only_language_model else 0  # T5's labels are its next tokens
+
+    def loss_inputs(self, model: torch.nn.Module, batch: dict[str, Any]) -> dict[str, Any]:
+        inputs = super().loss_inputs(model, batch)
+        config = unwrap_peft(model).config
+        if not config.use_decoder_only_language_model and "decoder_input_ids" not in inputs:
+            # What T5 builds from labels it is given: decoder_start_token_id, then the labels shifted right, pads for -100.
+            labels = batch["labels"]
+            start = torch.full_like(labels[:, :1], config.text_config.decoder_start_token_id)
+            shifted = torch.cat([start, labels[:, :-1]], dim=1)
+            inputs["decoder_input_ids"] = shifted.masked_fill(shifted == IGNORE_INDEX, config.text_config.pad_token_id)
+        return inputs
 
     def freeze_vision_tower(self, model: torch.nn.Module) -> None:
         # Blip2ForConditionalGeneration hands pixel_values to its vision_model unchecked: [batch, tokens, width]
@@ -185,21 +199,6 @@ def _is_encoder_decoder(processor: Any) -> bool:
     """Whether the processor is BLIP-2 Flan-T5's: T5's tokenizer has no bos token (its decoder starts from pad);
     OPT's puts bos before every text, and generation starts from it. load() checks the model config agrees."""
     return processor.tokenizer.bos_token_id is None
-
-
-def _use_label_smoothing_in_t5(language_model: torch.nn.Module, label_smoothing: float) -> None:
-    """T5 computes its loss with a plain CrossEntropyLoss inside forward: recompute it, smoothed, from its logits
-    and labels (aligned: T5 shifted the decoder inputs, not the labels)."""
-    import torch.nn.functional as F
-
-    def smoothed_loss(module: torch.nn.Module, args: tuple, kwargs: dict[str, Any], output: Any) -> Any:
-        labels = kwargs.get("labels")
-        if labels is not None:
-            output.loss = F.cross_entropy(output.logits.float().flatten(0, 1), labels.flatten().to(output.logits.device),
-                                          ignore_index=IGNORE_INDEX, label_smoothing=label_smoothing)
-        return output
-
-    language_model.register_forward_hook(smoothed_loss, with_kwargs=True)
 
 
 def _image_token_id(processor: Any) -> int:

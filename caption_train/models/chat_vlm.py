@@ -5,7 +5,7 @@ is the assistant turn. A new VLM of this kind needs no new code.
     family, _ = resolve_family("Qwen/Qwen2-VL-2B-Instruct")
     model, processor = family.load("Qwen/Qwen2-VL-2B-Instruct", {"processor": {"max_pixels": 200704}})
     batch = family.collate(processor, images, ["a red circle", "a blue square"], max_length=512, prompt=family.default_prompt)
-    loss = model(**batch).loss
+    loss = family.caption_loss(model, batch).loss  # logits at the caption tokens only (models/loss.py)
 
 Labels: the prompt is tokenized exactly as generation tokenizes it (the processor on the rendered user turn, which
 expands the image placeholders); the caption tokens and the end-of-turn token after them follow, and only those
@@ -81,11 +81,9 @@ class ChatVlmFamily(ModelFamily):
         return model_type in MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES
 
     # ---- loading
-    def load(self, name_or_path: str, overrides: dict[str, Any], *, label_smoothing: float = 0.0) -> tuple[torch.nn.Module, Any]:
+    def load(self, name_or_path: str, overrides: dict[str, Any]) -> tuple[torch.nn.Module, Any]:
         from transformers import AutoModelForImageTextToText
 
-        if label_smoothing:
-            raise UserError(f"label_smoothing {label_smoothing}: the {self.name} family trains with the model's own loss, which has none; remove label_smoothing")
         config = load_model_config(name_or_path)
         load_kwargs, overrides = pop_load_kwargs(overrides)
         processor_kwargs = _pop_processor_kwargs(overrides)
@@ -119,6 +117,12 @@ class ChatVlmFamily(ModelFamily):
 
     def text_model(self, model: torch.nn.Module) -> torch.nn.Module:
         return unwrap_peft(model).get_decoder()
+
+    def output_head(self, model: torch.nn.Module) -> torch.nn.Module | None:
+        """`lm_head`, the output layer of every image-text-to-text model in transformers 5.25; a model laid out
+        otherwise trains on its full logits (ModelFamily.loss_note says so at start-up)."""
+        head = getattr(unwrap_peft(model), "lm_head", None)
+        return head if isinstance(head, torch.nn.Module) else None
 
     def feature_modules(self, model: torch.nn.Module) -> list[torch.nn.Module]:
         """The vision tower and every other part of the model outside the language model (projector, connector,

@@ -4,7 +4,7 @@ adapter targets, generation.
     family = Florence2Family()
     model, processor = family.load("florence-community/Florence-2-base", {})
     batch = family.collate(processor, images, ["a red circle", "a blue square"], max_length=64, prompt="<CAPTION>")
-    loss = model(**batch).loss
+    loss = family.caption_loss(model, batch).loss  # logits at the caption tokens only (models/loss.py)
 
 An encoder-decoder: the encoder reads [image tokens | <s> task prompt </s>] (the processor expands `<CAPTION>`
 into its sentence), the BART decoder writes the caption. The decoder starts from `</s> <s>` (BART's
@@ -33,7 +33,6 @@ from caption_train.models.base import (
     swap_class,
     unwrap_peft,
 )
-from caption_train.models.git import use_label_smoothing
 
 # The BART language model's attention (self and cross) and MLP; the DaViT vision tower also has fc1/fc2 and
 # qkv/proj, so the patterns are anchored on language_model.
@@ -50,7 +49,7 @@ class Florence2Family(ModelFamily):
     supports_feature_cache = True  # DaViT's feature map is cached; the multi-modal projector runs every step
     default_prompt = "<CAPTION>"  # or <DETAILED_CAPTION>, <MORE_DETAILED_CAPTION>, or any text
 
-    def load(self, name_or_path: str, overrides: dict[str, Any], *, label_smoothing: float = 0.0) -> tuple[torch.nn.Module, Any]:
+    def load(self, name_or_path: str, overrides: dict[str, Any]) -> tuple[torch.nn.Module, Any]:
         from transformers import Florence2ForConditionalGeneration
 
         config = load_model_config(name_or_path)
@@ -62,8 +61,6 @@ class Florence2Family(ModelFamily):
             # collate() starts the decoder from the tokenizer's </s> (BART's convention); generation from the config's.
             raise UserError(f"model {name_or_path}: text_config.decoder_start_token_id is {start} but the tokenizer's </s> is {eos}; the Florence-2 family expects them equal (BART layout)")
         model = Florence2ForConditionalGeneration.from_pretrained(name_or_path, config=config, **load_kwargs)
-        if label_smoothing:
-            use_label_smoothing(model, label_smoothing, config.text_config.vocab_size)
         return model, processor
 
     def text_length_limit(self, config: Any) -> int:
@@ -80,6 +77,12 @@ class Florence2Family(ModelFamily):
 
     def text_model(self, model: torch.nn.Module) -> torch.nn.Module:
         return unwrap_peft(model).model.language_model
+
+    def output_head(self, model: torch.nn.Module) -> torch.nn.Module:
+        return unwrap_peft(model).lm_head
+
+    def label_shift(self, model: torch.nn.Module) -> int:
+        return 0  # the decoder reads `</s> <s> caption` (collate's decoder_input_ids): labels are its next tokens
 
     def freeze_vision_tower(self, model: torch.nn.Module) -> None:
         swap_class(self.vision_tower(model), _FrozenVisionBackbone)

@@ -3,7 +3,7 @@
     family = GitFamily()
     model, processor = family.load("microsoft/git-base", {})
     batch = family.collate(processor, images, ["a red circle", "a blue square"], max_length=64)
-    loss = model(**batch).loss
+    loss = family.caption_loss(model, batch).loss  # logits at the caption tokens only (models/loss.py)
 
 GIT is one decoder over [image tokens | text tokens]: the image tokens come first inside the model, `input_ids`
 and `labels` hold the text only, and forward() shifts labels by one internally (logits at text position t are
@@ -48,7 +48,7 @@ class GitFamily(ModelFamily):
     model_types = ("git",)
     supports_feature_cache = True
 
-    def load(self, name_or_path: str, overrides: dict[str, Any], *, label_smoothing: float = 0.0) -> tuple[torch.nn.Module, Any]:
+    def load(self, name_or_path: str, overrides: dict[str, Any]) -> tuple[torch.nn.Module, Any]:
         from transformers import GitForCausalLM
 
         config = load_model_config(name_or_path)
@@ -60,8 +60,6 @@ class GitFamily(ModelFamily):
             # collate() trains from the tokenizer's leading [CLS], the token generate() starts from.
             raise UserError(f"model {name_or_path}: its tokenizer does not start texts with [CLS] (GIT's start token); save the BERT-style tokenizer that belongs to this model beside it")
         model = GitForCausalLM.from_pretrained(name_or_path, config=config, **load_kwargs)
-        if label_smoothing:
-            use_label_smoothing(model, label_smoothing, model.config.vocab_size)
         return model, processor
 
     def text_length_limit(self, config: Any) -> int:
@@ -80,6 +78,10 @@ class GitFamily(ModelFamily):
 
     def text_model(self, model: torch.nn.Module) -> torch.nn.Module:
         return unwrap_peft(model).git.encoder
+
+    def output_head(self, model: torch.nn.Module) -> torch.nn.Module:
+        # It sees [image tokens | text]; the loss takes the text's positions (the last labels.shape[1]).
+        return unwrap_peft(model).output
 
     def freeze_vision_tower(self, model: torch.nn.Module) -> None:
         swap_class(self.vision_tower(model), _FrozenImageEncoder)
@@ -133,22 +135,6 @@ class GitFamily(ModelFamily):
         generate_kwargs.setdefault("pad_token_id", tokenizer.pad_token_id)
         output = model.generate(pixel_values=pixel_values, input_ids=input_ids, **generate_kwargs)
         return [text.strip() for text in tokenizer.batch_decode(output, skip_special_tokens=True)]
-
-
-def use_label_smoothing(model: torch.nn.Module, label_smoothing: float, vocab_size: int) -> None:
-    """For models whose config has no label_smoothing (GIT, Florence-2, BLIP-2): give forward() a loss function
-    with it. Called like transformers' causal-LM loss: `shift_labels` already aligned with the logits, or `labels`
-    aligned with the inputs (shifted here by one, as that loss does)."""
-    import torch.nn.functional as F
-
-    def loss_function(logits: torch.Tensor, labels: torch.Tensor | None = None, vocab_size: int = vocab_size,
-                      shift_labels: torch.Tensor | None = None, **kwargs: Any) -> torch.Tensor:
-        if shift_labels is None:
-            shift_labels = F.pad(labels, (0, 1), value=IGNORE_INDEX)[..., 1:]
-        return F.cross_entropy(logits.float().reshape(-1, vocab_size), shift_labels.reshape(-1).to(logits.device),
-                               ignore_index=IGNORE_INDEX, label_smoothing=label_smoothing)
-
-    model.loss_function = loss_function
 
 
 class _FrozenImageEncoder(FrozenVisionTower):

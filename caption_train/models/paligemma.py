@@ -4,7 +4,7 @@ the processor's own `suffix=`, which marks the suffix (token type 1) as the only
     family, _ = resolve_family("google/paligemma2-3b-pt-224")
     model, processor = family.load("google/paligemma2-3b-pt-224", {})
     batch = family.collate(processor, images, ["a red circle", "a blue square"], max_length=128, prompt="caption en")
-    loss = model(**batch).loss
+    loss = family.caption_loss(model, batch).loss  # logits at the caption tokens only (models/loss.py)
 
 The processor writes `<image>*N <bos> prompt \\n` (one `<image>` in our text, expanded; token type 0: attended bidirectionally, never a target) then
 `caption <eos>` (token type 1: the targets). Generation feeds the same prefix and decodes what follows it.
@@ -42,11 +42,9 @@ class PaliGemmaFamily(ModelFamily):
     default_prompt = "caption en"
     supports_feature_cache = True  # SigLIP's output is cached; the multi-modal projector runs every step
 
-    def load(self, name_or_path: str, overrides: dict[str, Any], *, label_smoothing: float = 0.0) -> tuple[torch.nn.Module, Any]:
+    def load(self, name_or_path: str, overrides: dict[str, Any]) -> tuple[torch.nn.Module, Any]:
         from transformers import PaliGemmaForConditionalGeneration, PaliGemmaProcessor
 
-        if label_smoothing:
-            raise UserError(f"label_smoothing {label_smoothing}: the {self.name} family trains with the model's own loss, which has none; remove label_smoothing")
         config = load_model_config(name_or_path)
         load_kwargs, overrides = pop_load_kwargs(overrides)
         apply_config_overrides(config, overrides, sub_configs=("text_config", "vision_config"))
@@ -68,6 +66,9 @@ class PaliGemmaFamily(ModelFamily):
 
     def text_model(self, model: torch.nn.Module) -> torch.nn.Module:
         return unwrap_peft(model).get_decoder()
+
+    def output_head(self, model: torch.nn.Module) -> torch.nn.Module:
+        return unwrap_peft(model).lm_head  # (PaliGemma 2's soft cap: ModelFamily.logit_softcap)
 
     def freeze_vision_tower(self, model: torch.nn.Module) -> None:
         # get_image_features hands pixel_values to the vision tower unchecked: [batch, tokens, width] features
