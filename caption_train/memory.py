@@ -37,7 +37,6 @@ from typing import Any, Callable, Iterator, Sequence
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_flatten
 
 from caption_train.checkpoint import restore_rng_states, rng_states
 from caption_train.config import TrainConfig, parse_memory_size
@@ -266,32 +265,45 @@ class LiveTensorBytes(TorchDispatchMode):
         self.device = device
         self.live = 0
         self.peak = 0
-        self._tracked: dict[int, int] = {}  # id(storage) -> bytes, while alive
+        self._alive: dict[int, tuple[Any, int]] = {}  # id(storage) -> (weak reference, bytes), while it lives
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
-        inputs = {id(t.untyped_storage()) for t in tree_flatten((args, kwargs))[0] if _has_storage(t)}
-        for tensor in tree_flatten(out)[0]:
-            if _has_storage(tensor) and tensor.device == self.device:
-                storage = tensor.untyped_storage()
-                key = id(storage)
-                if key not in inputs and key not in self._tracked:
-                    self._track(storage, key)
+        inputs = None
+        for tensor in _tensors(out):
+            if tensor.device != self.device or tensor.layout != torch.strided:
+                continue
+            storage = tensor.untyped_storage()
+            key = id(storage)
+            if key in self._alive:
+                continue
+            if inputs is None:
+                inputs = {id(t.untyped_storage()) for t in _tensors((args, kwargs)) if t.layout == torch.strided}
+            if key not in inputs:
+                self._track(storage, key)
         return out
 
     def _track(self, storage: Any, key: int) -> None:
         size = storage.nbytes()
-        self._tracked[key] = size
+        self._alive[key] = (weakref.ref(storage, lambda _, key=key: self._freed(key)), size)
         self.live += size
         self.peak = max(self.peak, self.live)
-        weakref.finalize(storage, self._freed, key)
 
     def _freed(self, key: int) -> None:
-        self.live -= self._tracked.pop(key, 0)
+        _, size = self._alive.pop(key, (None, 0))
+        self.live -= size
 
 
-def _has_storage(value: Any) -> bool:
-    return isinstance(value, torch.Tensor) and value.layout == torch.strided and value.device.type != "meta"
+def _tensors(value: Any) -> Iterator[torch.Tensor]:
+    """The tensors in an operation's arguments or results (nested lists, tuples and dicts)."""
+    if isinstance(value, torch.Tensor):
+        yield value
+    elif isinstance(value, (list, tuple)):
+        for item in value:
+            yield from _tensors(item)
+    elif isinstance(value, dict):
+        for item in value.values():
+            yield from _tensors(item)
 
 
 def step_loss(family: Any, model: torch.nn.Module, batch: dict[str, Any]) -> torch.Tensor:
@@ -344,7 +356,7 @@ def measure_step(model: torch.nn.Module, family: Any, row: ProbeBatch, collate: 
     seconds = time.perf_counter() - start
     if len(sizes) == 1:
         return Probe(peaks[0], None, seconds)
-    per_row = (peaks[1] - peaks[0]) / (sizes[1] - sizes[0])
+    per_row = max(0.0, (peaks[1] - peaks[0]) / (sizes[1] - sizes[0]))  # (a tiny model's peak may fall at another moment)
     return Probe(int(peaks[0] + per_row * (batch_size - sizes[0])), per_row, seconds)
 
 
@@ -508,6 +520,7 @@ class MemoryPlan:
     quantizable: int = 0  # bytes of frozen Linear weights --quantize 4bit would shrink (CUDA only; 0 elsewhere)
     processor_hint: tuple[str, int] | None = None  # (processor key, pixels per image token) for a smaller image budget
     seconds: float = 0.0  # what the plan cost, probe steps included
+    adapter: bool = True  # LoRA/IA3 (False: a full fine-tune, whose trained weights are the model's)
 
     # ---- the estimate
     def activations(self, probe: Probe | None = None, rows: int | None = None) -> int | None:
@@ -527,7 +540,7 @@ class MemoryPlan:
     # ---- what it prints
     def line(self) -> str:
         total, activations = self.total(), self.activations()
-        label = "adapter+optimizer" if self.state.weights else "trained weights+optimizer"
+        label = "adapter+optimizer" if self.adapter else "trained weights+optimizer"
         measured = format_bytes(activations) if activations is not None else "more than there is (the probe step ran out of memory)"
         head = f"about {format_bytes(total)} peak" if total is not None else "more than there is"
         return (f"memory: {head} (weights {self.state.describe_weights()}, {label} {format_bytes(self.state.training)}, "
@@ -541,12 +554,13 @@ class MemoryPlan:
 
     def overflow(self, probe: Probe | None = None) -> str:
         total = self.total(probe)
-        need = f"about {format_bytes(total)}" if total is not None else "the probe step ran out of memory"
-        return f"{need}, more than the {format_bytes(self.capacity.limit)} {self.capacity.limit_name}"
+        room = f"the {format_bytes(self.capacity.limit)} {self.capacity.limit_name}"
+        return f"about {format_bytes(total)}, more than {room}" if total is not None else f"the probe step ran out of memory ({room})"
 
     # ---- what would fit
     def suggestions(self) -> str:
-        options = [option for option in (self._checkpointing_option(), self._batch_option(), self._image_option(), self._quantize_option()) if option]
+        options = [option for option in (self._checkpointing_option(), self._batch_option(), self._image_option(), self._quantize_option(),
+                                         self._adapter_option()) if option]
         if not options:
             return "no setting the plan knows of makes it smaller; use a device with more memory"
         return "try " + "; or ".join(options)
@@ -570,6 +584,8 @@ class MemoryPlan:
         fitting = [b for b in divisors if (self.activations(rows=b) or 0) <= self._room()]
         batch = fitting[0] if fitting else 1
         saved = (self.activations() or 0) - (self.activations(rows=batch) or 0)
+        if saved <= 0:
+            return None
         return (f"--batch_size {batch} --gradient_accumulation_steps {effective // batch} (the same {effective} images per "
                 f"optimizer step; about {format_bytes(saved)} less)")
 
@@ -594,6 +610,11 @@ class MemoryPlan:
         saved = self.quantizable - int(self.quantizable / per_weight * QUANTIZED_BYTES_PER_WEIGHT)
         return f"--quantize 4bit (about {format_bytes(saved)} less)"
 
+    def _adapter_option(self) -> str | None:
+        if self.adapter:
+            return None
+        return f"an adapter (--peft_module LoRA) instead of a full fine-tune, whose trained weights, gradients and optimizer state take {format_bytes(self.state.training)}"
+
     def out_of_memory_message(self, step: int) -> str:
         total = self.total()
         planned = f"the plan estimated about {format_bytes(total)} of {format_bytes(self.capacity.limit)}" if total is not None else "the plan's probe step ran out too"
@@ -612,7 +633,7 @@ def plan_memory(cfg: TrainConfig, *, model: torch.nn.Module, family: Any, proces
     and then checkpointing is on only when asked. `model` must be on its training device, not yet wrapped by
     accelerate, and not compiled. Raises a UserError when the probe step itself runs out of memory."""
     asked = cfg.gradient_checkpointing
-    if not cfg.memory_plan or sharded:
+    if not cfg.memory_plan or sharded or not samples:
         if asked is True:
             enable_checkpointing(model)
         return None
@@ -624,7 +645,8 @@ def plan_memory(cfg: TrainConfig, *, model: torch.nn.Module, family: Any, proces
     plan = MemoryPlan(state=state, batch_size=cfg.batch_size, accumulation=cfg.gradient_accumulation_steps, tokens=row.tokens,
                       image_tokens=_count_image_tokens(family, model, row.batch(collate, 1)),
                       capacity=device_capacity(device, state.weights + state.trainable, budget),
-                      quantizable=_quantizable_bytes(model, cfg, device), processor_hint=_processor_hint(processor))
+                      quantizable=_quantizable_bytes(model, cfg, device), processor_hint=_processor_hint(processor),
+                      adapter=cfg.peft_module != "none")
     # A GPU runs the probe at the batch size (its allocator counts exactly, quickly). A CPU counts tensors in Python
     # and runs slower: one row and two, extrapolated to the batch size (exact where memory grows linearly with rows).
     sizes = [cfg.batch_size] if device.type == "cuda" or cfg.batch_size <= 2 else [1, 2]
@@ -664,7 +686,7 @@ def _with_slope(probe: Probe, model: torch.nn.Module, family: Any, row: ProbeBat
     one = measure_step(model, family, row, collate, batch_size=1, sizes=[1], autocast=accelerator.autocast, device=accelerator.device)
     if one.peak is None:
         return probe
-    return dataclasses.replace(probe, per_row=(probe.peak - one.peak) / (batch_size - 1), seconds=probe.seconds + one.seconds)
+    return dataclasses.replace(probe, per_row=max(0.0, (probe.peak - one.peak) / (batch_size - 1)), seconds=probe.seconds + one.seconds)
 
 
 def _agree_on_checkpointing(plan: MemoryPlan, model: torch.nn.Module, accelerator: Any, enable: Callable[[torch.nn.Module], None]) -> None:

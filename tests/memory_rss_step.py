@@ -1,19 +1,22 @@
 """Subprocess helper for tests/test_memory.py: the peak RSS growth of one real training step, an independent measure
 of what the memory plan estimates on a CPU.
 
-    MALLOC_MMAP_THRESHOLD_=131072 python tests/memory_rss_step.py MODEL DATASET BATCH_SIZE   # prints: step_rss_bytes N
+    MALLOC_MMAP_THRESHOLD_=131072 python tests/memory_rss_step.py MODEL DATASET BATCH_SIZE [bf16]   # prints: step_rss_bytes N
 
 Loads the model as training does (LoRA, frozen vision tower), takes one warm-up step on two rows (thread pools and
 lazy initialisation), resets the kernel's peak-RSS mark (/proc/self/clear_refs 5), runs forward and backward on
-BATCH_SIZE rows of the dataset's first images, and prints VmHWM less the RSS before the step. A fixed mmap threshold
+BATCH_SIZE rows of the dataset's first images (under bf16 autocast with `bf16`), and prints VmHWM less the RSS before the step. A fixed mmap threshold
 makes glibc hand every large buffer back on free, so the peak follows the bytes alive at once.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import sys
 from pathlib import Path
+
+import torch
 
 from caption_train.adapters import wrap_model
 from caption_train.data.images import load_rgb
@@ -29,7 +32,8 @@ def status(key: str) -> int:
     raise KeyError(key)
 
 
-def main(model_dir: str, dataset: str, batch_size: int) -> None:
+def main(model_dir: str, dataset: str, batch_size: int, bf16: bool) -> None:
+    autocast = (lambda: torch.autocast("cpu", dtype=torch.bfloat16)) if bf16 else contextlib.nullcontext
     family, _ = resolve_family(model_dir)
     model, processor = family.load(model_dir, {})
     model = wrap_model(model, family, "LoRA", {})
@@ -43,15 +47,19 @@ def main(model_dir: str, dataset: str, batch_size: int) -> None:
         batch.pop("image_paths"), batch.pop("pixel_rows")
         return batch
 
-    model(**batch_of(items[:2])).loss.backward()  # warm-up
+    with autocast():
+        loss = model(**batch_of(items[:2])).loss
+    loss.backward()  # warm-up
     for p in model.parameters():
         p.grad = None
     batch = batch_of(items)
     Path("/proc/self/clear_refs").write_text("5")  # VmHWM := VmRSS
     before = status("VmRSS")
-    model(**batch).loss.backward()
+    with autocast():
+        loss = model(**batch).loss
+    loss.backward()
     print(f"step_rss_bytes {status('VmHWM') - before}", flush=True)
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], sys.argv[2], int(sys.argv[3]))
+    main(sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4:] == ["bf16"])
