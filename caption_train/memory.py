@@ -1,10 +1,10 @@
 """Memory plan: a training run's peak memory, estimated before its first step, and what to do when it will not fit.
 
-    plan = plan_memory(cfg, model=model, family=family, samples=train_samples, collate=collate, processor=processor,
-                       accelerator=accelerator, enable_checkpointing=enable_gradient_checkpointing)
-    for line in plan.lines():   # memory: about 17.8 GiB peak (weights 15.4 GiB, adapter+optimizer 0.6 GiB, ...)
+    plan = plan_memory(cfg, model=model, family=family, processor=processor, samples=train_samples, collate=collate,
+                       accelerator=accelerator, lr=lr, enable_checkpointing=enable_gradient_checkpointing)
+    for line in plan.lines():   # memory: about 17.8 GiB peak (weights 15.4 GiB bf16, adapter+optimizer 0.6 GiB, ...)
         print(line)
-    with answer_out_of_memory(plan, run, progress):   # an out-of-memory error in training -> one line with suggestions
+    with answer_out_of_memory(plan, step=lambda: run.global_step + 1):   # out of memory -> one line with suggestions
         train_one_epoch(run, epoch, progress)
 
 What is counted, and how:
@@ -13,11 +13,12 @@ What is counted, and how:
   measured by running the run's optimizer (with its optimizer_args) one step on two stand-in parameters of each
   trainable dtype, so AdamW's two moments (and amsgrad's third), Prodigy's s, p0, exp_avg and exp_avg_sq (p0 a
   scalar for a parameter that starts at zero, like LoRA's B) count as the optimizer really keeps them;
-- activations: measured on one probe forward/backward through the training step, at the real batch shape (the
-  longest caption the run will train on, with, where the image sets the row's length, the image with the most
-  image tokens of up to 256 evenly spaced ones). On CUDA the allocator's own peak (max_memory_allocated); on a CPU,
-  which has no allocator peak counter, the most bytes of tensor storage alive at once during the step (a dispatch
-  mode sees every tensor each operation makes and when it is freed), measured on one row and scaled by the batch size.
+- activations: measured on probe steps (forward and backward through the training step's loss) at the longest
+  rows the run will see: the longest caption, with, where the image sets the row's length (chat VLMs), the image
+  with the most image tokens of up to 256 evenly spaced ones. On CUDA the allocator's own peak
+  (max_memory_allocated) at the batch size; on a CPU, which has no allocator peak counter, the most bytes of tensor
+  storage alive at once (a dispatch mode sees every tensor each operation makes, and a weak reference when it is
+  freed), at one row and two, extrapolated along that line to the batch size.
 
 The probe leaves the run as it was: RNG states, train/eval modes and batch-norm statistics are restored, its
 gradients are dropped, and it logs, caches and writes nothing.
@@ -31,7 +32,7 @@ import heapq
 import math
 import time
 import weakref
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
@@ -206,7 +207,8 @@ def longest_row(samples: Sequence[Any], family: Any, processor: Any, collate: Ca
         if not family.variable_image_features:
             break  # every image is resized alike: any readable one will do
     if best is None:
-        raise UserError("memory plan: none of the training images it tried could be loaded; run `caption-train lint` on the dataset")
+        raise UserError("memory plan: no training row could be built from the images and captions it tried (unreadable images, or "
+                        "captions training refuses); check the dataset with `caption-train lint DATASET_DIR --model MODEL`")
     return best
 
 
@@ -648,8 +650,9 @@ def plan_memory(cfg: TrainConfig, *, model: torch.nn.Module, family: Any, proces
                       quantizable=_quantizable_bytes(model, cfg, device), processor_hint=_processor_hint(processor),
                       adapter=cfg.peft_module != "none")
     # A GPU runs the probe at the batch size (its allocator counts exactly, quickly). A CPU counts tensors in Python
-    # and runs slower: one row and two, extrapolated to the batch size (exact where memory grows linearly with rows).
-    sizes = [cfg.batch_size] if device.type == "cuda" or cfg.batch_size <= 2 else [1, 2]
+    # and computes slowly: one row and two, extrapolated to the batch size (a step's memory grows linearly with its
+    # rows), three rows' compute instead of a batch's; a batch of three or fewer is probed whole.
+    sizes = [cfg.batch_size] if device.type == "cuda" or cfg.batch_size <= 3 else [1, 2]
 
     def probe() -> Probe:
         return measure_step(model, family, row, collate, batch_size=cfg.batch_size, sizes=sizes, autocast=accelerator.autocast, device=device)
