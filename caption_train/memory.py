@@ -598,9 +598,11 @@ class MemoryPlan:
         # Activations grow about linearly with a row's tokens: the row's length that would fit, and what is left
         # of the image's share of it.
         tokens = int(self.tokens * max(0, self._room()) / activations)
-        keep = max(0, self.image_tokens - (self.tokens - tokens))
+        keep = self.image_tokens - (self.tokens - tokens)
+        if keep <= 0:
+            return None  # the rest of the row alone is more than there is room for: smaller images cannot do it
         where = "model_config.processor"
-        if self.processor_hint is not None and keep > 0:
+        if self.processor_hint is not None:
             key, pixels = self.processor_hint
             where += f" {{{key} = {keep * pixels}}}"
         return f"smaller images: {where} (the longest row's image is {self.image_tokens} of its {self.tokens} tokens; about {keep} would fit)"
