@@ -33,6 +33,8 @@ MIXED_PRECISION = ("auto", "no", "fp16", "bf16")
 CACHE_MODES = ("auto", "off", "memory", "disk")
 TRACKERS = ("wandb", "none")
 QUANTIZE_MODES = ("none", "4bit", "8bit")
+AUTO_BOOL = ("auto", "true", "false")
+AutoBool = typing.Union[bool, str]  # True, False or "auto" (a field type: TOML true/false or "auto")
 
 # Keys accepted in a config file (or on the command line) as other names for a field.
 ALIASES = {"train_dir": "dataset_dir", "learning_rate": "lr"}
@@ -78,7 +80,9 @@ class TrainConfig:
     peft_module: str = _field("LoRA", "Adapter to train: LoRA, IA3, or none (full fine-tune).", choices=PEFT_MODULES)
     peft_args: dict = _field({}, "Keyword arguments for the peft config, e.g. {r = 16, lora_alpha = 32, target_modules = ['query', 'value']}.")
     quantize: str = _field("none", "QLoRA: load the base model quantized with bitsandbytes (CUDA only; pip install bitsandbytes): none, 4bit (NF4, double quantization) or 8bit. Needs an adapter (peft_module LoRA or IA3).", choices=QUANTIZE_MODES)
-    gradient_checkpointing: bool = _field(False, "Recompute activations in backward to save memory.")
+    gradient_checkpointing: AutoBool = _field("auto", "Recompute activations in backward to save memory: auto (on only when the memory plan says the run will not fit without it), true or false. A bare --gradient_checkpointing means true.", choices=AUTO_BOOL)
+    memory_plan: bool = _field(True, "Before the first step, estimate the run's peak memory (weights, adapter and optimizer state, activations measured on probe steps at the longest rows) and print it beside the device's free memory; false skips the probe (then gradient_checkpointing auto stays off).")
+    memory_budget: str | None = _field(None, "Plan against at most this much memory instead of the device's free memory, e.g. 20GiB or 512MiB (a shared GPU, or leaving room for other work).")
     freeze_vision_tower: bool = _field(False, "Full fine-tune (peft_module none): keep the vision tower's weights fixed and train the text side only (lets image features be cached).")
     cache_image_features: str = _field("auto", "Compute a frozen vision tower once per image: auto (memory when it fits, else disk; off when the tower trains or images are flipped), off, memory or disk.", choices=CACHE_MODES)
     cache_dir: str | None = _field(None, "Folder of the on-disk image-feature cache (default: ~/.cache/caption-train/features; never inside the dataset).")
@@ -153,8 +157,8 @@ def parse_dict(text: str) -> dict:
 
 
 # What a TOML value of each field type must be (bool is an int in Python, hence its own check).
-_TOML_TYPES = {"int": (int,), "float": (int, float), "str": (str,), "bool": (bool,), "dict": (dict,)}
-_EXPECTED = {"int": "an integer", "float": "a number", "str": "a string", "bool": "true or false", "dict": "a table"}
+_TOML_TYPES = {"int": (int,), "float": (int, float), "str": (str,), "bool": (bool,), "dict": (dict,), "AutoBool": (bool, str)}
+_EXPECTED = {"int": "an integer", "float": "a number", "str": "a string", "bool": "true or false", "dict": "a table", "AutoBool": "auto, true or false"}
 
 
 def _toml_kind(value: Any) -> str:
@@ -193,6 +197,17 @@ def _coerce(name: str, value: Any) -> Any:
         if isinstance(value, str):
             return _parse_bool(value)
         raise ValueError(f"expected true or false, got {value!r}")
+    if kind == "AutoBool":  # a bool, or "auto" (left for start-up to decide)
+        if isinstance(value, str) and value.strip().lower() == "auto":
+            return "auto"
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str):
+            try:
+                return _parse_bool(value)
+            except ValueError:
+                raise ValueError(f"expected auto, true or false, got {value!r}") from None
+        raise ValueError(f"expected auto, true or false, got {value!r}")
     if kind == "int":
         if isinstance(value, bool) or isinstance(value, float):
             raise ValueError(f"expected an integer, got {value!r}")
@@ -286,9 +301,10 @@ def build_arg_parser(prog: str = "caption-train train") -> argparse.ArgumentPars
         default = getattr(defaults, f.name)
         if kind != "dict" and default is not None:
             help_text += f" (default: {default})"
-        if kind == "bool":
+        if kind in ("bool", "AutoBool"):
             # `--flag` alone means true; `--flag false` is accepted too so config-file values can be overridden.
-            parser.add_argument(*flags, dest=f.name, nargs="?", const="true", metavar="BOOL", help=help_text)
+            metavar = "{" + ",".join(f.metadata["choices"]) + "}" if kind == "AutoBool" else "BOOL"
+            parser.add_argument(*flags, dest=f.name, nargs="?", const="true", metavar=metavar, help=help_text)
         else:
             metavar = "TABLE" if kind == "dict" else f.name.upper()
             if f.metadata.get("choices"):
@@ -331,6 +347,11 @@ def _check_ranges(cfg: TrainConfig, skip: set[str] = frozenset()) -> list[str]:
     need(cfg.save_every_n_epochs >= 0, f"save_every_n_epochs must be >= 0, got {cfg.save_every_n_epochs}")
     need(cfg.save_every_n_steps >= 0, f"save_every_n_steps must be >= 0, got {cfg.save_every_n_steps}")
     need(cfg.save_total_limit >= 0, f"save_total_limit must be >= 0, got {cfg.save_total_limit}")
+    if cfg.memory_budget is not None:
+        try:
+            parse_memory_size(cfg.memory_budget)
+        except ValueError as err:
+            problems.append(f"memory_budget: {err}")
     need(cfg.max_nonfinite_steps >= 1, f"max_nonfinite_steps must be >= 1, got {cfg.max_nonfinite_steps}")
     need(cfg.eval_every_n_epochs >= 0, f"eval_every_n_epochs must be >= 0, got {cfg.eval_every_n_epochs}")
     need(cfg.eval_max_images >= 0, f"eval_max_images must be >= 0, got {cfg.eval_max_images}")
@@ -352,6 +373,28 @@ def _check_ranges(cfg: TrainConfig, skip: set[str] = frozenset()) -> list[str]:
     if cfg.peft_args and not skip & {"peft_module", "peft_args"}:
         problems += _check_peft_args(cfg.peft_module, cfg.peft_args)
     return problems
+
+
+_SIZE_UNITS = {"b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
+               "k": 2**10, "m": 2**20, "g": 2**30, "t": 2**40, "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+
+
+def parse_memory_size(text: str) -> int:
+    """Bytes in a size like '20GiB', '20 GB' (10^9), '512MiB' or '24G' (binary, as ulimit and nvidia-smi mean it)."""
+    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", text)
+    if not match or not match.group(2):
+        raise ValueError(f"{text!r} is not a size with a unit; write e.g. 20GiB, 512MiB or 24GB")
+    unit = match.group(2).lower()
+    if unit not in _SIZE_UNITS:
+        raise ValueError(f"{text!r}: unknown unit {match.group(2)!r}; use B, KiB, MiB, GiB, TiB (or KB, MB, GB, TB)")
+    size = int(float(match.group(1)) * _SIZE_UNITS[unit])
+    if size <= 0:
+        raise ValueError(f"{text!r} must be more than 0")
+    return size
+
+
+def _field_type(name: str) -> str:
+    return {f.name: f.type for f in dataclasses.fields(TrainConfig)}[name]
 
 
 def _inside(path: Path, folder: Path) -> bool:
@@ -428,7 +471,7 @@ def resolve(file_values: dict[str, Any], cli_values: dict[str, Any], *, file_lab
                 if from_file:
                     _check_toml_type(name, value)
                 value = _coerce(name, value)
-                if isinstance(value, str) and _metadata(name).get("choices"):
+                if isinstance(value, str) and _metadata(name).get("choices") and _base_type(_field_type(name)) != "AutoBool":
                     value = _canonical_choice(name, value)
             except ValueError as err:
                 where = f"{key} = {_show_toml(value)}" if from_file else f"--{key}"

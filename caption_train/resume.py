@@ -73,8 +73,15 @@ def given_prompt(cfg: TrainConfig, folder: Path | None) -> tuple[str | None, str
 PATH_KEYS = ("dataset_dir", "output_dir", "model_name_or_path")
 
 
+# Keys whose `auto` is decided again at every start (the saved config holds what it decided): auto matches any
+# saved value of them.
+DECIDED_AT_START = ("gradient_checkpointing",)
+
+
 def same_value(key: str, old: Any, new: Any) -> bool:
     if old == new:
+        return True
+    if key in DECIDED_AT_START and new == "auto":
         return True
     if key not in PATH_KEYS or not isinstance(old, str) or not isinstance(new, str):
         return False

@@ -35,6 +35,7 @@ from caption_train.errors import UserError
 from caption_train.features import CachePlan, FeatureCache, plan_feature_cache, vision_is_frozen
 from caption_train.hooks import HookedTracker, SampleLoss, TrainingHooks
 from caption_train.lint import TrainingView, summarize_scan
+from caption_train.memory import MemoryPlan, answer_out_of_memory, plan_memory
 from caption_train.models import ModelFamily, resolve_family
 from caption_train.models.base import CaptionLoss, quiet_transformers_bars, unwrap_peft
 from caption_train.optim import build_optimizer, build_scheduler, current_lr, optimizer_steps_per_epoch
@@ -104,6 +105,7 @@ class Run:
     hooks: TrainingHooks
     resumed_from: Path | None = None
     features: FeatureCache | None = None  # image features of a frozen vision tower, computed once
+    memory: MemoryPlan | None = None  # the start-up memory estimate, whose suggestions answer an out-of-memory error
     sample_new_tokens: int | None = None  # how long a probe caption may get (None: the family's default)
     timings: "Timings" = field(default_factory=lambda: Timings())
     # ---- position, saved in every checkpoint
@@ -499,10 +501,6 @@ def setup(cfg: TrainConfig, hooks: TrainingHooks) -> Run:
         family.vision_tower(model).requires_grad_(False)
     if vision_is_frozen(family, model):
         family.freeze_vision_tower(model)  # eval mode, no autograd; accepts cached features
-    if cfg.gradient_checkpointing:
-        enable_gradient_checkpointing(model)
-    if cfg.compile:
-        family.text_model(model).compile()  # in place: parameter names and checkpoints stay as they are
     trainable, total = count_parameters(model)
     if sharded:
         plan = CachePlan("off", "image features: computed every step (FSDP shards the vision tower)")
@@ -539,6 +537,16 @@ def setup(cfg: TrainConfig, hooks: TrainingHooks) -> Run:
     # ---- optimization
     lr = resolved_lr(cfg)
     model.to(accelerator.device)  # before the optimizer: fused AdamW needs its parameters on the GPU already
+    # The memory plan's probe step runs here: on the device, before the optimizer (which allocates its state at its
+    # first step) and before compiling. It turns gradient checkpointing on when asked, or (auto) when needed.
+    memory = plan_memory(cfg, model=model, family=family, processor=processor, samples=train_samples, collate=collate,
+                         accelerator=accelerator, lr=lr, enable_checkpointing=enable_gradient_checkpointing, sharded=sharded)
+    cfg = dataclasses.replace(cfg, gradient_checkpointing=memory.checkpointing if memory else cfg.gradient_checkpointing is True)
+    if main and memory is not None:
+        for line in memory.lines():
+            print(line, flush=True)
+    if cfg.compile:
+        family.text_model(model).compile()  # in place: parameter names and checkpoints stay as they are
     optimizer = build_optimizer(cfg.optimizer, model.parameters(), lr=lr, args=cfg.optimizer_args)
     if val_loader is not None:
         model, optimizer, train_loader, val_loader = accelerator.prepare(model, optimizer, train_loader, val_loader)
@@ -573,7 +581,7 @@ def setup(cfg: TrainConfig, hooks: TrainingHooks) -> Run:
         # Under FSDP the main process alone cannot generate with a sharded model: no probe panel.
         sample_items=[] if sharded else pick_sample_items(train_samples, val_samples, cfg.num_sample_captions), val_samples=val_samples,
         steps_per_epoch=steps_per_epoch, total_steps=total_steps, run_dir=run_dir, tracker=tracker, hooks=hooks,
-        resumed_from=resume_dir, features=plan.build(), sample_new_tokens=probe_new_tokens(report.tokens) if main else None,
+        resumed_from=resume_dir, features=plan.build(), memory=memory, sample_new_tokens=probe_new_tokens(report.tokens) if main else None,
     )
     if state:
         run.global_step, run.epoch, run.batches_done = state["global_step"], state["epoch"], state["batches_done"]
@@ -909,7 +917,8 @@ def run_training(cfg: TrainConfig, hooks: TrainingHooks) -> Path:
         run.progress = progress
         for epoch in range(run.epoch, cfg.epochs):
             run.epoch = epoch
-            with timings.part("training"):
+            # An allocator failure becomes one line with the memory plan's suggestions, not a traceback.
+            with timings.part("training"), answer_out_of_memory(run.memory, step=lambda: run.global_step + 1, on_error=progress.close):
                 train_one_epoch(run, epoch, progress)
             if run.stop_agreed:
                 progress.close()
