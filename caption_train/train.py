@@ -25,6 +25,7 @@ from tqdm.auto import tqdm
 from caption_train import checkpoint, resume
 from caption_train.adapters import count_parameters, describe_adapters, load_adapter_for_training, wrap_model
 from caption_train.config import TrainConfig, resolved_lr, to_toml_dict
+from caption_train.data.batching import GroupingPlan, PaddingTally, estimate_row_lengths, padding_line, plan_grouping
 from caption_train.data.captions import CaptionTransform
 from caption_train.data.dataset import CaptionDataset, drop_failed
 from caption_train.data.scan import Sample, scan_dataset, split_validation
@@ -124,6 +125,8 @@ class Run:
     hooks: TrainingHooks
     resumed_from: Path | None = None
     features: FeatureCache | None = None  # image features of a frozen vision tower, computed once
+    grouping: GroupingPlan | None = None  # the training batches' order: length-grouped or random (data/batching.py)
+    padding: PaddingTally = field(default_factory=PaddingTally)  # padding in the batches this run trained on, until reported
     sample_new_tokens: int | None = None  # how long a probe caption may get (None: the family's default)
     timings: "Timings" = field(default_factory=lambda: Timings())
     # ---- position, saved in every checkpoint
@@ -259,7 +262,13 @@ def model_inputs(run: "Run", batch: dict[str, Any]) -> dict[str, torch.Tensor]:
                                      processor=run.processor, autocast=run.accelerator.autocast)
 
 
-def make_loader(dataset: CaptionDataset, cfg: TrainConfig, collate: Any, *, shuffle: bool) -> torch.utils.data.DataLoader:
+def make_loader(dataset: CaptionDataset, cfg: TrainConfig, collate: Any, *, shuffle: bool, batch_sampler: Any = None) -> torch.utils.data.DataLoader:
+    """Random batches (seeded) when `shuffle`, else in order; or `batch_sampler`'s (length-grouped) batches."""
+    if batch_sampler is not None:  # (no persistent_workers either: see below)
+        # A generator of its own: without one, each epoch's iterator draws its workers' base seed from the global RNG,
+        # which a resumed run (restoring that RNG mid-epoch, then making the iterator again) would draw twice.
+        return torch.utils.data.DataLoader(dataset, batch_sampler=batch_sampler, num_workers=cfg.num_workers, collate_fn=collate,
+                                           generator=torch.Generator().manual_seed(cfg.seed), pin_memory=torch.cuda.is_available())
     return torch.utils.data.DataLoader(
         dataset,
         batch_size=cfg.batch_size,
@@ -418,7 +427,11 @@ def setup(cfg: TrainConfig, hooks: TrainingHooks) -> Run:
     collate = functools.partial(collate_batch, family=family, processor=processor, max_length=max_length, prompt=prompt)
     transform = CaptionTransform(shuffle=cfg.shuffle_captions, frozen_parts=cfg.frozen_parts, dropout=cfg.caption_dropout)
     train_dataset = CaptionDataset(train_samples, transform, seed=cfg.seed, random_flip=cfg.random_flip, repeat=cfg.kohya_repeats)
-    train_loader = make_loader(train_dataset, cfg, collate, shuffle=True)
+    grouping = plan_grouping(cfg.group_by_length, train_dataset, batch_size=cfg.batch_size, seed=cfg.seed, saved=state.get("batch_order", {}) if state else None,
+                             estimate=lambda: estimate_row_lengths(train_samples, family=family, processor=processor, prompt=prompt, max_length=max_length))
+    if main:
+        print(grouping.message, flush=True)
+    train_loader = make_loader(train_dataset, cfg, collate, shuffle=True, batch_sampler=grouping.sampler)
     val_loader = make_loader(CaptionDataset(val_samples), cfg, collate, shuffle=False) if val_samples else None
 
     # ---- optimization
@@ -458,7 +471,7 @@ def setup(cfg: TrainConfig, hooks: TrainingHooks) -> Run:
         # Under FSDP the main process alone cannot generate with a sharded model: no probe panel.
         sample_items=[] if sharded else pick_sample_items(train_samples, val_samples, cfg.num_sample_captions), val_samples=val_samples,
         steps_per_epoch=steps_per_epoch, total_steps=total_steps, run_dir=run_dir, tracker=tracker, hooks=hooks,
-        resumed_from=resume_dir, features=plan.build(), sample_new_tokens=probe_new_tokens(report.tokens) if main else None,
+        resumed_from=resume_dir, features=plan.build(), grouping=grouping, sample_new_tokens=probe_new_tokens(report.tokens) if main else None,
     )
     if state:
         run.global_step, run.epoch, run.batches_done = state["global_step"], state["epoch"], state["batches_done"]
@@ -511,6 +524,7 @@ def train_one_epoch(run: Run, epoch: int, progress: tqdm) -> None:
                 continue
             batch, weight = run.last_batch, 0.0
         else:
+            run.padding.add(batch)
             batch = model_inputs(run, batch)
         run.last_batch = batch
         with accelerator.accumulate(model):
@@ -647,6 +661,7 @@ def _save(run: Run, name: str, *, epoch: int, batches_done: int | None) -> Path:
             "nonfinite_streak": run.nonfinite_streak,
             "metrics_rows": count_lines(run.run_dir / "metrics.jsonl"),
             "num_processes": accelerator.num_processes,
+            "batch_order": run.grouping.state() if run.grouping is not None else {"lengths": None},
         }
         checkpoint.finish_checkpoint(tmp, target, accelerator.unwrap_model(run.model), run.processor, to_toml_dict(run.cfg), state, weights=weights)
         if name.startswith("step-") and run.cfg.save_total_limit:
@@ -691,8 +706,22 @@ def probe_features(run: Run, model: torch.nn.Module, paths: list[str]) -> torch.
                                      autocast=run.accelerator.autocast, device=run.accelerator.device)
 
 
+def report_padding(run: Run, epoch: int) -> dict[str, float]:
+    """Once, after the first epoch this run trained: the share of padding in the batches the model saw, over all
+    processes, printed in one line and returned for the metrics. Collective."""
+    if run.padding.reported:
+        return {}
+    pad, total = run.accelerator.reduce(run.padding.counts().to(run.accelerator.device), reduction="sum").tolist()
+    run.padding.reported = True
+    how = "grouped by length" if run.grouping is not None and run.grouping.sampler is not None else "random batches"
+    if run.accelerator.is_main_process:
+        tqdm.write(padding_line(pad, total, epoch + 1, how))
+    return {"train/padding_fraction": pad / total if total else 0.0}
+
+
 def end_of_epoch(run: Run, epoch: int) -> None:
     metrics: dict[str, float] = {"epoch": epoch + 1}
+    metrics.update(report_padding(run, epoch))
     with run.timings.part("evaluation/samples"):
         val = validation_loss(run)
         scores = caption_metrics(run, epoch)

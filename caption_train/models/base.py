@@ -8,7 +8,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 from PIL import Image
@@ -143,6 +143,14 @@ class ModelFamily:
         if not loaded:
             return {}
         return {"pixel_values": processor.image_processor(images=loaded, return_tensors="pt")["pixel_values"]}
+
+    # ---- row lengths (the length-grouped sampler, data/batching.py)
+    def prompt_token_counter(self, processor: Any, prompt: str | None) -> Callable[[int, int], int] | None:
+        """How many tokens come before the caption in the row of a (width, height) image, from the size alone (no
+        pixels decoded), for a family whose rows hold a number of image tokens that follows the image's size (Qwen2-VL);
+        None where that number is the same for every image, so that rows differ by their caption alone (the default).
+        `prompt`: what `training_prompt` returned."""
+        return None
 
     # ---- inference
     def generation_pixels(self, processor: Any, images: Sequence[Image.Image], features: torch.Tensor | None) -> torch.Tensor:
