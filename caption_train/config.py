@@ -32,6 +32,7 @@ PEFT_MODULES = ("LoRA", "IA3", "none")
 MIXED_PRECISION = ("auto", "no", "fp16", "bf16")
 CACHE_MODES = ("auto", "off", "memory", "disk")
 GROUPING_MODES = ("auto", "on", "off")
+PACKING_MODES = ("auto", "on", "off")
 TRACKERS = ("wandb", "none")
 QUANTIZE_MODES = ("none", "4bit", "8bit")
 
@@ -73,6 +74,7 @@ class TrainConfig:
     freeze_vision_tower: bool = _field(False, "Full fine-tune (peft_module none): keep the vision tower's weights fixed and train the text side only (lets image features be cached).")
     cache_image_features: str = _field("auto", "Compute a frozen vision tower once per image: auto (memory when it fits, else disk; off when the tower trains or images are flipped), off, memory or disk.", choices=CACHE_MODES)
     cache_dir: str | None = _field(None, "Folder of the on-disk image-feature cache (default: ~/.cache/caption-train/features; never inside the dataset).")
+    packing: str = _field("auto", "Train on each batch's rows concatenated into one sequence without padding (positions restarting per row): auto (where the model can take it: chat VLMs such as Qwen2-VL, LLaVA, Idefics3/SmolVLM, and PaliGemma; the start-up line says why not elsewhere), on (an error where it cannot) or off.", choices=PACKING_MODES)
     compile: bool = _field(False, "torch.compile the text decoder (worth it on a GPU for long runs; the first steps are slow while it compiles).")
     # ---- optimization
     epochs: int = _field(5, "Number of passes over the training set.")

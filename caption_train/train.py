@@ -34,6 +34,7 @@ from caption_train.features import CachePlan, FeatureCache, plan_feature_cache, 
 from caption_train.lint import TrainingView, summarize_scan
 from caption_train.models import ModelFamily, resolve_family
 from caption_train.models.base import unwrap_peft
+from caption_train.packing import PackingPlan, plan_packing
 from caption_train.optim import build_optimizer, build_scheduler, current_lr, optimizer_steps_per_epoch
 from caption_train.precision import Precision, enable_fast_gpu_matmul, resolve_precision
 from caption_train.quantize import check_quantize_runnable, describe_quantization, prepare_quantized_for_training, quantization_load_kwargs
@@ -126,6 +127,7 @@ class Run:
     resumed_from: Path | None = None
     features: FeatureCache | None = None  # image features of a frozen vision tower, computed once
     grouping: GroupingPlan | None = None  # the training batches' order: length-grouped or random (data/batching.py)
+    packing: PackingPlan = field(default_factory=lambda: PackingPlan(False, ""))  # rows packed without padding (packing.py)
     padding: PaddingTally = field(default_factory=PaddingTally)  # padding in the batches this run trained on, until reported
     sample_new_tokens: int | None = None  # how long a probe caption may get (None: the family's default)
     timings: "Timings" = field(default_factory=lambda: Timings())
@@ -256,10 +258,12 @@ def model_inputs(run: "Run", batch: dict[str, Any]) -> dict[str, torch.Tensor]:
     paths = batch.pop("image_paths")
     if run.features is None:
         batch.pop("pixel_rows")
-        return batch
-    # The tower is run directly, outside the (DDP-wrapped) model's forward: it has no trainable parameter to sync.
-    return run.features.model_inputs(batch, paths, model=run.accelerator.unwrap_model(run.model), family=run.family,
-                                     processor=run.processor, autocast=run.accelerator.autocast)
+    else:
+        # The tower is run directly, outside the (DDP-wrapped) model's forward: it has no trainable parameter to sync.
+        batch = run.features.model_inputs(batch, paths, model=run.accelerator.unwrap_model(run.model), family=run.family,
+                                          processor=run.processor, autocast=run.accelerator.autocast)
+    # Packed after the cache: its image features follow each row's image tokens, which packing keeps in order.
+    return run.packing.pack(run.accelerator.unwrap_model(run.model), batch)
 
 
 def make_loader(dataset: CaptionDataset, cfg: TrainConfig, collate: Any, *, shuffle: bool, batch_sampler: Any = None) -> torch.utils.data.DataLoader:
@@ -427,9 +431,12 @@ def setup(cfg: TrainConfig, hooks: TrainingHooks) -> Run:
     collate = functools.partial(collate_batch, family=family, processor=processor, max_length=max_length, prompt=prompt)
     transform = CaptionTransform(shuffle=cfg.shuffle_captions, frozen_parts=cfg.frozen_parts, dropout=cfg.caption_dropout)
     train_dataset = CaptionDataset(train_samples, transform, seed=cfg.seed, random_flip=cfg.random_flip, repeat=cfg.kohya_repeats)
-    grouping = plan_grouping(cfg.group_by_length, train_dataset, batch_size=cfg.batch_size, seed=cfg.seed, saved=state.get("batch_order", {}) if state else None,
+    packing = plan_packing(cfg.packing, family, model, batch_size=cfg.batch_size)
+    grouping = plan_grouping(cfg.group_by_length, train_dataset, batch_size=cfg.batch_size, seed=cfg.seed, packed=packing.on,
+                             saved=state.get("batch_order", {}) if state else None,
                              estimate=lambda: estimate_row_lengths(train_samples, family=family, processor=processor, prompt=prompt, max_length=max_length))
     if main:
+        print(packing.message, flush=True)
         print(grouping.message, flush=True)
     train_loader = make_loader(train_dataset, cfg, collate, shuffle=True, batch_sampler=grouping.sampler)
     val_loader = make_loader(CaptionDataset(val_samples), cfg, collate, shuffle=False) if val_samples else None
@@ -471,7 +478,7 @@ def setup(cfg: TrainConfig, hooks: TrainingHooks) -> Run:
         # Under FSDP the main process alone cannot generate with a sharded model: no probe panel.
         sample_items=[] if sharded else pick_sample_items(train_samples, val_samples, cfg.num_sample_captions), val_samples=val_samples,
         steps_per_epoch=steps_per_epoch, total_steps=total_steps, run_dir=run_dir, tracker=tracker, hooks=hooks,
-        resumed_from=resume_dir, features=plan.build(), grouping=grouping, sample_new_tokens=probe_new_tokens(report.tokens) if main else None,
+        resumed_from=resume_dir, features=plan.build(), grouping=grouping, packing=packing, sample_new_tokens=probe_new_tokens(report.tokens) if main else None,
     )
     if state:
         run.global_step, run.epoch, run.batches_done = state["global_step"], state["epoch"], state["batches_done"]
@@ -524,7 +531,7 @@ def train_one_epoch(run: Run, epoch: int, progress: tqdm) -> None:
                 continue
             batch, weight = run.last_batch, 0.0
         else:
-            run.padding.add(batch)
+            run.padding.add(batch, packed=run.packing.on)
             batch = model_inputs(run, batch)
         run.last_batch = batch
         with accelerator.accumulate(model):
@@ -714,6 +721,7 @@ def report_padding(run: Run, epoch: int) -> dict[str, float]:
     pad, total = run.accelerator.reduce(run.padding.counts().to(run.accelerator.device), reduction="sum").tolist()
     run.padding.reported = True
     how = "grouped by length" if run.grouping is not None and run.grouping.sampler is not None else "random batches"
+    how = f"packed, {how}" if run.packing.on else how
     if run.accelerator.is_main_process:
         tqdm.write(padding_line(pad, total, epoch + 1, how))
     return {"train/padding_fraction": pad / total if total else 0.0}

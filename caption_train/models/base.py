@@ -152,6 +152,19 @@ class ModelFamily:
         `prompt`: what `training_prompt` returned."""
         return None
 
+    # ---- packing (packing.py): a batch's rows in one sequence without padding
+    def packing_refusal(self, model: torch.nn.Module) -> str | None:
+        """Why this model cannot take a batch's rows packed into one sequence (a few words, for the start-up line and
+        the `--packing on` error), or None where it can: a decoder-only text side whose attention transformers masks
+        per row from position ids that restart at each row. Default: it cannot."""
+        return f"the {self.name} family's models take one row per sequence"
+
+    def row_position_ids(self, model: torch.nn.Module, batch: dict[str, Any]) -> torch.Tensor:
+        """Each row's position ids in the padded `batch`, numbered as the model numbers the row on its own
+        ([rows, length]; values at padding are unused): what a packed sequence restarts at each row. Default: 0, 1,
+        ... from each row's first token."""
+        return (batch["attention_mask"].long().cumsum(-1) - 1).clamp(min=0)
+
     # ---- inference
     def generation_pixels(self, processor: Any, images: Sequence[Image.Image], features: torch.Tensor | None) -> torch.Tensor:
         """pixel_values for generate(): the images' pixels, or their cached `features`, which a frozen tower

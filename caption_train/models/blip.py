@@ -77,6 +77,9 @@ class BlipFamily(ModelFamily):
     def text_model(self, model: torch.nn.Module) -> torch.nn.Module:
         return unwrap_peft(model).text_decoder
 
+    def packing_refusal(self, model: torch.nn.Module) -> str:
+        return "BLIP's text decoder cross-attends to one image per sequence"
+
     def freeze_vision_tower(self, model: torch.nn.Module) -> None:
         swap_class(self.vision_tower(model), FrozenPooledVisionTower)  # takes its own output for pixels
 

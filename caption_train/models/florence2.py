@@ -80,6 +80,9 @@ class Florence2Family(ModelFamily):
     def text_model(self, model: torch.nn.Module) -> torch.nn.Module:
         return unwrap_peft(model).model.language_model
 
+    def packing_refusal(self, model: torch.nn.Module) -> str:
+        return "Florence-2 is an encoder-decoder: its caption decoder cross-attends to one encoded image and prompt per sequence"
+
     def freeze_vision_tower(self, model: torch.nn.Module) -> None:
         swap_class(self.vision_tower(model), _FrozenVisionBackbone)
 

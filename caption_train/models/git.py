@@ -80,6 +80,9 @@ class GitFamily(ModelFamily):
     def text_model(self, model: torch.nn.Module) -> torch.nn.Module:
         return unwrap_peft(model).git.encoder
 
+    def packing_refusal(self, model: torch.nn.Module) -> str:
+        return "GIT puts each row's image tokens before its text and builds its own attention mask over them"
+
     def freeze_vision_tower(self, model: torch.nn.Module) -> None:
         swap_class(self.vision_tower(model), _FrozenImageEncoder)
 

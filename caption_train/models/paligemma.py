@@ -72,6 +72,15 @@ class PaliGemmaFamily(ModelFamily):
     def text_model(self, model: torch.nn.Module) -> torch.nn.Module:
         return unwrap_peft(model).get_decoder()
 
+    # ---- packing (packing.py): Gemma's positions restart per row; the prefix's bidirectional attention is built
+    # from token_type_ids on the packed sequence itself, so it stays within each row (tests/test_packing.py).
+    def packing_refusal(self, model: torch.nn.Module) -> None:
+        return None
+
+    def row_position_ids(self, model: torch.nn.Module, batch: dict[str, Any]) -> torch.Tensor:
+        """PaliGemma numbers positions from 1 (its forward's default)."""
+        return super().row_position_ids(model, batch) + 1
+
     def freeze_vision_tower(self, model: torch.nn.Module) -> None:
         # get_image_features hands pixel_values to the vision tower unchecked: [batch, tokens, width] features
         # reach the frozen tower, which returns them as its last_hidden_state.
