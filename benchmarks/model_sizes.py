@@ -11,9 +11,11 @@ model card or paper states (column "published", with the count's difference from
 is off by more than 2% fails the run.
 
 Memory is then computed from the counts, per training setup (bytes per parameter; GiB = 2^30 bytes):
-  - LoRA, bf16 weights (`model_config.dtype = "bfloat16"`): frozen weights 2 B + adapter 16 B (fp32 weight 4,
-    gradient 4, AdamW's two moments 8).
-  - LoRA, fp32 weights (caption-train's default: weights load in float32, bf16 autocast computes): 4 B + adapter 16 B.
+  - LoRA, bf16 weights (caption-train's default wherever training computes in bf16, i.e. `auto` on a GPU with bf16
+    or a CPU with native bf16: caption_train/weights.py): frozen weights 2 B + adapter 16 B (fp32 weight 4,
+    gradient 4, AdamW's two moments 8). The norms, held in fp32, are < 0.01% of the parameters: left out.
+  - LoRA, fp32 weights (the default where training computes in fp32: `--mixed_precision no`, or `auto` on hardware
+    without fast bf16; or `model_config.dtype = "float32"`): 4 B + adapter 16 B.
   - Full fine-tune (`peft_module = "none"`, bf16 autocast): 16 B per parameter (fp32 weight, gradient, two moments);
     all parameters train (vision tower too, unless `freeze_vision_tower`).
   - QLoRA 4-bit (bitsandbytes NF4 with double quantization): every nn.Linear weight except the output layer at
@@ -282,7 +284,7 @@ def counted(checkpoint: Checkpoint, sizes: Sizes) -> str:
 def table(rows: list[tuple[Checkpoint, Sizes]]) -> str:
     lines = [
         "| model | family | params | published | vision tower | text model | LoRA r=16: modules, params | "
-        "LoRA, bf16 weights | LoRA, fp32 weights (default) | full fine-tune | QLoRA 4-bit |",
+        "LoRA, bf16 weights (default under bf16) | LoRA, fp32 weights (fp32 compute) | full fine-tune | QLoRA 4-bit |",
         "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for checkpoint, sizes in rows:

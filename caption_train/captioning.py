@@ -6,7 +6,9 @@
 
 In Python, `generate_captions(model, processor, family, paths, GenerationOptions())` yields one `Captioned` per
 path, in order; the evaluator and the merge sweep use it too. Images are decoded in DataLoader workers and
-captioned in batches; unreadable images are reported and skipped, never fatal.
+captioned in batches; unreadable images are reported and skipped, never fatal. An empty generation writes no
+caption (a later run tries the image again) unless `--keep_empty`: an empty `.txt` would read as "done" to the next
+run and as an empty caption to training.
 """
 
 from __future__ import annotations
@@ -247,10 +249,22 @@ def write_caption(path: Path, text: str) -> None:
         raise UserError(f"{path}: cannot write the caption ({err.strerror or err}); check the folder's permissions and free space") from None
 
 
+# How many file names a summary line lists (of empty or unreadable images) before "...".
+NAMES_SHOWN = 5
+
+
+def first_names(paths: Sequence[Path], root: Path | None = None, limit: int = NAMES_SHOWN) -> str:
+    """"a.png, b/c.png, ... (+3 more)": the first `limit` paths, relative to `root` where they are under it."""
+    shown = [jsonl_name(p, root) if root is not None and p.is_relative_to(root) else p.as_posix() for p in paths[:limit]]
+    return ", ".join(shown) + (f", ... (+{len(paths) - limit} more)" if len(paths) > limit else "")
+
+
 @dataclass
 class CaptionSummary:
     captioned: int = 0
-    empty: int = 0
+    empty: list[Path] = field(default_factory=list)  # the model generated nothing for these
+    keep_empty: bool = False  # --keep_empty: their (empty) captions were written all the same
+    root: Path | None = None  # IMAGES_DIR, for shorter names in the messages
     already_captioned: int = 0
     name_clashes: int = 0
     unreadable: list[tuple[Path, str]] = field(default_factory=list)
@@ -272,9 +286,18 @@ class CaptionSummary:
             skipped.append(f"{len(self.unreadable)} unreadable")
         if skipped:
             text += "; skipped " + ", ".join(skipped)
-        if self.empty:
-            text += f"; {plural(self.empty, 'caption')} came out empty"
         return text
+
+    def empty_line(self) -> str | None:
+        """The images the model captioned with nothing, and what became of them; None when there are none."""
+        if not self.empty:
+            return None
+        names = first_names(self.empty, self.root)
+        if self.keep_empty:
+            return f"warning: the model generated nothing for {plural(len(self.empty), 'image')} ({names}); --keep_empty: empty captions written for them"
+        where = "no line in the jsonl file" if self.output_jsonl else "no .txt"
+        return (f"warning: the model generated nothing for {plural(len(self.empty), 'image')} ({names}): {where} written for them, "
+                "so the next run tries them again; pass --keep_empty to write empty captions")
 
 
 # ---------------------------------------------------------------------------- command line
@@ -321,6 +344,11 @@ def trained_prompt(model_dir: str | None) -> str | None:
     return prompt if isinstance(prompt, str) and prompt else None
 
 
+def prompt_origin(args: argparse.Namespace, model_dir: str | None) -> str:
+    """Where `generation_options` took a prompt from, for the start-up line (`ModelFamily.prompt_line`)."""
+    return "--prompt" if args.prompt else f"the one trained with, from {Path(model_dir or '') / 'config.toml'}"
+
+
 def generation_options(args: argparse.Namespace, model_dir: str | None = None) -> tuple[GenerationOptions, list[str]]:
     """(options, problems) from parsed arguments; problems cover batch_size and num_workers too. Without --prompt,
     a run's checkpoint (`model_dir`) captions with the prompt it was trained with."""
@@ -340,9 +368,11 @@ def generation_options(args: argparse.Namespace, model_dir: str | None = None) -
 def load_model_for_command(args: argparse.Namespace) -> tuple[torch.nn.Module, Any, ModelFamily, torch.device]:
     """Resolve --device/--dtype and load MODEL (adapters merged into the base: same captions, faster)."""
     from caption_train.inference import load_for_inference, pick_device, pick_dtype
+    from caption_train.precision import describe_inference_dtype
 
     device = pick_device(args.device)
     dtype = pick_dtype(args.dtype, device)
+    print(describe_inference_dtype(args.dtype, device), flush=True)
     model, processor, family = load_for_inference(args.model, base_model=args.base_model, device=device, dtype=dtype, merge_adapter=True)
     return model, processor, family, device
 
@@ -353,6 +383,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("images_dir", metavar="IMAGES_DIR", help="folder of images, searched recursively")
     parser.add_argument("--overwrite", action="store_true", help="replace existing .txt captions (or start an existing --output_jsonl file afresh instead of continuing it)")
     parser.add_argument("--output_jsonl", default=None, metavar="FILE", help='write {"file_name", "text"} lines (paths relative to IMAGES_DIR) to FILE instead of .txt files; an existing FILE is continued: images already in it are skipped')
+    parser.add_argument("--keep_empty", action="store_true", help="when the model generates nothing for an image, write the empty caption "
+                        "(with --prefix/--suffix) anyway; by default no .txt (or jsonl line) is written and a later run tries the image again")
     parser.add_argument("--prefix", default="", help='text put before every caption, e.g. "mystyle, " (trigger words)')
     parser.add_argument("--suffix", default="", help="text put after every caption")
     add_model_arguments(parser)
@@ -377,7 +409,8 @@ def main(argv: list[str] | None = None) -> int:
         if jsonl.exists() and not args.overwrite:
             done = read_jsonl_done(jsonl)  # continue an earlier run: skip what it already wrote
     plan = plan_captions(images, overwrite=args.overwrite, to_jsonl=jsonl is not None, root=root, done=done)
-    summary = CaptionSummary(already_captioned=len(plan.already_captioned), name_clashes=len(plan.name_clashes), output_jsonl=jsonl)
+    summary = CaptionSummary(already_captioned=len(plan.already_captioned), name_clashes=len(plan.name_clashes), output_jsonl=jsonl,
+                             keep_empty=args.keep_empty, root=root)
     if not plan.todo:
         where = f"are already in {jsonl}" if jsonl is not None else "already have a .txt"
         print(f"nothing to caption: all {plural(len(images), 'image')} under {root} {where} (pass --overwrite to replace them)", flush=True)
@@ -386,9 +419,12 @@ def main(argv: list[str] | None = None) -> int:
     model, processor, family, device = load_model_for_command(args)
     torch.manual_seed(args.seed)
     print(f"captioning {plural(len(plan.todo), 'image')} under {root} with {args.model} on {device}", flush=True)
+    print(family.prompt_line(options.prompt, prompt_origin(args, args.model)), flush=True)
     caption_into(model, processor, family, root, plan.todo, options, summary, jsonl=jsonl, overwrite=args.overwrite, prefix=args.prefix, suffix=args.suffix,
                  batch_size=args.batch_size, num_workers=args.num_workers)
     print(summary.line(), flush=True)
+    if summary.empty_line():
+        print(summary.empty_line(), flush=True)
     return 0
 
 
@@ -398,6 +434,9 @@ def caption_into(
     num_workers: int = 0,
 ) -> CaptionSummary:
     """Caption `paths`, writing .txt files (or appending lines to `jsonl`: --overwrite empties it first); fills in `summary`.
+
+    An empty generation is listed in `summary.empty` and written only when `summary.keep_empty`: otherwise the image
+    has no caption and no jsonl line, exactly as if it had not been captioned yet.
 
     Each jsonl line is written whole and flushed, so an interrupted run loses at most the line being written,
     which the next run drops (`read_jsonl_done`) before it continues.
@@ -411,7 +450,10 @@ def caption_into(
                 summary.unreadable.append((item.path, item.error or "unreadable"))
                 tqdm.write(f"skipped unreadable image {item.path}: {item.error}", file=sys.stderr)
                 continue
-            summary.empty += not item.text
+            if not item.text.strip():
+                summary.empty.append(item.path)
+                if not summary.keep_empty:
+                    continue
             text = f"{prefix}{item.text}{suffix}"
             if handle is not None:
                 handle.write(json.dumps({"file_name": jsonl_name(item.path, root), "text": text}, ensure_ascii=False) + "\n")

@@ -28,6 +28,7 @@ import torch
 
 from caption_train.errors import UserError
 from caption_train.files import give_default_modes
+from caption_train.models.base import quiet_transformers_bars
 
 CONFIG_NAME = "config.toml"
 STATE_NAME = "training_state.pt"
@@ -126,6 +127,7 @@ def _fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
+@quiet_transformers_bars()  # the training bar and the run's lines cover it
 def finish_checkpoint(tmp: Path, target: Path, model: torch.nn.Module, processor: Any, config: dict[str, Any], state: dict[str, Any],
                       *, weights: dict[str, torch.Tensor] | None = None) -> Path:
     """Fill the temp folder, flush it to disk, and rename it into place: a crash leaves the old state or the new one.

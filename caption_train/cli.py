@@ -2,6 +2,9 @@
 
     caption-train train --dataset_dir data --epochs 5      (same as: python train2.py --dataset_dir data ...)
     caption-train demo                                       (offline demo: tiny BLIP + generated shapes dataset)
+
+`train` is the one command that wires two parts together: the loop (caption_train.train) and, with
+--interactive, the page's hooks (caption_train.iterative), which know each other only through caption_train.hooks.
 """
 
 from __future__ import annotations
@@ -10,17 +13,35 @@ import importlib
 import os
 import sys
 import warnings
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 from caption_train.errors import UserError
+
+if TYPE_CHECKING:
+    from caption_train.config import TrainConfig
+    from caption_train.hooks import TrainingHooks
 
 
 def train_main(argv: list[str] | None = None) -> int:
     from caption_train.config import load_train_config
     from caption_train.train import train
 
-    train(load_train_config(argv))
+    cfg = load_train_config(argv)
+    train(cfg, hooks=make_hooks(cfg))
     return 0
+
+
+def make_hooks(cfg: "TrainConfig") -> "TrainingHooks":
+    """The training hooks a TrainConfig asks for: the interactive page's with --interactive (they bind the port
+    now, so a busy port fails before anything is written), else none. Here, not in the loop: train.py knows the
+    hook protocol (caption_train.hooks), never the page."""
+    if cfg.interactive is None:
+        from caption_train.hooks import TrainingHooks
+
+        return TrainingHooks()
+    from caption_train.iterative import InteractiveHooks, parse_interactive
+
+    return InteractiveHooks(*parse_interactive(cfg.interactive))
 
 
 def module_main(module: str) -> Callable[[list[str] | None], int]:

@@ -22,7 +22,7 @@ import tomllib
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from caption_train.errors import UserError
 
@@ -40,11 +40,22 @@ QUANTIZE_MODES = ("none", "4bit", "8bit")
 ALIASES = {"train_dir": "dataset_dir", "learning_rate": "lr"}
 
 
-def _field(default: Any, help: str, **meta: Any) -> Any:
-    """A dataclass field carrying its help text (and argparse hints) so the CLI is built from one place."""
+def _field(default: Any, help: str | Callable[[], str], **meta: Any) -> Any:
+    """A dataclass field carrying its help text (or a function making it) and argparse hints, so the CLI is built from
+    one place."""
     if isinstance(default, (dict, list)):
         return field(default_factory=lambda: type(default)(default), metadata={"help": help, **meta})
     return field(default=default, metadata={"help": help, **meta})
+
+
+def _prompt_help() -> str:
+    """--prompt's help, naming the families from the registry (imported only when the parser is built)."""
+    from caption_train.models.base import prompt_family_names
+    from caption_train.text import join_words
+
+    taking, refusing = prompt_family_names()
+    return (f"Instruction or task prompt, for the families that take one ({join_words(taking)}; default: the family's own). "
+            f"The {join_words(refusing)} families train without one and refuse it.")
 
 
 @dataclass
@@ -65,7 +76,7 @@ class TrainConfig:
     # ---- model
     model_name_or_path: str = _field("Salesforce/blip-image-captioning-base", "Hub id or local folder of the model to fine-tune.")
     model_config: dict = _field({}, "Overrides for the model config, e.g. {hidden_dropout_prob = 0.1} or {text_config = {...}, dtype = 'bfloat16'}.")
-    prompt: str | None = _field(None, "Instruction or task prompt for families that take one (chat VLMs, Florence-2, PaliGemma; default: the family's own). BLIP trains without one.")
+    prompt: str | None = _field(None, _prompt_help)
     label_smoothing: float = _field(0.0, "Label smoothing of the caption loss (original BLIP used 0.1).")
     peft_module: str = _field("LoRA", "Adapter to train: LoRA, IA3, or none (full fine-tune).", choices=PEFT_MODULES)
     peft_args: dict = _field({}, "Keyword arguments for the peft config, e.g. {r = 16, lora_alpha = 32, target_modules = ['query', 'value']}.")
@@ -86,7 +97,7 @@ class TrainConfig:
     lr_scheduler: str = _field("CosineAnnealingLR", "LR schedule, stepped once per optimizer step.", choices=SCHEDULERS)
     scheduler_args: dict = _field({}, "Keyword arguments for the scheduler, overriding the computed ones, e.g. {eta_min = 1e-6}.")
     max_grad_norm: float = _field(1.0, "Clip the gradient norm to this value (0 = no clipping).")
-    mixed_precision: str = _field("auto", "Autocast precision: auto (bf16 where the GPU/CPU runs it natively, else fp32), no (fp32), fp16 (GPU only, with a grad scaler) or bf16. Weights and optimizer state stay fp32.", choices=MIXED_PRECISION)
+    mixed_precision: str = _field("auto", "Autocast precision: auto (bf16 where the GPU/CPU runs it natively, else fp32), no (fp32), fp16 (GPU only, with a grad scaler) or bf16. What trains and its optimizer state stay fp32; under bf16 an adapter run holds its frozen weights in bf16 (norms fp32).", choices=MIXED_PRECISION)
     seed: int = _field(42, "Random seed for weights init of adapters, data order, caption transforms and the split.")
     # ---- output
     output_dir: str = _field("runs", "Runs are written to <output_dir>/<training_name>-<timestamp>/.")
@@ -274,6 +285,8 @@ def build_arg_parser(prog: str = "caption-train train") -> argparse.ArgumentPars
         flags = [f"--{f.name}"] + [f"--{alias}" for alias, target in ALIASES.items() if target == f.name]
         kind = _base_type(f.type)
         help_text = f.metadata["help"]
+        if callable(help_text):  # a help text made from something else (the model registry) when it is shown
+            help_text = help_text()
         default = getattr(defaults, f.name)
         if kind != "dict" and default is not None:
             help_text += f" (default: {default})"
@@ -331,7 +344,7 @@ def _check_ranges(cfg: TrainConfig, skip: set[str] = frozenset()) -> list[str]:
     need(cfg.training_name.strip() != "" and "/" not in cfg.training_name and "\\" not in cfg.training_name,
          f"training_name must be a non-empty folder name without slashes, got {cfg.training_name!r}")
     if cfg.interactive is not None:
-        from caption_train.iterative.address import parse_interactive  # light: no aiohttp/torch import
+        from caption_train.address import parse_interactive  # light: no aiohttp/torch import
 
         try:
             parse_interactive(cfg.interactive)

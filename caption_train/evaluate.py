@@ -197,14 +197,30 @@ def write_report(out_dir: Path, result: EvalResult, *, model: str, dataset: str 
     return json_path, html_path
 
 
+# Both pages: a table on wide screens; under 640 px (a phone, upright) each row becomes a card, as on the interactive
+# page: thumbnail and caption side by side, the model's caption below at full width, scores as labelled chips, the
+# sortable headers as a row of buttons. Long tags and file names break anywhere rather than widen the page.
 _STYLE = """
 body{font:14px/1.4 system-ui,sans-serif;margin:24px;color:#222}
-h1{font-size:20px;margin:0 0 4px} .meta{color:#666;margin-bottom:16px}
+h1{font-size:20px;margin:0 0 4px} .meta{color:#666;margin-bottom:16px} h1,.meta,.ref,.pred,.file{overflow-wrap:anywhere}
 table{border-collapse:collapse} th,td{padding:4px 8px;border-bottom:1px solid #e4e4e4;vertical-align:middle;text-align:left}
 th{background:#f6f6f6;position:sticky;top:0} th.sort{cursor:pointer;user-select:none} th.sort:hover{background:#eaeaea}
-td.num{text-align:right;font-variant-numeric:tabular-nums} .metrics td{font-size:16px}
-img{display:block;max-width:128px;max-height:128px;border-radius:3px} .file{color:#666;font-size:12px;word-break:break-all}
-.ref{color:#225} .pred{color:#000;font-weight:500} .controls{margin:12px 0} input{padding:4px 8px;width:280px}
+td.num{text-align:right;font-variant-numeric:tabular-nums}
+.metrics{display:flex;flex-wrap:wrap;gap:6px 24px;margin:8px 0} .metric{display:flex;flex-direction:column}
+.metric .label{color:#666;font-size:12px} .metric .value{font-size:18px;font-variant-numeric:tabular-nums}
+img{display:block;max-width:128px;max-height:128px;border-radius:3px} .file{color:#666;font-size:12px}
+.ref{color:#225} .pred{color:#000;font-weight:500} .empty{color:#888;font-style:italic;font-weight:400}
+.controls{margin:12px 0} input{padding:4px 8px;width:280px;max-width:100%;box-sizing:border-box}
+@media (max-width:640px){
+  body{margin:12px} h1{font-size:17px} .controls input{width:100%}
+  table,tbody{display:block} thead tr{display:flex;flex-wrap:wrap;gap:6px}
+  th{position:static;border:1px solid #ddd;border-radius:12px;padding:2px 10px;font-weight:500} th:not(.sort){display:none}
+  tbody tr{display:flex;flex-wrap:wrap;align-items:flex-start;gap:6px 10px;padding:10px 0;border-bottom:1px solid #e4e4e4}
+  tbody td{border:0;padding:0} td img{max-width:96px;max-height:96px}
+  td.text{flex:1 1 0;min-width:0} td.pred,td.history{flex:1 1 100%;min-width:0;max-width:none}
+  td.rank,td.score{order:1;padding:1px 6px;border-radius:3px;font-size:12px} td.rank::before{content:"#"}
+  td.score::before{content:attr(data-label) " ";color:#555}
+}
 """
 
 _SCRIPT = """
@@ -243,6 +259,11 @@ def _image_cell(path: Path, out_dir: Path, thumbnails: int) -> str:
     return f'<a href="{href}">{inner}</a>'
 
 
+def _prediction_html(text: str) -> str:
+    """A model's caption, escaped; an empty one shows as "(empty)", set apart from captions that say so."""
+    return html.escape(text) if text.strip() else '<span class="empty">(empty)</span>'
+
+
 def render_report_html(result: EvalResult, *, model: str, dataset: Path, out_dir: Path, thumbnails: int = THUMBNAIL_SIZE) -> str:
     """One self-contained page: corpus metrics, then every item worst-first by CIDEr-D, sortable by any column."""
     esc = html.escape
@@ -253,26 +274,25 @@ def render_report_html(result: EvalResult, *, model: str, dataset: Path, out_dir
     for rank, i in enumerate(order, 1):
         item = result.items[i]
         cells = "".join(
-            f'<td class="num" data-v="{item.scores[k]:.6f}" style="background:{_score_color(item.scores[k])}">'
+            f'<td class="num score" data-label="{ITEM_LABELS[k]}" data-v="{item.scores[k]:.6f}" style="background:{_score_color(item.scores[k])}">'
             + (("✓" if item.scores[k] else "✗") if k == "exact_match" else f"{item.scores[k]:.1f}")
             + "</td>"
             for k in item_keys
         )
         rows.append(
-            f'<tr data-file="{esc(_relative(item.image, dataset), quote=True)}"><td class="num" data-v="{rank}">{rank}</td>'
-            f"<td>{_image_cell(item.image, out_dir, thumbnails)}</td>"
-            f'<td><div class="ref">{esc(item.reference)}</div><div class="file">{esc(_relative(item.image, dataset))}</div></td>'
-            f'<td class="pred">{esc(item.prediction)}</td>{cells}</tr>'
+            f'<tr data-file="{esc(_relative(item.image, dataset), quote=True)}"><td class="num rank" data-v="{rank}">{rank}</td>'
+            f'<td class="thumb">{_image_cell(item.image, out_dir, thumbnails)}</td>'
+            f'<td class="text"><div class="ref">{esc(item.reference)}</div><div class="file">{esc(_relative(item.image, dataset))}</div></td>'
+            f'<td class="pred">{_prediction_html(item.prediction)}</td>{cells}</tr>'
         )
     unreadable = "".join(f"<li>{esc(_relative(p, dataset))}: {esc(r)}</li>" for p, r in result.unreadable)
     options = ", ".join(f"{k}={v}" for k, v in result.options.items())
     return f"""<!doctype html>
-<html lang="en"><head><meta charset="utf-8"><title>caption-train evaluation: {esc(model)}</title><style>{_STYLE}</style></head>
+<html lang="en"><head><meta charset="utf-8"><meta name="viewport" content="width=device-width, initial-scale=1"><title>caption-train evaluation: {esc(model)}</title><style>{_STYLE}</style></head>
 <body>
 <h1>{esc(model)} on {esc(str(dataset))}</h1>
 <div class="meta">{len(result.items)} images captioned in {result.seconds:.1f} s; {esc(options)}. Scores 0-100 (CIDEr-D x100, can exceed 100).</div>
-<table class="metrics"><tr>{"".join(f"<th>{METRIC_LABELS[k]}</th>" for k in metric_keys)}</tr>
-<tr>{"".join(f'<td class="num">{result.metrics[k]:.2f}</td>' for k in metric_keys)}</tr></table>
+<div class="metrics">{"".join(f'<div class="metric"><span class="label">{METRIC_LABELS[k]}</span><span class="value">{result.metrics[k]:.2f}</span></div>' for k in metric_keys)}</div>
 {f"<p>Unreadable images, not scored:</p><ul>{unreadable}</ul>" if unreadable else ""}
 <div class="controls"><input id="filter" placeholder="filter by text or file name"> <span id="sorted">Sorted worst first by CIDEr-D</span>; click a column to sort.</div>
 <table id="items"><thead><tr><th class="sort">#</th><th>image</th><th class="sort">reference</th><th class="sort">prediction</th>
@@ -339,16 +359,16 @@ def _samples_row(image: str, truth: str, history: list[dict[str, Any]], latest: 
     def match_class(r: dict[str, Any]) -> str:
         return ' class="match"' if _same_caption(r["prediction"], truth) else ""
 
-    shown = [f'<div data-epoch="{r["epoch"]}"{match_class(r)}{"" if r["epoch"] == latest else " hidden"}>{esc(r["prediction"])}</div>' for r in history]
+    shown = [f'<div data-epoch="{r["epoch"]}"{match_class(r)}{"" if r["epoch"] == latest else " hidden"}>{_prediction_html(r["prediction"])}</div>' for r in history]
     has_latest = any(r["epoch"] == latest for r in history)
     shown.append(f'<div class="none"{" hidden" if has_latest else ""}>(not captioned that epoch)</div>')
     items = "".join(
-        f'<li{match_class(r)}><span class="ep">epoch {r["epoch"]}</span>{esc(r["prediction"])}</li>' for r in reversed(history)
+        f'<li{match_class(r)}><span class="ep">epoch {r["epoch"]}</span>{_prediction_html(r["prediction"])}</li>' for r in reversed(history)
     )
     first = next((r["epoch"] for r in history if _same_caption(r["prediction"], truth)), None)
     summary = f"{len(history)} epochs" + (f"; first right at epoch {first}" if first is not None else "")
-    return (f'<tr data-file="{esc(image, quote=True)}"><td>{_image_cell(Path(image), run_dir, thumbnails)}</td>'
-            f'<td><div class="ref">{esc(truth)}</div><div class="file">{esc(Path(image).name)}</div></td>'
+    return (f'<tr data-file="{esc(image, quote=True)}"><td class="thumb">{_image_cell(Path(image), run_dir, thumbnails)}</td>'
+            f'<td class="text"><div class="ref">{esc(truth)}</div><div class="file">{esc(Path(image).name)}</div></td>'
             f'<td class="pred">{"".join(shown)}</td>'
             f'<td class="history"><details><summary>{esc(summary)}</summary><ol>{items}</ol></details></td></tr>')
 
@@ -371,11 +391,11 @@ def write_samples_html(run_dir: Path, thumbnails: int = THUMBNAIL_SIZE) -> Path:
             for image, entry in images.items()]
     options = "".join(f'<option value="{e}"{" selected" if e == latest else ""}>epoch {e} (step {steps[e]})</option>' for e in reversed(epochs))
     page = f"""<!doctype html>
-<html lang="en"><head><meta charset="utf-8"><title>caption-train samples: {esc(run_dir.name)}</title><style>{_STYLE}{_SAMPLES_STYLE}</style></head>
+<html lang="en"><head><meta charset="utf-8"><meta name="viewport" content="width=device-width, initial-scale=1"><title>caption-train samples: {esc(run_dir.name)}</title><style>{_STYLE}{_SAMPLES_STYLE}</style></head>
 <body><h1>{esc(run_dir.name)}: probe images by epoch</h1>
 <div class="meta">The same images every epoch; green = prediction equals the caption. Source: {SAMPLES_JSONL}.</div>
 <div class="controls"><label>model's caption at <select id="epoch">{options}</select></label> ({len(epochs)} epochs; open a row's history for every epoch)</div>
-<table><thead><tr><th>image</th><th>caption</th><th>model</th><th>history</th></tr></thead>
+<table id="samples"><thead><tr><th>image</th><th>caption</th><th>model</th><th>history</th></tr></thead>
 <tbody>{chr(10).join(rows)}</tbody></table>
 <script>{_SAMPLES_SCRIPT}</script></body></html>
 """
@@ -427,7 +447,7 @@ def model_label(model: str) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from caption_train.captioning import generation_options, load_model_for_command
+    from caption_train.captioning import generation_options, load_model_for_command, prompt_origin
     from caption_train.checkpoint import new_run_dir
     from caption_train.inference import resolve_model_source
 
@@ -446,6 +466,7 @@ def main(argv: list[str] | None = None) -> int:
     print(summary, flush=True)
 
     model, processor, family, device = load_model_for_command(args)
+    print(family.prompt_line(options.prompt, prompt_origin(args, args.model)), flush=True)
     torch.manual_seed(args.seed)
     tags = {"auto": None, "on": True, "off": False}[args.tags]
     result = evaluate_samples(model, processor, family, samples, options, batch_size=args.batch_size, num_workers=args.num_workers, progress=True, tags=tags)

@@ -32,6 +32,7 @@ import torch
 
 from caption_train.errors import UserError
 from caption_train.files import write_bytes_atomic
+from caption_train.text import byte_size
 
 
 CACHE_MODES = ("auto", "off", "memory", "disk")
@@ -53,10 +54,6 @@ def physical_memory() -> int:
 
 def storage_dtype(mixed_precision: str) -> torch.dtype:
     return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(mixed_precision, torch.float32)
-
-
-def _megabytes(n: float) -> str:
-    return f"{n / 1e6:.1f} MB" if n < 1e9 else f"{n / 1e9:.1f} GB"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -120,15 +117,15 @@ def plan_feature_cache(*, requested: str, family: Any, model: torch.nn.Module, p
     total = per_image * n_images
     budget = int(physical_memory() * MEMORY_SHARE)
     mode = requested if requested != "auto" else ("memory" if total <= budget else "disk")
-    sizes = f"{n_images} x {'about ' if family.variable_image_features else ''}{_megabytes(per_image)} {str(dtype).removeprefix('torch.')}"
+    sizes = f"{n_images} x {'about ' if family.variable_image_features else ''}{byte_size(per_image)} {str(dtype).removeprefix('torch.')}"
     if mode == "memory":
-        why = "vision tower frozen, no flips" + ("" if requested == "memory" else f", fits in memory ({_megabytes(total)} of a {_megabytes(budget)} budget)")
+        why = "vision tower frozen, no flips" + ("" if requested == "memory" else f", fits in memory ({byte_size(total)} of a {byte_size(budget)} budget)")
         return CachePlan("memory", f"image features: {why}: caching in memory ({sizes})", dtype)
 
     root = Path(cache_dir).expanduser() if cache_dir else default_cache_dir()
     _refuse_inside_dataset(root, dataset_dir)
     fingerprint = model_fingerprint(family, model, processor, dtype)
-    why = "vision tower frozen, no flips" + ("" if requested == "disk" else f", {_megabytes(total)} is more than the memory budget ({_megabytes(budget)})")
+    why = "vision tower frozen, no flips" + ("" if requested == "disk" else f", {byte_size(total)} is more than the memory budget ({byte_size(budget)})")
     return CachePlan("disk", f"image features: {why}: caching on disk in {root / fingerprint} ({sizes})", dtype, root, fingerprint)
 
 

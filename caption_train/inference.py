@@ -18,7 +18,9 @@ import torch
 
 from caption_train.data.images import load_rgb
 from caption_train.errors import UserError
+from caption_train.hub import hub_problem
 from caption_train.models import ModelFamily, resolve_family
+from caption_train.models.base import quiet_transformers_bars
 
 ADAPTER_CONFIG = "adapter_config.json"
 MODEL_CONFIG = "config.json"
@@ -76,6 +78,8 @@ def _check_base_model(base: str, *, from_flag: bool, adapter_dir: Path) -> str:
             return str(path)
         why = "no such folder" if not path.exists() else f"no {MODEL_CONFIG} there"
         raise UserError(f"adapter's base model not found: looked for {base} ({origin}: {why}); pass --base_model with the base model's folder or hub id")
+    if (problem := hub_problem(base)) is not None:  # at once, not after minutes of retries
+        raise UserError(f"adapter's base model {base} ({origin}) cannot be loaded: {problem}; or pass --base_model with the base model's folder")
     reason = _hub_config_error(base)
     if reason is not None:
         raise UserError(f"adapter's base model not found: looked for {base} ({origin}; hub: {reason}); pass --base_model with the base model's folder or hub id")
@@ -101,6 +105,8 @@ def resolve_model_source(model: str | Path, *, base_model: str | None = None, la
         raise UserError(f"{label} {name}: is a file; pass a run's final/ or epoch-N/ folder, a merged model folder, or a hub id")
     if _is_local_reference(name):
         raise UserError(f"{label} {name}: no such folder; pass a run's final/ or epoch-N/ folder, a merged model folder, or a hub id")
+    if (problem := hub_problem(name)) is not None:  # at once, not after minutes of retries
+        raise UserError(f"{label} {name}: not a local folder; as a hub id: {problem}")
     reason = _hub_config_error(name)
     if reason is not None:
         raise UserError(f"{label} {name}: not a local folder, and not loadable as a hub id ({reason}); check the path or id, or your network")
@@ -140,6 +146,7 @@ def pick_dtype(name: str, device: torch.device) -> torch.dtype:
 # ---------------------------------------------------------------------------- loading
 
 
+@quiet_transformers_bars()  # the command's start-up lines and bar cover it
 def load_for_inference(
     path: str | Path,
     *,
@@ -151,30 +158,39 @@ def load_for_inference(
     """(model in eval mode, processor, family) for a peft adapter folder or a full model folder/hub id.
 
     merge_adapter=True folds LoRA/IA3 weights into the base (peft merge_and_unload): same outputs, faster generation.
-    The cast to `dtype` happens after merging, so the merge itself is done in float32.
+    The weights load in `dtype` (default float32) straight away, never as a float32 copy first (half the memory of
+    a bf16 model's float32 copy); an adapter's weights load in float32 (peft keeps them there), so its delta is
+    computed in float32 and added to the base weights, rounding once. Then every weight (adapter, normalization
+    layers, modules a model keeps in float32) is cast to `dtype`: captioning runs without autocast.
     """
     source = resolve_model_source(path, base_model=base_model)
+    overrides = {} if dtype is None else {"dtype": str(dtype).removeprefix("torch.")}
     if source.is_adapter:
         from peft import PeftModel
 
         family, _ = resolve_family(source.base)
-        model, base_processor = family.load(source.base, {})
+        model, base_processor = family.load(source.base, overrides)
         model = PeftModel.from_pretrained(model, source.path)
         if merge_adapter:
             model = model.merge_and_unload()
         processor = load_processor(source.path, fallback=base_processor)
     else:
         family, _ = resolve_family(source.path)
-        model, processor = family.load(source.path, {})
+        model, processor = family.load(source.path, overrides)
     if dtype is not None:
         model = model.to(dtype)
     return model.to(device).eval(), processor, family
 
 
 def load_processor(folder: str, *, fallback: Any) -> Any:
-    """The processor saved beside an adapter (the one training used), or `fallback` (the base's) if there is none."""
+    """The processor saved beside an adapter (the one training used), or `fallback` (the base's) if there is none
+    or only part of one (without its vocabulary, transformers would build an empty tokenizer)."""
     from transformers import AutoProcessor
 
+    from caption_train.models.base import missing_processor_files
+
+    if missing_processor_files(folder):
+        return fallback
     try:
         return AutoProcessor.from_pretrained(folder)
     except (OSError, ValueError, KeyError):

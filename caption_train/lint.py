@@ -1189,14 +1189,31 @@ _SHORT = {
     "orphan_metadata": "metadata.jsonl entry without image",
     "orphan_caption": "caption without image",
     "unsupported_image": "unsupported image format",
+    "tag_variants": "tag spelled several ways",
+}
+
+
+# Plurals of those names that are not the name + "s" ("2 captions with unknown characters").
+_MANY = {
+    "caption_not_utf8": "captions not UTF-8",
+    "duplicate_image_conflict": "duplicates with differing captions",
+    "no_words_caption": "captions without words",
+    "unknown_characters": "captions with unknown characters",
+    "sidecar_overrides_metadata": ".txt files overriding metadata.jsonl",
+    "orphan_metadata": "metadata.jsonl entries without image",
+    "orphan_caption": "captions without image",
+    "unsupported_image": "images in an unsupported format",
+    "tag_variants": "tags spelled several ways",
 }
 
 
 def _format_counts(counts: collections.Counter) -> str:
-    def name(key: str) -> str:
-        return _SHORT.get(key, key.replace("_", " ")) if key in CODES else key
+    def name(key: str, n: int) -> str:  # finding codes as words, pluralized; other keys (image formats) as they are
+        if key not in CODES:
+            return f"{n} {key}"
+        return plural(n, _SHORT.get(key, key.replace("_", " ")), _MANY.get(key))
 
-    return ", ".join(f"{n} {name(key)}" for key, n in counts.most_common())
+    return ", ".join(name(key, n) for key, n in counts.most_common())
 
 
 def _stats(values: list[int]) -> dict[str, float] | None:

@@ -32,6 +32,7 @@ import torch
 from caption_train.errors import UserError
 from caption_train.files import absolute_if_local, give_default_modes
 from caption_train.models import ModelFamily, resolve_family
+from caption_train.models.base import quiet_transformers_bars
 
 MERGE_INFO = "merge_info.json"
 SAVE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -67,6 +68,7 @@ def _config_toml_base(model_dir: Path) -> str | None:
         return None
 
 
+@quiet_transformers_bars()
 def load_merge_inputs(model_dir: str | os.PathLike, *, base_model: str | None = None, need_base: bool = True) -> MergeInputs:
     """Load the fine-tuned weights of `model_dir` (peft adapter or full model) and, if `need_base`, the base's."""
     from caption_train.inference import ADAPTER_CONFIG, load_processor, resolve_model_source
@@ -170,6 +172,7 @@ def check_out_dir(out_dir: Path, *, overwrite: bool, inputs: Sequence[str | None
             raise UserError(f"OUT_DIR {out_dir}: holds a peft adapter (adapter_config.json), which would shadow the merged model when loading; pass a new folder")
 
 
+@quiet_transformers_bars()  # merge's own lines say what is written
 def save_merged(model: torch.nn.Module, processor: Any, out_dir: Path, info: dict[str, Any], *, dtype: torch.dtype = torch.float32) -> Path:
     """save_pretrained model + processor + merge_info.json into a hidden temp folder, then move the files into place.
 
@@ -276,6 +279,9 @@ def main(argv: list[str] | None = None) -> int:
 
     inputs = load_merge_inputs(args.adapter_dir, base_model=args.base_model, need_base=any(a != 1.0 for a in alphas))
     print(f"merging {inputs.kind} {inputs.source}" + (f" with base {inputs.base}" if inputs.base else ""), flush=True)
+    # Whatever dtype the checkpoints hold, the fine-tuning delta is computed and scaled in float32 and rounded once,
+    # on saving: a delta below half a bf16 step of a weight would otherwise vanish before --alpha scales it.
+    print(f"weights: merged in float32, saved as {args.dtype}", flush=True)
     sweep = evaluate_alphas(inputs, alphas, eval_samples, options, args) if eval_samples is not None else []
     chosen = best_alpha(sweep) if len(sweep) > 1 else alphas[0]
 

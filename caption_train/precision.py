@@ -4,9 +4,10 @@
     Accelerator(mixed_precision=choice.mode)
     dtype = inference_dtype("auto", torch.device("cpu"))   # torch.bfloat16 on such a CPU
 
-Autocast keeps master weights and optimizer state in fp32; only matmuls/convolutions run in bf16. "Fast" is asked
-of the hardware, never assumed: CUDA reports bf16 support itself; on a CPU, bf16 matmuls are only faster than
-fp32 with native instructions (AVX512-BF16 or AMX), and are several times slower without them.
+Autocast runs matmuls/convolutions in bf16; what trains (and its optimizer state) stays fp32, and under bf16 the
+frozen weights are held in bf16 (caption_train/weights.py). "Fast" is asked of the hardware, never assumed: CUDA
+reports bf16 support itself; on a CPU, bf16 matmuls are only faster than fp32 with native instructions
+(AVX512-BF16 or AMX), and are several times slower without them.
 """
 
 from __future__ import annotations
@@ -66,6 +67,21 @@ def inference_dtype(requested: str, device: torch.device) -> torch.dtype:
     if device.type == "cpu" and cpu_has_fast_bf16():
         return torch.bfloat16
     return torch.float32
+
+
+def describe_inference_dtype(requested: str, device: torch.device) -> str:
+    """The start-up line of caption / evaluate: the dtype the weights load in, and why."""
+    dtype = inference_dtype(requested, device)
+    name = str(dtype).removeprefix("torch.")
+    if requested != "auto":
+        return f"weights: {name} (as --dtype asks)"
+    if dtype == torch.bfloat16:
+        why = "a GPU with bf16" if device.type == "cuda" else "a CPU with native bf16 matmul (AVX512-BF16/AMX)"
+    elif dtype == torch.float16:
+        why = "a GPU without bf16"
+    else:
+        why = "no native bf16 on this device"
+    return f"weights: {name} (--dtype auto: {why})"
 
 
 def enable_fast_gpu_matmul() -> None:

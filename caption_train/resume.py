@@ -58,6 +58,17 @@ def saved_config(folder: Path) -> dict[str, Any]:
         return tomllib.load(handle)
 
 
+def given_prompt(cfg: TrainConfig, folder: Path | None) -> tuple[str | None, str]:
+    """(the prompt to train with before the family's default applies, where it came from): --prompt, else the one
+    the resumed checkpoint recorded (a later version's default must not change a run halfway), else None."""
+    if cfg.prompt is not None:
+        return cfg.prompt, "--prompt"
+    recorded = saved_config(folder).get("prompt") if folder is not None else None
+    if isinstance(recorded, str):
+        return recorded, f"kept from {folder / checkpoint.CONFIG_NAME}"
+    return None, ""
+
+
 # Values that may be local paths: equal when they name the same file or folder (a relative dataset_dir recorded by
 # an older version, or a symlink, against today's absolute one).
 PATH_KEYS = ("dataset_dir", "output_dir", "model_name_or_path")

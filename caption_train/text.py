@@ -2,6 +2,8 @@
 
     plural(1, "image")  # "1 image"
     plural(3, "step")   # "3 steps"
+    byte_size(24_576)   # "24.6 KB"
+    join_words(["blip", "git", "blip-2"])  # "blip, git and blip-2"
 """
 
 from __future__ import annotations
@@ -10,3 +12,16 @@ from __future__ import annotations
 def plural(count: int, word: str, many: str | None = None) -> str:
     """`count` and `word`, pluralized (`many`, default word + "s") unless count is exactly 1."""
     return f"{count} {word if count == 1 else (many or word + 's')}"
+
+
+def byte_size(n: float) -> str:
+    """A byte count in the largest decimal unit it reaches (B, KB, MB, GB): a 24 KB feature is "24.6 KB", not "0.0 MB"."""
+    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("KB", 1e3)):
+        if n >= scale:
+            return f"{n / scale:.1f} {unit}"
+    return f"{n:.0f} B"
+
+
+def join_words(words: list[str]) -> str:
+    """"a", "a and b", "a, b and c"."""
+    return words[0] if len(words) == 1 else f"{', '.join(words[:-1])} and {words[-1]}"

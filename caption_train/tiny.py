@@ -8,7 +8,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import itertools
 import random
 from pathlib import Path
@@ -169,6 +168,8 @@ def build_tiny_blip(
     import torch
     from transformers import BlipConfig, BlipForConditionalGeneration, BlipProcessor
 
+    from caption_train.models.base import quiet_transformers_bars
+
     try:
         # The PIL processor directly: it saves as "BlipImageProcessor" all the same, skips the torchvision-missing
         # warning, and gives the same pixels whether or not torchvision is installed.
@@ -225,22 +226,8 @@ def build_tiny_blip(
     image_processor = ImageProcessor(size={"height": image_size, "width": image_size})
     processor = BlipProcessor(image_processor, tokenizer)
     out_dir.mkdir(parents=True, exist_ok=True)
-    with _quiet_progress_bars():
+    with quiet_transformers_bars():
         model.save_pretrained(out_dir)
         processor.save_pretrained(out_dir)
     give_default_modes(out_dir)  # transformers writes model.safetensors 0600 through a temp file
     return out_dir
-
-
-@contextlib.contextmanager
-def _quiet_progress_bars():
-    # save_pretrained draws a one-shard tqdm bar; silence it here only and put the caller's setting back.
-    from transformers.utils import logging as hf_logging
-
-    was_enabled = hf_logging.is_progress_bar_enabled()
-    hf_logging.disable_progress_bar()
-    try:
-        yield
-    finally:
-        if was_enabled:
-            hf_logging.enable_progress_bar()

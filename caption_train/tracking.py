@@ -143,7 +143,6 @@ def loss_figure(rows: list[dict[str, Any]], title: str) -> Any:
     if not train:
         return None
     val = [(r["step"], r["val/loss"]) for r in rows if "val/loss" in r and math.isfinite(r["val/loss"])]
-    lr_keys = [key for key in ("train/lr", "train/effective_lr") if any(key in r for r in rows)]
     steps, losses = zip(*train)
     weight = smoothing_weight(len(losses))
 
@@ -160,16 +159,36 @@ def loss_figure(rows: list[dict[str, Any]], title: str) -> Any:
     loss_ax.set_ylabel("loss")
     loss_ax.legend()
     loss_ax.grid(alpha=0.3)
-    for key, style in zip(lr_keys, ("-", "--")):
-        points = [(r["step"], r[key]) for r in rows if key in r and math.isfinite(r[key])]
-        lr_ax.plot(*zip(*points), style, color="C2", linewidth=1.2, label="learning rate" if key == "train/lr" else "effective LR (d x lr)")
-    lr_ax.set_ylabel("learning rate")
-    lr_ax.ticklabel_format(axis="y", style="sci", scilimits=(-2, 3))
-    if len(lr_keys) > 1:
-        lr_ax.legend()
-    lr_ax.grid(alpha=0.3)
+    draw_learning_rates(lr_ax, rows)
     lr_ax.set_xlabel("optimizer step")
     return fig
+
+
+def _series(rows: list[dict[str, Any]], key: str) -> list[tuple[int, float]]:
+    return [(r["step"], r[key]) for r in rows if key in r and math.isfinite(r[key])]
+
+
+def draw_learning_rates(lr_ax: Any, rows: list[dict[str, Any]]) -> None:
+    """The LR panel. Under Prodigy `train/lr` is a multiplier (0-1) and `train/effective_lr` (d x lr) is the step
+    size, ~1e-7 to 1e-3 as d grows: on one linear axis it would be a flat line at 0, so it gets its own axis on the
+    right, log-scaled when all its values are positive (d grows by orders of magnitude)."""
+    lr, effective = _series(rows, "train/lr"), _series(rows, "train/effective_lr")
+    lines = []
+    if lr:
+        lines += lr_ax.plot(*zip(*lr), "-", color="C2", linewidth=1.2, label="lr multiplier" if effective else "learning rate")
+        lr_ax.set_ylabel("lr multiplier" if effective else "learning rate")
+        lr_ax.ticklabel_format(axis="y", style="sci", scilimits=(-2, 3))
+    if effective:
+        eff_ax = lr_ax.twinx() if lr else lr_ax
+        lines += eff_ax.plot(*zip(*effective), "--", color="C3", linewidth=1.2, label="effective LR (d x lr)")
+        eff_ax.set_ylabel("effective LR (d x lr)")
+        if all(value > 0 for _, value in effective):
+            eff_ax.set_yscale("log")
+        else:
+            eff_ax.ticklabel_format(axis="y", style="sci", scilimits=(-2, 3))
+    if len(lines) > 1:
+        lr_ax.legend(lines, [line.get_label() for line in lines], loc="best")
+    lr_ax.grid(alpha=0.3)
 
 
 def plot_losses(metrics_path: Path, out_png: Path, title: str | None = None) -> Path | None:

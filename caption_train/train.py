@@ -5,11 +5,14 @@
 
 Runs unchanged on one CPU, one GPU, or several processes under `torchrun` / `accelerate launch`.
 Resumable (`--resume auto|PATH`), and stops cleanly on SIGINT / SIGTERM with a checkpoint to resume from.
+Hooks (caption_train.hooks.TrainingHooks) get the run's events with a RunView, the narrow HookRun protocol over
+the loop's state; the loop knows no particular hooks (the `train` command builds the interactive page's).
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import os
 import signal
@@ -17,7 +20,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 from tqdm.auto import tqdm
@@ -31,40 +34,17 @@ from caption_train.data.dataset import CaptionDataset, drop_failed
 from caption_train.data.scan import Sample, scan_dataset, split_validation
 from caption_train.errors import UserError
 from caption_train.features import CachePlan, FeatureCache, plan_feature_cache, vision_is_frozen
+from caption_train.hooks import HookedTracker, SampleLoss, TrainingHooks
 from caption_train.lint import TrainingView, summarize_scan
 from caption_train.models import ModelFamily, resolve_family
-from caption_train.models.base import unwrap_peft
-from caption_train.packing import PackingPlan, plan_packing
+from caption_train.models.base import quiet_transformers_bars, unwrap_peft
 from caption_train.optim import build_optimizer, build_scheduler, current_lr, optimizer_steps_per_epoch
+from caption_train.packing import PackingPlan, plan_packing
 from caption_train.precision import Precision, enable_fast_gpu_matmul, resolve_precision
 from caption_train.quantize import check_quantize_runnable, describe_quantization, prepare_quantized_for_training, quantization_load_kwargs
 from caption_train.text import plural
 from caption_train.tracking import Tracker, make_tracker, plot_losses
-
-
-class TrainingHooks:
-    """Extension points called by the loop on every process (no-ops here). The interactive page plugs in here.
-
-    Hooks run in the training thread, between optimizer steps, so they may pause, generate (use eval mode and
-    no_grad, then restore train mode) or call `save(run, name, epoch=...)`. Under several processes every rank
-    calls every hook: anything collective (a save, a pause) must be agreed, e.g. via broadcast_object_list.
-    """
-
-    def on_setup(self, run: "Run") -> None:
-        pass
-
-    def on_step_end(self, run: "Run", epoch: int) -> None:
-        pass
-
-    def on_epoch_end(self, run: "Run", epoch: int) -> None:
-        pass
-
-    def on_train_end(self, run: "Run") -> None:
-        pass
-
-    def close(self) -> None:
-        """Release what the hooks hold (a server, threads); called once when train() returns or raises."""
-
+from caption_train.weights import WeightsPlan, describe_weights, keep_in_fp32, plan_weights
 
 
 class TrainingStopped(UserError):
@@ -139,7 +119,122 @@ class Run:
     stop: StopRequest = field(default_factory=StopRequest)
     stop_agreed: int = 0  # signal number all processes agreed to stop on (0 = keep going)
     last_batch: dict[str, torch.Tensor] | None = None
-    progress: Any = None  # the training bar, once run_training made it (the page's hooks take a pause off its clock)
+    progress: Any = None  # the training bar, once run_training made it (a hook's pause is taken off its clock)
+    # The latest caption loss per training image (path relative to dataset_dir), for hooks (HookRun.sample_losses).
+    # Filled when an epoch's per-image losses are in; empty until the loop records them.
+    sample_losses: dict[str, SampleLoss] = field(default_factory=dict)
+    sample_loss_history: dict[str, list[SampleLoss]] = field(default_factory=dict)  # every epoch's, oldest first
+
+    @functools.cached_property
+    def view(self) -> "RunView":
+        """What the hooks see of this run."""
+        return RunView(self)
+
+
+class RunView:
+    """The run as hooks see it: caption_train.hooks.HookRun over the loop's Run, and nothing more (the hooks,
+    the interactive page among them, never touch the Run itself)."""
+
+    def __init__(self, run: Run):
+        self._run = run
+
+    @property
+    def run_dir(self) -> Path:
+        return self._run.run_dir
+
+    @property
+    def dataset_dir(self) -> Path:
+        return Path(self._run.cfg.dataset_dir)
+
+    @property
+    def samples(self) -> list[Sample]:
+        return [sample for dataset in self._datasets() for sample in dataset.samples]
+
+    @property
+    def probe_samples(self) -> list[Sample]:
+        return list(self._run.sample_items)
+
+    @property
+    def epoch(self) -> int:
+        return self._run.epoch
+
+    @property
+    def epochs(self) -> int:
+        return self._run.cfg.epochs
+
+    @property
+    def step(self) -> int:
+        return self._run.global_step
+
+    @property
+    def total_steps(self) -> int:
+        return self._run.total_steps
+
+    @property
+    def is_main_process(self) -> bool:
+        return self._run.accelerator.is_main_process
+
+    @property
+    def num_processes(self) -> int:
+        return self._run.accelerator.num_processes
+
+    @property
+    def stop_requested(self) -> bool:
+        return bool(self._run.stop.signum)
+
+    @property
+    def model(self) -> torch.nn.Module:
+        return self._run.accelerator.unwrap_model(self._run.model)
+
+    def sample_losses(self) -> dict[str, SampleLoss]:
+        return dict(self._run.sample_losses)
+
+    def sample_loss_history(self) -> dict[str, list[SampleLoss]]:
+        return {image: list(rows) for image, rows in self._run.sample_loss_history.items()}
+
+    def follow_captions(self, live_file: Path) -> None:
+        for dataset in self._datasets():
+            dataset.follow(live_file)
+
+    def caption(self, paths: Sequence[str | Path], images: Sequence[Any]) -> list[str]:
+        return generate_captions(self._run, [str(path) for path in paths], list(images))
+
+    def save(self, name: str) -> Path:
+        return save(self._run, name, epoch=self._run.epoch)
+
+    def agree(self, value: Any) -> Any:
+        if self._run.accelerator.num_processes == 1:
+            return value
+        from accelerate.utils import broadcast_object_list
+
+        holder = [value]
+        broadcast_object_list(holder, from_process=0)
+        return holder[0]
+
+    def paused_for(self, seconds: float) -> None:
+        leave_out_of_bar(self._run.progress, seconds)
+
+    def request_stop(self) -> None:
+        self._run.stop.signum = self._run.stop.signum or int(signal.SIGINT)
+
+    def _datasets(self) -> list[CaptionDataset]:
+        """The training dataset, and the validation one when there is one (accelerate's loader wraps it)."""
+        val = getattr(self._run.val_loader, "dataset", None) if self._run.val_loader is not None else None
+        return [self._run.train_dataset] + ([val] if isinstance(val, CaptionDataset) else [])
+
+
+def leave_out_of_bar(bar: Any, seconds: float) -> None:
+    """Take `seconds` (a pause) off the bar's clock: its elapsed time, rate and ETA then count training only.
+
+    tqdm's rate is a moving average of (steps, seconds since the last print); moving both the start and the last
+    print forward keeps the pause out of both. (`tqdm.unpause` would also drop the training time between the
+    bar's last print and the pause.)
+    """
+    if bar is None or getattr(bar, "disable", True) or seconds <= 0:
+        return
+    bar.start_t += seconds
+    bar.last_print_t += seconds
+    bar.refresh()
 
 
 class Timings:
@@ -328,17 +423,23 @@ def pick_sample_items(train: list[Sample], val: list[Sample], count: int) -> lis
 # Setup
 
 
-def load_model(cfg: TrainConfig, family: ModelFamily, resume_dir: Path | None) -> tuple[torch.nn.Module, Any]:
-    """The model to train: fresh adapters on the base model, or the checkpoint's weights when resuming."""
+@quiet_transformers_bars()  # the start-up lines cover it
+def load_model(cfg: TrainConfig, family: ModelFamily, resume_dir: Path | None, weights: WeightsPlan) -> tuple[torch.nn.Module, Any]:
+    """The model to train: fresh adapters on the base model, or the checkpoint's weights when resuming; its weights
+    in the dtypes `weights` plans (frozen ones in bf16 under bf16 autocast, what trains and norms in fp32)."""
     if resume_dir is not None and cfg.peft_module == "none":
-        return family.load(str(resume_dir), cfg.model_config, label_smoothing=cfg.label_smoothing)
-    # --quantize reaches from_pretrained through the family like any load kwarg (models/base.pop_load_kwargs).
-    overrides = cfg.model_config | quantization_load_kwargs(cfg.quantize)
+        return family.load(str(resume_dir), weights.load_overrides(cfg.model_config), label_smoothing=cfg.label_smoothing)
+    # --quantize and the weights' dtype reach from_pretrained through the family like any load kwarg
+    # (models/base.pop_load_kwargs).
+    overrides = weights.load_overrides(cfg.model_config) | quantization_load_kwargs(cfg.quantize)
     model, processor = family.load(cfg.model_name_or_path, overrides, label_smoothing=cfg.label_smoothing)
     model = prepare_quantized_for_training(model)
     if resume_dir is not None:
-        return load_adapter_for_training(model, resume_dir), processor
-    return wrap_model(model, family, cfg.peft_module, cfg.peft_args), processor
+        model = load_adapter_for_training(model, resume_dir)
+    else:
+        model = wrap_model(model, family, cfg.peft_module, cfg.peft_args)
+    keep_in_fp32(model, weights)
+    return model, processor
 
 
 def open_run_dir(cfg: TrainConfig, resume_dir: Path | None, main: bool) -> Path:
@@ -371,6 +472,11 @@ def setup(cfg: TrainConfig, hooks: TrainingHooks) -> Run:
         fsdp_limits(cfg)
     # ---- what to resume (checked before anything heavy is loaded)
     resume_dir = resume.resolve_resume(cfg)
+    family, _ = resolve_family(cfg.model_name_or_path)
+    # The prompt trained with, resolved (checked before the model loads) and recorded in every config.toml, so that
+    # caption/evaluate use it, and a resumed run keeps it, even if the family's default changes in a later version.
+    prompt, prompt_origin = resume.given_prompt(cfg, resume_dir)
+    cfg = dataclasses.replace(cfg, prompt=family.training_prompt(prompt))
     state: dict[str, Any] = {}
     if resume_dir is not None:
         notes = resume.check_config_compatible(cfg, resume_dir)
@@ -389,13 +495,12 @@ def setup(cfg: TrainConfig, hooks: TrainingHooks) -> Run:
     train_samples, val_samples = split_validation(scan.samples, cfg.validation_split, cfg.seed)
 
     # ---- model
-    family, _ = resolve_family(cfg.model_name_or_path)
-    prompt = family.training_prompt(cfg.prompt)  # checked before the model loads
-    model, processor = load_model(cfg, family, resume_dir)
+    weights = plan_weights(precision.mode, peft_module=cfg.peft_module, quantize=cfg.quantize, model_config=cfg.model_config, sharded=sharded)
+    model, processor = load_model(cfg, family, resume_dir, weights)
     max_length = min(cfg.max_length, family.max_text_length(model))
     if main:  # the dataset summary, from the scan above: skips, repeat folders, caption lengths (and what this run
         # truncates, from its own collate), unknown characters, the diffusion checks
-        view = TrainingView(model=cfg.model_name_or_path, family=family, processor=processor, prompt=prompt, requested=cfg.max_length,
+        view = TrainingView(model=cfg.model_name_or_path, family=family, processor=processor, prompt=cfg.prompt, requested=cfg.max_length,
                             origin="this run's max_length", model_limit=family.max_text_length(model))
         report = summarize_scan(scan, repeats=cfg.kohya_repeats, training=view)
         for line in report.summary_lines():
@@ -412,15 +517,20 @@ def setup(cfg: TrainConfig, hooks: TrainingHooks) -> Run:
     if sharded:
         plan = CachePlan("off", "image features: computed every step (FSDP shards the vision tower)")
     else:
-        plan = plan_feature_cache(requested=cfg.cache_image_features, family=family, model=model, processor=processor,
-                                  n_images=len(train_samples) + len(val_samples), random_flip=cfg.random_flip,
-                                  mixed_precision=precision.mode, cache_dir=cfg.cache_dir, dataset_dir=cfg.dataset_dir,
-                                  sample_image=str(train_samples[0].image_path) if train_samples else None)
+        # Under autocast, as in training: a chat VLM's plan runs its tower once, on weights that may mix bf16 and fp32.
+        with accelerator.autocast():
+            plan = plan_feature_cache(requested=cfg.cache_image_features, family=family, model=model, processor=processor,
+                                      n_images=len(train_samples) + len(val_samples), random_flip=cfg.random_flip,
+                                      mixed_precision=precision.mode, cache_dir=cfg.cache_dir, dataset_dir=cfg.dataset_dir,
+                                      sample_image=str(train_samples[0].image_path) if train_samples else None)
     if main:
-        print(f"model {cfg.model_name_or_path} ({family.name}), {cfg.peft_module}: {trainable:,} of {total:,} parameters trainable ({100 * trainable / total:.2f}%)", flush=True)
+        adapter = "full fine-tune" if cfg.peft_module == "none" else cfg.peft_module
+        print(f"model {cfg.model_name_or_path} ({family.name}), {adapter}: {trainable:,} of {total:,} parameters trainable ({100 * trainable / total:.2f}%)", flush=True)
+        print(family.prompt_line(prompt, prompt_origin) + ("; recorded in the run's config.toml" if cfg.prompt is not None else ""), flush=True)
         if (targets := describe_adapters(model)) is not None:
             print(targets, flush=True)
         print(precision.describe(), flush=True)
+        print(describe_weights(model, weights), flush=True)
         if (quantized := describe_quantization(cfg.quantize)) is not None:
             print(quantized, flush=True)
         print(plan.message, flush=True)
@@ -428,7 +538,7 @@ def setup(cfg: TrainConfig, hooks: TrainingHooks) -> Run:
             print("compiled: text decoder (torch.compile; the first steps are slow while it compiles)", flush=True)
 
     # ---- loaders
-    collate = functools.partial(collate_batch, family=family, processor=processor, max_length=max_length, prompt=prompt)
+    collate = functools.partial(collate_batch, family=family, processor=processor, max_length=max_length, prompt=cfg.prompt)
     transform = CaptionTransform(shuffle=cfg.shuffle_captions, frozen_parts=cfg.frozen_parts, dropout=cfg.caption_dropout)
     train_dataset = CaptionDataset(train_samples, transform, seed=cfg.seed, random_flip=cfg.random_flip, repeat=cfg.kohya_repeats)
     packing = plan_packing(cfg.packing, family, model, batch_size=cfg.batch_size)
@@ -585,7 +695,7 @@ def optimizer_step(run: Run, window: torch.Tensor, epoch: int, progress: tqdm) -
             f"the last good weights are in {path}; lower --lr or --max_grad_norm, or check the data", exit_code=3)
     if run.cfg.save_every_n_steps and run.global_step % run.cfg.save_every_n_steps == 0:
         save(run, f"step-{run.global_step}", epoch=epoch)
-    run.hooks.on_step_end(run, epoch)
+    run.hooks.on_step_end(run.view, epoch)
     if stop:
         run.stop_agreed = run.stop.signum or int(signal.SIGTERM)
 
@@ -615,8 +725,6 @@ def sample_captions(run: Run) -> list[dict[str, Any]]:
         return []
     from caption_train.data.images import ImageLoadError, load_rgb
 
-    model = run.accelerator.unwrap_model(run.model)
-    model.eval()
     items = []
     for sample in run.sample_items:
         try:
@@ -625,12 +733,25 @@ def sample_captions(run: Run) -> list[dict[str, Any]]:
             continue
     if not items:
         return []
-    features = probe_features(run, model, [str(sample.image_path) for sample, _ in items])
-    with run.accelerator.autocast():
-        predictions = run.family.generate(model, run.processor, [image for _, image in items], prompt=run.cfg.prompt,
-                                          max_new_tokens=run.sample_new_tokens, **({} if features is None else {"features": features}))
-    model.train()
+    predictions = generate_captions(run, [str(sample.image_path) for sample, _ in items], [image for _, image in items],
+                                    max_new_tokens=run.sample_new_tokens)
     return [{"image": str(sample.image_path), "truth": sample.caption, "prediction": prediction} for (sample, _), prediction in zip(items, predictions)]
+
+
+@torch.no_grad()
+def generate_captions(run: Run, paths: list[str], images: list[Any], *, max_new_tokens: int | None = None) -> list[str]:
+    """Caption images with the current weights (eval mode, then the model's mode as it was): the run's prompt and
+    autocast, and the cached image features when the cache is on. Probe captions and hooks' "caption now"."""
+    model = run.accelerator.unwrap_model(run.model)
+    was_training = model.training
+    model.eval()
+    try:
+        features = probe_features(run, model, paths)
+        with run.accelerator.autocast():
+            return run.family.generate(model, run.processor, images, prompt=run.cfg.prompt, max_new_tokens=max_new_tokens,
+                                       **({} if features is None else {"features": features}))
+    finally:
+        model.train(was_training)
 
 
 def save(run: Run, name: str, *, epoch: int, batches_done: int | None = None) -> Path:
@@ -770,17 +891,18 @@ def stop_early(run: Run, epoch: int) -> None:
 # The whole run
 
 
-def make_hooks(cfg: TrainConfig) -> TrainingHooks:
-    """--interactive: the page's hooks. They bind the port now, so a busy port fails before anything is written."""
-    if cfg.interactive is None:
-        return TrainingHooks()
-    from caption_train.iterative import InteractiveHooks, parse_interactive
-
-    return InteractiveHooks(*parse_interactive(cfg.interactive))
-
-
 def train(cfg: TrainConfig, hooks: TrainingHooks | None = None) -> Path:
-    hooks = hooks or make_hooks(cfg)
+    """Train and return final/. `hooks` get the run's events (caption_train.hooks); they are closed on return.
+
+    The loop knows no particular hooks: the `train` command builds the interactive page's from --interactive
+    (cli.make_hooks). Called directly with cfg.interactive set and no hooks, it refuses rather than train without
+    the page that was asked for.
+    """
+    if hooks is None:
+        if cfg.interactive is not None:
+            raise UserError(f"interactive = {cfg.interactive!r}: train(cfg) does not start the page itself; "
+                            "pass hooks=caption_train.cli.make_hooks(cfg), or run `caption-train train` / train2.py")
+        hooks = TrainingHooks()
     try:
         return run_training(cfg, hooks)
     finally:
@@ -800,8 +922,10 @@ def run_training(cfg: TrainConfig, hooks: TrainingHooks) -> Path:
         run.tracker.finish()
         return run.resumed_from
     run.stop.install()
+    if main:  # the hooks see every metrics line and the probe captions as they are logged
+        run.tracker = HookedTracker(run.tracker, run.hooks)
     try:
-        run.hooks.on_setup(run)
+        run.hooks.on_setup(run.view)
         progress = tqdm(total=run.total_steps, initial=run.global_step, desc="training", unit="step", disable=not main, dynamic_ncols=True, file=sys.stderr)
         run.progress = progress
         for epoch in range(run.epoch, cfg.epochs):
@@ -812,10 +936,10 @@ def run_training(cfg: TrainConfig, hooks: TrainingHooks) -> Path:
                 progress.close()
                 stop_early(run, epoch)
             end_of_epoch(run, epoch)
-            run.hooks.on_epoch_end(run, epoch)
+            run.hooks.on_epoch_end(run.view, epoch)
             run.batches_done = 0
         progress.close()
-        run.hooks.on_train_end(run)
+        run.hooks.on_train_end(run.view)
         final_dir = finish(run)
     finally:
         run.stop.uninstall()

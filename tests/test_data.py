@@ -432,7 +432,7 @@ def test_no_pairs_message_lists_the_extensions_found(tmp_path):
     save_image(root / "sub" / "b.JPG")
     with pytest.raises(UserError) as info:
         scan_dataset(root)
-    assert "found 2 images (.jpg .png); skipped 2 missing caption)" in str(info.value)
+    assert "found 2 images (.jpg .png); skipped 2 missing captions)" in str(info.value)
     save_image(tmp_path / "one" / "c.webp")
     with pytest.raises(UserError, match=r"found 1 image \(\.webp\); skipped 1 missing caption\)"):
         scan_dataset(tmp_path / "one")
@@ -576,14 +576,12 @@ class _StopAfter:
     """A TrainingHooks that asks the loop to stop (like SIGINT) once step `k` is done."""
 
     def __new__(cls, k):
-        import signal
-
-        from caption_train.train import TrainingHooks
+        from caption_train.hooks import TrainingHooks
 
         class Hooks(TrainingHooks):
             def on_step_end(self, run, epoch):
-                if run.global_step == k:
-                    run.stop.signum = int(signal.SIGINT)
+                if run.step == k:
+                    run.request_stop()
 
         return Hooks()
 

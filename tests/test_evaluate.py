@@ -41,7 +41,7 @@ def test_evaluate_writes_table_json_and_html(capsys, tmp_path, tiny_blip, shapes
     page = html_path.read_text(encoding="utf-8")
     assert page.count("data:image/jpeg;base64,") == 24 and "<script>" in page
     # Worst first: the CIDEr-D column is ascending down the page.
-    ciders = [float(v) for v in re.findall(r'<tr data-file="[^"]+"><td class="num" data-v="\d+">\d+</td>.*?data-v="([\d.]+)"', page)]
+    ciders = [float(v) for v in re.findall(r'<tr data-file="[^"]+"><td class="num rank" data-v="\d+">\d+</td>.*?data-v="([\d.]+)"', page)]
     assert len(ciders) == 24 and ciders == sorted(ciders)
 
 

@@ -294,7 +294,7 @@ def test_training_with_the_cache_gives_the_losses_of_training_without(tmp_path, 
         out = capsys.readouterr().out
         runs[mode] = losses(next((tmp_path / mode).glob("*/final")))
         if mode == "memory":
-            assert re.search(r"image features: vision tower frozen, no flips: caching in memory \(8 x about [\d.]+ MB float32\)", out), out
+            assert re.search(r"image features: vision tower frozen, no flips: caching in memory \(8 x about [\d.]+ [KMG]?B float32\)", out), out
             assert "image features: 12 read from the cache, 8 computed" in out  # epoch 2 and the 2 probe images, twice
     assert runs["memory"] == pytest.approx(runs["off"], abs=1e-5)
 

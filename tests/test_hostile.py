@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 
 from caption_train.cli import main
+from caption_train.text import plural
 from hostile_corpus import (NO_PERMISSIONS, built_corpus, GOOD_IMAGES, LOAD_SKIPPED, TRAINED, build_corpus, case_params, cases, expected_skips,
                             kept_images, permissions_enforced, tree_digest)
 
@@ -81,8 +82,9 @@ def test_training_completes_skips_and_counts(corpus, corpus_run):
         assert re.search(rf"skipping image that cannot be loaded: .*{case.name}/{case.name}\.", err), case.name
     assert f": {kept} images with captions; skipped {sum(expected.values())} (" in summary, summary
     names = {"bad metadata line": "bad metadata.jsonl line"}  # the report's name for the scan's reason
+    many = {"caption not UTF-8": "captions not UTF-8"}
     for reason, n in expected.items():
-        assert f"{n} {names.get(reason, reason)}" in summary, (reason, summary)
+        assert plural(n, names.get(reason, reason), many.get(reason)) in summary, (reason, summary)
     assert f"{kept} training / 0 validation images" in out
 
     assert tree_digest(root) == before, "training changed the dataset folder"

@@ -31,6 +31,7 @@ from caption_train.iterative import parse_interactive
 from caption_train.iterative.hooks import InteractiveHooks
 from caption_train.iterative.review import Review
 from caption_train.iterative.store import HISTORY_FILE, LIVE_FILE, RATINGS_FILE, image_id
+from caption_train.models import resolve_family
 from caption_train.tiny import make_shapes_dataset
 
 from conftest import REPO
@@ -746,10 +747,12 @@ def test_the_page_during_training_with_every_family(tmp_path, family):
     targets = [page.image(name) for name in names]
     assert page.send("caption_generate", {"images": [t["id"] for t in targets]})[0] == 200
     captions = [wait_for(lambda: page.get(f"/api/images/{t['id']}")["model_caption"], "caption now") for t in targets]
-    # The weights as they are at step 1 (the run waits, paused): what the family generates with them directly.
-    run = hooks.run
-    model = run.accelerator.unwrap_model(run.model).eval()
-    direct = run.family.generate(model, run.processor, [Image.open(data / name).convert("RGB") for name in names], prompt=run.cfg.prompt)
+    # The weights as they are at step 1 (the run waits, paused): what the family generates with them directly
+    # (family and processor found from the model folder, as a user would; no --prompt, so the family's own).
+    family_of, _ = resolve_family(str(model_dir))
+    _, processor = family_of.load(str(model_dir), {})
+    model = hooks.run.model.eval()
+    direct = family_of.generate(model, processor, [Image.open(data / name).convert("RGB") for name in names])
     model.train()
     assert [c["step"] for c in captions] == [1] * 4 and any(c["text"] for c in captions)  # a random model may say nothing for some
     assert [" ".join(c["text"].split()) for c in captions] == [" ".join(d.split()) for d in direct]

@@ -1,7 +1,8 @@
 """A real browser (Playwright driving Debian's Chromium) on the interactive page during a tiny training run:
 live step updates, a caption edited through the page lands in the .txt, caption now, rating, pause/resume; and
 in review mode, the layout from a 360 px phone to a 2560 px screen (every control inside its card and visible,
-long captions shown whole) and help text that speaks of the mode the page is in.
+long captions shown whole) and help text that speaks of the mode the page is in; and the review queue (most
+suspect caption first, its keys) from a run's sample_losses.jsonl.
 Skips when playwright or /usr/bin/chromium is missing (CI installs both: see .ci/run)."""
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from caption_train.iterative.review import Review
 from caption_train.tiny import make_shapes_dataset
 
 from test_interactive_api import Page, TrainingThread, wait_for
+from test_review_queue import LATEST_ORDER, LOSSES, NOT_DOWN, queue, write_losses
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update", "--no-first-run"]
@@ -52,7 +54,7 @@ LAYOUT_PROBLEMS = """() => {
   for (const el of document.querySelectorAll("header button, header .state, .toolbar select, .toolbar input, .toolbar button")) check(el, "header", null);
   for (const card of document.querySelectorAll("article.card")) {
     const name = card.querySelector(".path").textContent;
-    for (const el of card.querySelectorAll("button, textarea, img, .path, .model-caption")) check(el, name, card);
+    for (const el of card.querySelectorAll("button, textarea, img, .path, .model-caption, .loss-line, .spark")) check(el, name, card);
     const caption = card.querySelector("textarea.caption");
     if (caption.scrollHeight > caption.clientHeight) problems.push(`${name}: the caption scrolls inside its box (${caption.scrollHeight} > ${caption.clientHeight} px)`);
   }
@@ -200,6 +202,8 @@ def test_review_page_fits_phone_and_wide_screens(tmp_path, tiny_blip):
             # Review mode captions the images shown without a click: wait until every card has the model's caption.
             expect(page.locator(".model-caption.empty")).to_have_count(0, timeout=60_000)
             expect(cards.nth(0).locator("textarea.caption")).to_have_value(FIVE_TAGS)
+            # No losses: the page opens on all images and offers no queue.
+            assert page.locator("#view").input_value() == "all" and page.locator("#queue-help").is_hidden()
 
             # The help and the words speak of review, not of training.
             help_text = visible_help(page)
@@ -216,4 +220,118 @@ def test_review_page_fits_phone_and_wide_screens(tmp_path, tiny_blip):
     finally:
         stop.set()
         captioner.join(10)
+        review.close()
+
+
+@pytest.mark.slow
+def test_review_queue_in_the_browser(tmp_path):
+    """The page opens on the queue: the first k cards are the k highest latest-epoch losses, with loss and trend;
+    the keys move through it, mark fine, edit and skip; re-ranking leaves out what was handled; it fits a phone."""
+    sync_api = need_browser()
+    data = tmp_path / "data"
+    make_shapes_dataset(data, 8, seed=11, size=32)
+    write_losses(tmp_path / "run", data, LOSSES)
+    review = Review(data, losses=tmp_path / "run", state_dir=tmp_path / "state")
+    url = review.start()
+    api = Page(url)
+    try:
+        with sync_api.sync_playwright() as playwright:
+            browser = launch_chromium(playwright)
+            page = browser.new_page(viewport={"width": 1400, "height": 900})
+            problems: list[str] = []
+            page.on("pageerror", lambda error: problems.append(f"page error: {error}"))
+            page.on("console", lambda message: problems.append(f"console: {message.text}") if message.type == "error" else None)
+            page.goto(url)
+            expect = sync_api.expect
+            cards = page.locator("article.card")
+            expect(cards).to_have_count(7, timeout=30_000)
+            assert page.locator("#view").input_value() == "suspects"
+            k = 3
+            assert [cards.nth(i).locator(".path").inner_text() for i in range(k)] == LATEST_ORDER[:k]
+            first = cards.nth(0)
+            expect(first.locator(".rank")).to_have_text("#1")
+            expect(first.locator(".loss-value")).to_have_text("loss 2.500")
+            expect(first.locator(".loss-arrow")).to_have_text("↗ from 0.300")  # did not go down
+            expect(cards.nth(1).locator(".loss-arrow")).to_have_text("↘ from 3.000")
+            assert first.locator(".loss").get_attribute("title").startswith("epoch 1: 0.300, epoch 2: 0.600, epoch 3: 2.500")
+            assert len(first.locator(".spark polyline.latest").get_attribute("points").split()) == 3
+            expect(page.locator("#count-suspects")).to_have_text("7")
+            help_text = visible_help(page)
+            assert "Keys:" in help_text and "training" not in help_text, help_text
+
+            def current() -> int:
+                return page.evaluate("[...document.querySelectorAll('article.card')].findIndex(c => c.classList.contains('current'))")
+
+            # j / k move; a marks fine and goes on; e edits (letters typed are text, not keys); Ctrl+Enter saves and
+            # goes on; Esc leaves the box; s skips.
+            assert current() == 0
+            page.keyboard.press("j")
+            page.keyboard.press("j")
+            page.keyboard.press("k")
+            assert current() == 1
+            page.keyboard.press("a")
+            expect(cards.nth(1).locator(".badges")).to_contain_text("fine")
+            wait_for(lambda: current() == 2, "a: next after fine")
+            assert LATEST_ORDER[1] not in queue(api)
+            page.keyboard.press("e")
+            textarea = cards.nth(2).locator("textarea.caption")
+            expect(textarea).to_be_focused()
+            page.keyboard.type(", just skewed")
+            assert current() == 2
+            page.keyboard.press("Control+Enter")
+            caption_file = (data / LATEST_ORDER[2]).with_suffix(".txt")
+            wait_for(lambda: caption_file.read_text().strip().endswith(", just skewed"), "the edited .txt")
+            wait_for(lambda: current() == 3, "Ctrl+Enter: next after the fix")
+            expect(cards.nth(2).locator(".badges")).to_contain_text("fixed")
+            page.keyboard.press("e")
+            page.keyboard.press("Escape")
+            page.keyboard.press("s")
+            assert current() == 4
+            expect(page.locator("#count-suspects")).to_have_text("5")
+
+            # Re-rank: what was marked fine or fixed has left the queue; the filter keeps the loss that did not go down.
+            page.keyboard.press("r")
+            rest = [p for p in LATEST_ORDER if p not in LATEST_ORDER[1:3]]
+            expect(cards).to_have_count(len(rest))
+            assert [cards.nth(i).locator(".path").inner_text() for i in range(len(rest))] == rest and current() == 0
+            expect(page.locator("#toast")).to_be_hidden(timeout=10_000)  # "saved caption of ..." floats over cards a while
+            check_layout(page, [360, 1400], tmp_path, "queue")
+            page.select_option("#view", "not_down")
+            expect(cards).to_have_count(1)
+            expect(cards.nth(0).locator(".path")).to_have_text(NOT_DOWN[0])
+            browser.close()
+        assert not problems, problems
+    finally:
+        review.close()
+
+
+@pytest.mark.slow
+def test_queue_keys_cross_pages(tmp_path):
+    """j past the last card of a page loads the next page of the queue; k before the first goes back."""
+    sync_api = need_browser()
+    data = tmp_path / "data"
+    make_shapes_dataset(data, 26, seed=1, size=32, subfolders=0)
+    losses = {f"img_{i:04d}.png": [1.0, 10.0 - i / 10] for i in range(26)}  # img_0000 the most suspect, then in order
+    write_losses(tmp_path / "run", data, losses)
+    review = Review(data, losses=tmp_path / "run", state_dir=tmp_path / "state")
+    url = review.start()
+    try:
+        with sync_api.sync_playwright() as playwright:
+            browser = launch_chromium(playwright)
+            page = browser.new_page(viewport={"width": 1400, "height": 900})
+            page.goto(url)
+            expect = sync_api.expect
+            current = page.locator("article.card.current .path")
+            expect(current).to_have_text("img_0000.png", timeout=30_000)
+            page.keyboard.press("k")  # nothing before the first
+            expect(current).to_have_text("img_0000.png")
+            for _ in range(24):
+                page.keyboard.press("j")
+            expect(page.locator("#page-info")).to_have_text("25–26 of 26")
+            expect(current).to_have_text("img_0024.png")
+            page.keyboard.press("k")
+            expect(page.locator("#page-info")).to_have_text("1–24 of 26")
+            expect(current).to_have_text("img_0023.png")
+            browser.close()
+    finally:
         review.close()

@@ -18,6 +18,7 @@ from caption_train.data.scan import Sample
 from caption_train.iterative.hooks import InteractiveHooks
 from caption_train.iterative.store import Workspace
 from caption_train.tiny import make_shapes_dataset
+from caption_train.train import RunView, StopRequest
 
 from test_interactive_api import Page, TrainingThread, wait_for
 
@@ -41,14 +42,16 @@ def test_a_pause_is_left_out_of_the_bars_elapsed_time_and_eta(tmp_path):
     hooks.close()  # no server needed: the pause loop runs on the workspace alone
     hooks.workspace = workspace = Workspace(tmp_path / "data", [Sample(p, c) for p, c in pairs], state_dir=tmp_path / "state")
     bar = tqdm(total=100, file=open(tmp_path / "bar.txt", "w"), mininterval=0)
-    # What the hooks see of a run: its position, a single process, and the bar (run_training stores it there).
-    run = SimpleNamespace(global_step=0, run_dir=tmp_path, accelerator=SimpleNamespace(num_processes=1), progress=bar)
+    # The loop's own view (what hooks get) over the parts of a run a step's hook touches: its position, a single
+    # process, no stop request, and the bar (run_training stores it on the run).
+    run = SimpleNamespace(global_step=0, run_dir=tmp_path, accelerator=SimpleNamespace(num_processes=1), stop=StopRequest(), progress=bar)
+    view = RunView(run)
 
     def step() -> None:
         time.sleep(STEP_S)
         bar.update(1)
         run.global_step += 1
-        hooks.on_step_end(run, 0)
+        hooks.on_step_end(view, 0)
 
     try:
         for _ in range(5):
@@ -91,9 +94,10 @@ class PauseClock(InteractiveHooks):
         self.around: list[tuple[float, float, float, float]] = []
 
     def on_step_end(self, run, epoch):
-        wall, elapsed = time.monotonic(), run.progress.format_dict["elapsed"]
+        bar = run._run.progress  # the loop's own bar, which hooks do not see (they report a pause: run.paused_for)
+        wall, elapsed = time.monotonic(), bar.format_dict["elapsed"]
         super().on_step_end(run, epoch)
-        self.around.append((wall, elapsed, time.monotonic(), run.progress.format_dict["elapsed"]))
+        self.around.append((wall, elapsed, time.monotonic(), bar.format_dict["elapsed"]))
 
 
 @pytest.mark.slow

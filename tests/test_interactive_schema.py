@@ -10,7 +10,7 @@ from pydantic import ValidationError
 
 from caption_train.iterative import schema
 from caption_train.iterative.schema import (
-    MAX_CAPTION_CHARS, MAX_GENERATE_IMAGES, CaptionAccept, CaptionGenerate, CaptionNew, CaptionQuality, Pause, Resume, Save,
+    MAX_CAPTION_CHARS, MAX_GENERATE_IMAGES, CaptionAccept, CaptionFine, CaptionGenerate, CaptionNew, CaptionQuality, Pause, Resume, Save,
     error_details, parse_client_message,
 )
 
@@ -44,6 +44,8 @@ def rejected(message: dict | str) -> list[dict[str, str]]:
         ({"type": "caption_accept", "payload": {"image": IMG}}, CaptionAccept),
         ({"type": "caption_accept", "payload": {"image": IMG, "model_caption": "a blue square"}}, CaptionAccept),
         ({"type": "caption_generate", "payload": {"images": [IMG, IMG2]}}, CaptionGenerate),
+        ({"type": "caption_fine", "payload": {"image": IMG}}, CaptionFine),
+        ({"type": "caption_fine", "payload": {"image": IMG, "fine": False, "caption": "a red circle"}, "id": "f1"}, CaptionFine),
         ({"type": "pause", "payload": {}}, Pause),
         ({"type": "pause"}, Pause),
         ({"type": "resume", "payload": {}}, Resume),
@@ -132,6 +134,12 @@ def test_limits_at_the_boundary():
         ({"type": "caption_generate", "payload": {"images": IMG}}, "payload.images"),
         ({"type": "caption_generate", "payload": {"images": ["../x"]}}, "payload.images.0"),
         ({"type": "caption_generate", "payload": {}}, "payload.images"),
+        # caption_fine
+        ({"type": "caption_fine", "payload": {}}, "payload.image"),
+        ({"type": "caption_fine", "payload": {"image": IMG, "fine": "yes"}}, "payload.fine"),
+        ({"type": "caption_fine", "payload": {"image": IMG, "fine": 1}}, "payload.fine"),
+        ({"type": "caption_fine", "payload": {"image": IMG, "caption": "x" * (MAX_CAPTION_CHARS + 1)}}, "payload.caption"),
+        ({"type": "caption_fine", "payload": {"image": "../x"}}, "payload.image"),
         # pause / resume / save take no arguments
         ({"type": "pause", "payload": {"seconds": 5}}, "payload.seconds"),
         ({"type": "resume", "payload": {"now": True}}, "payload.now"),
@@ -169,6 +177,10 @@ def test_server_messages_round_trip_and_are_strict():
     info = schema.ImageInfo(id=IMG, path="a/b.png", caption="a red circle", modified=True, rating=1, excluded=True,
                             model_caption=schema.ModelCaption(text="a red square", step=4))
     assert json.loads(schema.server_message("caption_updated", info))["payload"]["model_caption"] == {"text": "a red square", "step": 4}
+    # A loss that went non-finite is sent as null (JSON has no NaN), the rest as numbers.
+    loss = schema.LossInfo(epochs=[1, 2], losses=[1.5, float("nan")], same_caption_from=0, down=False, fixed=False, fine=False, rank=1)
+    sent = json.loads(schema.server_message("caption_updated", info.model_copy(update={"loss": loss})))["payload"]["loss"]
+    assert sent["losses"] == [1.5, None] and sent["rank"] == 1
     error = json.loads(schema.error_message("conflict", "changed", request_id="r9"))
     assert error == {"req_from": "server", "type": "error", "id": "r9", "payload": {"code": "conflict", "message": "changed", "details": []}}
     with pytest.raises(ValidationError):

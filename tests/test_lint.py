@@ -13,6 +13,7 @@ from PIL import Image
 from caption_train.cli import main
 from caption_train.data.scan import scan_dataset
 from caption_train.lint import CODES, ERROR, WARNING, lint_dataset, load_tokenizer
+from caption_train.text import plural
 from hostile_corpus import SKIPPED, built_corpus, GOOD_IMAGES, LOAD_SKIPPED, build_corpus, case_params, cases, kept_images, tree_digest
 
 CASE_NAMES = [case.name for case in cases()]
@@ -255,7 +256,7 @@ def test_summary_lines_for_training_start(corpus, report):
     # One head line (the trainer prints no other dataset line): what is trained on, what is skipped and why.
     # The unreadable image and caption counts are one higher each where mode-000 files are unreadable (not as root).
     assert lines[0] == (f"dataset {corpus[0]}: {report.usable} images with captions; skipped {len(report.errors)} "
-                        f"({unreadable_images(corpus[1])} unreadable image, {unreadable_captions(corpus[1])} unreadable caption, 3 empty caption, 3 missing caption, 2 caption not UTF-8, "
+                        f"({plural(unreadable_images(corpus[1]), 'unreadable image')}, {plural(unreadable_captions(corpus[1]), 'unreadable caption')}, 3 empty captions, 3 missing captions, 2 captions not UTF-8, "
                         f"1 bad metadata.jsonl line); {len(report.warnings)} warnings (list them: caption-train lint {corpus[0]})")
     assert lines[1].startswith("  warnings: ") and "1 duplicate with differing captions" in lines[1]
     assert any(line.strip().startswith("captions:") and "over the limit of 32" in line for line in lines)

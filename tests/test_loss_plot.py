@@ -67,3 +67,32 @@ def test_short_runs_are_drawn_raw_and_empty_ones_not_at_all(tmp_path):
 def test_smooth_is_a_debiased_ema():
     assert smooth([2.0, 2.0, 2.0], 0.9) == [2.0, 2.0, 2.0]  # no pull toward 0 at the start
     assert smooth([0.0, 1.0], 0.5) == [0.0, (0.25 * 0 + 0.5) / 0.75]
+
+
+def screen_span(line) -> float:
+    """The share of its axes' height a line spans as drawn: ~0 for a line pressed flat against one end."""
+    ys = line.axes.transData.transform(line.get_xydata())[:, 1]
+    return float(ys.max() - ys.min()) / line.axes.get_window_extent().height
+
+
+def test_prodigy_effective_lr_gets_its_own_axis(tmp_path):
+    """Under Prodigy the logged lr is a 0-1 multiplier and the effective LR (d x lr) is ~1e-7 to 2e-4: on the
+    multiplier's axis the effective LR would be a flat line at 0. It gets its own axis, where it fills the panel."""
+    import io
+
+    steps = 200
+    rows = []
+    for step in range(1, steps + 1):
+        multiplier = 0.04 + 0.96 * math.sin(math.pi * step / (steps + 1))  # a one-cycle-like schedule
+        d = 1e-6 * (200.0 ** (step / steps))  # Prodigy's estimate grows from 1e-6 to 2e-4
+        rows.append({"step": step, "train/loss": 2.0 / step, "train/lr": multiplier, "train/effective_lr": d * multiplier})
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    fig = loss_figure(read_metrics(tmp_path / "metrics.jsonl"), "prodigy")
+    fig.savefig(io.BytesIO(), format="png")  # lays the figure out, as the PNG is drawn
+    lines = lines_by_label(fig)
+    multiplier, effective = lines["lr multiplier"], lines["effective LR (d x lr)"]
+    assert list(effective.get_ydata()) == [r["train/effective_lr"] for r in rows]
+    assert effective.axes is not multiplier.axes and effective.axes.get_xlim() == multiplier.axes.get_xlim()  # same steps
+    assert screen_span(multiplier) > 0.5 and screen_span(effective) > 0.5, (screen_span(multiplier), screen_span(effective))
+    assert effective.axes.get_ylabel() == "effective LR (d x lr)"
+    assert plot_losses(tmp_path / "metrics.jsonl", tmp_path / "loss.png").read_bytes()[:4] == b"\x89PNG"

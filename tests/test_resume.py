@@ -22,7 +22,8 @@ from caption_train.cli import main
 from caption_train.config import load_train_config
 from caption_train.errors import UserError
 from caption_train.tracking import read_metrics
-from caption_train.train import TrainingHooks, TrainingStopped, train
+from caption_train.hooks import TrainingHooks
+from caption_train.train import TrainingStopped, train
 
 from conftest import REPO, base_args
 
@@ -42,11 +43,11 @@ class StopAtStep(TrainingHooks):
 
     def on_setup(self, run):
         if self.k == 1:
-            run.stop.signum = int(signal.SIGINT)
+            run.request_stop()
 
     def on_step_end(self, run, epoch):
-        if run.global_step == self.k - 1:
-            run.stop.signum = int(signal.SIGINT)
+        if run.step == self.k - 1:
+            run.request_stop()
 
 
 class PoisonLoss(TrainingHooks):
@@ -57,11 +58,11 @@ class PoisonLoss(TrainingHooks):
 
     def on_setup(self, run):
         def poison(module, inputs, output):
-            if run.global_step + 1 in self.bad_steps:
+            if run.step + 1 in self.bad_steps:
                 output.loss = output.loss * float("nan")
             return output
 
-        run.accelerator.unwrap_model(run.model).register_forward_hook(poison)
+        run.model.register_forward_hook(poison)
 
 
 def losses(run_dir: Path, key: str = "train/loss") -> list[float]:

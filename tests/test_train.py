@@ -17,7 +17,8 @@ from caption_train.cli import main
 from caption_train.config import load_train_config
 from caption_train.models.base import unwrap_peft
 from caption_train.tracking import read_metrics
-from caption_train.train import TrainingHooks, train
+from caption_train.hooks import TrainingHooks
+from caption_train.train import train
 
 from conftest import REPO, base_args
 
@@ -134,7 +135,7 @@ class CaptureTrained(TrainingHooks):
         self.batch = batch
 
     def on_train_end(self, run):
-        model = run.accelerator.unwrap_model(run.model)
+        model = run.model
         self.params = {name: p.detach().clone() for name, p in unwrap_peft(model).named_parameters()}
         model.eval()
         with torch.no_grad():
@@ -241,7 +242,7 @@ class CountDecoderLayerCalls(TrainingHooks):
         self.calls = 0
 
     def on_setup(self, run):
-        attention = unwrap_peft(run.accelerator.unwrap_model(run.model)).text_decoder.bert.encoder.layer[0].attention
+        attention = unwrap_peft(run.model).text_decoder.bert.encoder.layer[0].attention
         attention.register_forward_hook(lambda module, inputs, output: setattr(self, "calls", self.calls + torch.is_grad_enabled()))
 
 
@@ -260,7 +261,7 @@ class SmoothedLoss(TrainingHooks):
         self.batch = batch
 
     def on_setup(self, run):
-        model = run.accelerator.unwrap_model(run.model)
+        model = run.model
         model.eval()
         with torch.no_grad():
             output = model(**self.batch)

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Iterable
 
 from caption_train.files import give_default_modes
+from caption_train.models.base import quiet_transformers_bars
 from caption_train.models.chat_vlm import image_only_processor_class
 
 # Words the templates and prompts use, trained in so they stay short token sequences.
@@ -79,8 +80,9 @@ def build_bpe_tokenizer(texts: Iterable[str], specials: list[str], *, vocab_size
 
 def _save(out_dir: Path, model, processor) -> Path:
     out_dir.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(out_dir)
-    processor.save_pretrained(out_dir)
+    with quiet_transformers_bars():
+        model.save_pretrained(out_dir)
+        processor.save_pretrained(out_dir)
     give_default_modes(out_dir)
     return out_dir
 

@@ -14,12 +14,13 @@ from pathlib import Path
 from typing import Iterable
 
 from caption_train.files import give_default_modes
-from caption_train.tiny import _quiet_progress_bars, build_tokenizer
+from caption_train.models.base import quiet_transformers_bars
+from caption_train.tiny import build_tokenizer
 
 
 def _save(out_dir: Path, model, processor) -> Path:
     out_dir.mkdir(parents=True, exist_ok=True)
-    with _quiet_progress_bars():
+    with quiet_transformers_bars():
         model.save_pretrained(out_dir)
         processor.save_pretrained(out_dir)
     give_default_modes(out_dir)

@@ -113,8 +113,6 @@ def read_header(path: str | os.PathLike) -> ImageInfo:
     """
     try:
         size = _regular_file_size(path)
-        if size == 0:
-            raise ImageLoadError(path, "empty file")
         with _pillow_warnings(), Image.open(path) as image:
             width, height = image.size
             info = ImageInfo(
@@ -171,14 +169,18 @@ def _decode(path: str | os.PathLike) -> Image.Image:
 
 
 def _regular_file_size(path: str | os.PathLike) -> int:
-    """Size of the file `path` leads to (symlinks followed); ImageLoadError unless it is a regular file.
+    """Size of the file `path` leads to (symlinks followed); ImageLoadError unless it is a regular, non-empty file.
 
     Checked before Image.open: opening a named pipe blocks until something writes to it, and a device such as
-    /dev/zero never ends. OSError (missing, permission denied, symlink loop) propagates to the caller's handler.
+    /dev/zero never ends. A 0-byte file is "empty file" here, for every reader (lint, the scan, training, caption),
+    not Pillow's "cannot identify image file". OSError (missing, permission denied, symlink loop) propagates to the
+    caller's handler.
     """
     info = os.stat(path)
     if not stat.S_ISREG(info.st_mode):
         raise ImageLoadError(path, f"not a regular file ({_file_kind(info.st_mode)})")
+    if info.st_size == 0:
+        raise ImageLoadError(path, "empty file")
     return info.st_size
 
 

@@ -362,8 +362,12 @@ def _relative_key(image_path: Path, root: Path) -> str:
 # ---------------------------------------------------------------------------- messages and splitting
 
 
+# Plurals that are not the reason + "s" ("2 captions not UTF-8").
+_MANY = {CAPTION_NOT_UTF8: "captions not UTF-8"}
+
+
 def _format_counts(counts: collections.Counter[str]) -> str:
-    return ", ".join(f"{n} {reason}" for reason, n in counts.most_common())
+    return ", ".join(plural(n, reason, _MANY.get(reason)) for reason, n in counts.most_common())
 
 
 def _no_pairs_message(root: Path, extensions: collections.Counter[str], skipped: collections.Counter[str]) -> str:

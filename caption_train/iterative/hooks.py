@@ -1,22 +1,29 @@
-"""`--interactive`: the training hook that serves the caption page beside the loop.
+"""`--interactive`: the training hooks that serve the caption page beside the loop.
 
     with InteractiveHooks("127.0.0.1", 8765) as hooks:      # binds the port now (a busy port fails here)
         train(cfg, hooks=hooks)                              # prints "interactive page: http://127.0.0.1:8765/?token=..."
 
+(`caption-train train --interactive 8765` builds them this way: cli.make_hooks.) Written against the hook
+protocol alone (caption_train.hooks.HookRun): this module never imports the training loop, and the loop never
+imports the page.
+
+The review queue: the run's per-image losses reach the page through the protocol (`run.sample_loss_history()`,
+at set-up for a resumed run and after every epoch); the page ranks them (ranking.suspect_order).
+
 Threads: the server runs on its own event loop in a daemon thread and only touches the Workspace (captions,
 ratings, requests). Everything that needs the model runs here, in the training thread, in `on_step_end` between
-optimizer steps: "caption now" (eval mode, no_grad, then train mode again), pause (blocks, still serving and
-captioning, until resumed) and "save now" (`train.save`, a collective).
+optimizer steps: "caption now" (`run.caption`), pause (blocks, still serving and captioning, until resumed) and
+"save now" (`run.save`, a collective).
 
 The terminal: lines the page's actions print go through `tqdm.write` (also the page's log records while it
-serves), so they land above the training bar instead of on its line; a pause is taken off the bar's clock
-(`run.progress`), so its elapsed time and ETA count training only.
+serves), so they land above the training bar instead of on its line; a pause is reported to the loop
+(`run.paused_for`), which takes it off the bar's clock, so its elapsed time and ETA count training only.
 
 Several processes (torchrun / accelerate launch): every rank calls every hook; only rank 0 binds and serves.
-Rank 0 decides (pause, save) and `broadcast_object_list` hands the decision to all ranks once per optimizer
-step (two tiny collectives; skipped entirely in a single process). While paused the ranks meet every 0.5 s, so
-no collective waits long enough to hit the process group's timeout. Caption edits and exclusions reach every
-rank's DataLoader workers through `<run_dir>/interactive/live.json` (see data.dataset.LiveCaptions).
+Rank 0 decides (pause, save) and `run.agree` hands the decision to all ranks once per optimizer step (a tiny
+collective; skipped in a single process). While paused the ranks meet every 0.5 s, so no collective waits long
+enough to hit the process group's timeout. Caption edits and exclusions reach every rank's DataLoader workers
+through `<run_dir>/interactive/live.json` (`run.follow_captions`; see data.dataset.LiveCaptions).
 """
 
 from __future__ import annotations
@@ -27,21 +34,17 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable
+from typing import Any, Callable, Sequence
 
 import torch
 from tqdm import tqdm
 
-from caption_train.data.dataset import CaptionDataset
 from caption_train.data.images import ImageLoadError, load_rgb
-from caption_train.iterative.address import exposure_warning, is_loopback
+from caption_train.hooks import HookRun, TrainingHooks
+from caption_train.address import exposure_warning, is_loopback
 from caption_train.iterative.schema import Saved
 from caption_train.iterative.server import PageServer, bind_socket
 from caption_train.iterative.store import LIVE_FILE, Workspace, WorkspaceError
-from caption_train.train import TrainingHooks
-
-if TYPE_CHECKING:
-    from caption_train.train import Run
 
 log = logging.getLogger(__name__)
 
@@ -66,63 +69,40 @@ class _AboveTheBar(logging.Handler):
             self.handleError(record)
 
 
-def leave_out_of_bar(bar: Any, seconds: float) -> None:
-    """Take `seconds` (a pause) off the bar's clock: its elapsed time, rate and ETA then count training only.
+Captioner = Callable[[Sequence[Path], Sequence[Any]], list[str]]
+"""(image files, the loaded images) -> one caption each: HookRun.caption during training, a model's in `review`."""
 
-    tqdm's rate is a moving average of (steps, seconds since the last print); moving both the start and the last
-    print forward keeps the pause out of both. (`tqdm.unpause` would also drop the training time between the
-    bar's last print and the pause.)
-    """
-    if bar is None or getattr(bar, "disable", True) or seconds <= 0:
-        return
-    bar.start_t += seconds
-    bar.last_print_t += seconds
-    bar.refresh()
+
+def record_captions(workspace: Workspace, caption: Captioner, images: list[str], *, step: int | None) -> None:
+    """Caption `images` (ids) in batches with `caption` and record the results; an image that cannot be loaded
+    gets a message in place of a caption."""
+    for start in range(0, len(images), GENERATE_BATCH):
+        chunk, loaded, failed = images[start : start + GENERATE_BATCH], [], []
+        for image in chunk:
+            try:
+                path = workspace.image_file(image)
+                loaded.append((image, path, load_rgb(path)))
+            except (ImageLoadError, WorkspaceError) as error:
+                failed.append((image, f"(cannot load the image: {error})"))
+        texts = caption([path for _, path, _ in loaded], [picture for _, _, picture in loaded]) if loaded else []
+        workspace.record_model_captions([(image, text) for (image, _, _), text in zip(loaded, texts)] + failed, step)
 
 
 def caption_images(workspace: Workspace, model: torch.nn.Module, processor: Any, family: Any, images: list[str], *,
                    step: int | None, autocast: Callable[[], Any] = contextlib.nullcontext, prompt: str | None = None) -> None:
-    """Caption `images` (ids) with `model` in eval mode and record the results; restores the model's mode.
-    `prompt` is the run's --prompt (None: the family's default), so the page shows what training teaches."""
+    """Caption `images` (ids) with a model outside training (`review`) in eval mode and record the results;
+    restores the model's mode. `prompt`: None for the family's default."""
+
+    def caption(paths: Sequence[Path], pictures: Sequence[Any]) -> list[str]:
+        with torch.no_grad(), autocast():
+            return family.generate(model, processor, list(pictures), prompt=prompt)
+
     was_training = model.training
     model.eval()
     try:
-        for start in range(0, len(images), GENERATE_BATCH):
-            chunk, loaded, failed = images[start : start + GENERATE_BATCH], [], []
-            for image in chunk:
-                try:
-                    loaded.append((image, load_rgb(workspace.image_file(image))))
-                except (ImageLoadError, WorkspaceError) as error:
-                    failed.append((image, f"(cannot load the image: {error})"))
-            texts: list[str] = []
-            if loaded:
-                with torch.no_grad(), autocast():
-                    texts = family.generate(model, processor, [picture for _, picture in loaded], prompt=prompt)
-            workspace.record_model_captions([(image, text) for (image, _), text in zip(loaded, texts)] + failed, step)
+        record_captions(workspace, caption, images, step=step)
     finally:
-        if was_training:
-            model.train()
-
-
-class _TeeTracker:
-    """Passes everything to the run's tracker and shows loss, lr and the epoch's sample captions on the page."""
-
-    def __init__(self, inner: Any, hooks: "InteractiveHooks"):
-        self.inner, self.hooks = inner, hooks
-
-    def log(self, metrics: dict[str, float], step: int) -> None:
-        self.inner.log(metrics, step)
-        self.hooks._on_metrics(metrics)
-
-    def log_samples(self, rows: list[dict[str, Any]], step: int) -> None:
-        self.inner.log_samples(rows, step)
-        self.hooks._on_samples(rows, step)
-
-    def finish(self) -> None:
-        self.inner.finish()
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self.inner, name)
+        model.train(was_training)
 
 
 class InteractiveHooks(TrainingHooks):
@@ -163,28 +143,22 @@ class InteractiveHooks(TrainingHooks):
 
     # ------------------------------------------------------------------ hooks
 
-    def on_setup(self, run: "Run") -> None:
+    def on_setup(self, run: HookRun) -> None:
         state_dir = run.run_dir / STATE_DIR_NAME
-        datasets = [run.train_dataset]
-        val_dataset = getattr(run.val_loader, "dataset", None) if run.val_loader is not None else None
-        if isinstance(val_dataset, CaptionDataset):
-            datasets.append(val_dataset)
-        for dataset in datasets:  # every rank: its workers fork after this and inherit it
-            dataset.follow(state_dir / LIVE_FILE)
-        self.main = run.accelerator.is_main_process
+        run.follow_captions(state_dir / LIVE_FILE)  # every rank: its workers fork after this and inherit it
+        self.main = run.is_main_process
         if not self.main:
             self.close()
             return
         if self.sock is None:  # RANK said otherwise; accelerate knows better
             self.sock = bind_socket(self.host, self.port)
-        samples = [sample for dataset in datasets for sample in dataset.samples]
-        self.workspace = Workspace(Path(run.cfg.dataset_dir), samples, state_dir=state_dir, mode="training",
-                                   probe=run.sample_items, log=say)
-        self.workspace.update_status(state="running", epoch=run.epoch + 1 if hasattr(run, "epoch") else 1, epochs=run.cfg.epochs,
-                                     step=run.global_step, total_steps=run.total_steps, can_generate=True)
+        self.workspace = Workspace(run.dataset_dir, run.samples, state_dir=state_dir, mode="training",
+                                   probe=run.probe_samples, log=say)
+        self.workspace.set_losses(run.sample_loss_history())  # a resumed run's earlier epochs
+        self.workspace.update_status(state="running", epoch=run.epoch + 1, epochs=run.epochs,
+                                     step=run.step, total_steps=run.total_steps, can_generate=True)
         if self.start_paused:
             self.workspace.set_control(pause=True)
-        run.tracker = _TeeTracker(run.tracker, self)
         self.server = PageServer(self.workspace, self.host, self.port, token=self.token, sock=self.sock)
         self.sock = None  # the server owns it now
         self._route_log(True)
@@ -193,17 +167,16 @@ class InteractiveHooks(TrainingHooks):
             print(exposure_warning(self.host, self.server.port), file=sys.stderr, flush=True)
         print(f"interactive page: {self.server.url}", flush=True)
 
-    def on_step_end(self, run: "Run", epoch: int) -> None:
+    def on_step_end(self, run: HookRun, epoch: int) -> None:
         workspace = self.workspace
         if workspace is not None:
-            workspace.update_status(epoch=epoch + 1, step=run.global_step)
+            workspace.update_status(epoch=epoch + 1, step=run.step)
         paused, save = self._agree(run)
         was_paused = False
-        bar = getattr(run, "progress", None)  # the training bar (train.run_training stores it on the run)
         entered = time.time()  # when paused, all the time spent here is pause (captioning and saving included)
         while True:
             if save is not None:
-                self._save(run, save, epoch)
+                self._save(run, save)
             if workspace is not None:
                 self._caption_pending(run, None if paused else self.captions_per_step)
             if not paused:
@@ -213,24 +186,48 @@ class InteractiveHooks(TrainingHooks):
             was_paused = True
             if workspace is not None:
                 with workspace.changed:
-                    workspace.changed.wait_for(lambda: not workspace.pause_requested or workspace.save_requested or bool(workspace.pending) or _stop_signal(run),
+                    workspace.changed.wait_for(lambda: not workspace.pause_requested or workspace.save_requested or bool(workspace.pending) or run.stop_requested,
                                                timeout=PAUSE_POLL_S)
             paused, save = self._agree(run)
         if was_paused:
-            leave_out_of_bar(bar, time.time() - entered)
+            run.paused_for(time.time() - entered)
             if workspace is not None:
                 workspace.update_status(state="running")
 
-    def on_epoch_end(self, run: "Run", epoch: int) -> None:
+    def on_epoch_end(self, run: HookRun, epoch: int) -> None:
+        """The epoch's per-image losses are in: the review queue re-ranks (the page offers to reload it)."""
         if self.workspace is not None:
-            self.workspace.update_status(epoch=epoch + 1, step=run.global_step)
+            self.workspace.set_losses(run.sample_loss_history())
+            self.workspace.update_status(epoch=epoch + 1, step=run.step)
 
-    def on_train_end(self, run: "Run") -> None:
+    def on_train_end(self, run: HookRun) -> None:
         if self.workspace is not None:
             with self.workspace.lock:
                 self.workspace.pending.clear()
-            self.workspace.update_status(state="finished", step=run.global_step, can_generate=False)
+            self.workspace.update_status(state="finished", step=run.step, can_generate=False)
         self.close()
+
+    def on_metrics(self, metrics: dict[str, float], step: int) -> None:
+        """Loss, lr and validation loss, live on the page."""
+        if self.workspace is None:
+            return
+        update: dict[str, Any] = {}
+        if "train/loss" in metrics:
+            update["loss"] = _finite(metrics["train/loss"])
+        lr = metrics.get("train/effective_lr", metrics.get("train/lr"))
+        if lr is not None:
+            update["lr"] = _finite(lr)
+        if "val/loss" in metrics:
+            update["val_loss"] = _finite(metrics["val/loss"])
+        if update:
+            self.workspace.update_status(**update)
+
+    def on_samples(self, rows: list[dict[str, Any]], step: int) -> None:
+        """The epoch's probe captions become those images' model captions."""
+        if self.workspace is None:
+            return
+        pairs = [(self.workspace.by_path[row["image"]], row["prediction"]) for row in rows if row.get("image") in self.workspace.by_path]
+        self.workspace.record_model_captions(pairs, step)
 
     def _route_log(self, on: bool) -> None:
         """While serving, the page's log records (e.g. a failed action's traceback) print above the bar."""
@@ -246,74 +243,41 @@ class InteractiveHooks(TrainingHooks):
 
     # ------------------------------------------------------------------ between steps
 
-    def _agree(self, run: "Run") -> tuple[bool, str | None]:
+    def _agree(self, run: HookRun) -> tuple[bool, str | None]:
         """(pause?, checkpoint name to save or None) as decided by the main process, the same on every rank."""
-        decision: list[Any] = [False, None]
+        paused, save = False, None
         workspace = self.workspace
         if workspace is not None:
             with workspace.lock:
                 # A Ctrl-C / SIGTERM while paused must reach the loop, which stops and saves.
-                decision[0] = workspace.pause_requested and not _stop_signal(run)
+                paused = workspace.pause_requested and not run.stop_requested
                 if workspace.save_requested:
                     workspace.save_requested = False
-                    name = f"step-{run.global_step}"
+                    name = f"step-{run.step}"
                     if (run.run_dir / name).exists():  # saved at this step already (save_every_n_steps, a double click)
-                        workspace.emit("saved", Saved(path=str(run.run_dir / name), step=run.global_step))
+                        workspace.emit("saved", Saved(path=str(run.run_dir / name), step=run.step))
                     else:
-                        decision[1] = name
-        if run.accelerator.num_processes > 1:
-            from accelerate.utils import broadcast_object_list
+                        save = name
+        paused, save = run.agree((paused, save))
+        return bool(paused), save
 
-            broadcast_object_list(decision, from_process=0)
-        return bool(decision[0]), decision[1]
-
-    def _save(self, run: "Run", name: str, epoch: int) -> None:
-        from caption_train.train import save
-
-        path = save(run, name, epoch=epoch)  # collective: every rank is here, by the broadcast decision
+    def _save(self, run: HookRun, name: str) -> None:
+        path = run.save(name)  # collective: every rank is here, by the agreed decision
         if self.workspace is not None:
             say(f"saved {path} (asked for on the interactive page)")
-            self.workspace.emit("saved", Saved(path=str(path), step=run.global_step))
+            self.workspace.emit("saved", Saved(path=str(path), step=run.step))
 
-    def _caption_pending(self, run: "Run", limit: int | None) -> None:
+    def _caption_pending(self, run: HookRun, limit: int | None) -> None:
         workspace = self.workspace
         assert workspace is not None
         images = workspace.take_pending(limit if limit is not None else 4 * GENERATE_BATCH)
         if not images:
             return
         try:
-            caption_images(workspace, run.accelerator.unwrap_model(run.model), run.processor, run.family, images,
-                           step=run.global_step, autocast=run.accelerator.autocast, prompt=run.cfg.prompt)
+            record_captions(workspace, run.caption, images, step=run.step)
         except Exception as error:  # the page asked for it; a failure must not end the run
             log.exception("interactive page: captioning failed")
-            workspace.record_model_captions([(image, f"(captioning failed: {type(error).__name__}: {error})") for image in images], run.global_step)
-
-    # ------------------------------------------------------------------ tracker tee
-
-    def _on_metrics(self, metrics: dict[str, float]) -> None:
-        if self.workspace is None:
-            return
-        update: dict[str, Any] = {}
-        if "train/loss" in metrics:
-            update["loss"] = _finite(metrics["train/loss"])
-        lr = metrics.get("train/effective_lr", metrics.get("train/lr"))
-        if lr is not None:
-            update["lr"] = _finite(lr)
-        if "val/loss" in metrics:
-            update["val_loss"] = _finite(metrics["val/loss"])
-        if update:
-            self.workspace.update_status(**update)
-
-    def _on_samples(self, rows: list[dict[str, Any]], step: int) -> None:
-        if self.workspace is None:
-            return
-        pairs = [(self.workspace.by_path[row["image"]], row["prediction"]) for row in rows if row.get("image") in self.workspace.by_path]
-        self.workspace.record_model_captions(pairs, step)
-
-
-def _stop_signal(run: "Run") -> bool:
-    stop = getattr(run, "stop", None)
-    return bool(getattr(stop, "signum", 0))
+            workspace.record_model_captions([(image, f"(captioning failed: {type(error).__name__}: {error})") for image in images], run.step)
 
 
 def _finite(value: Any) -> float | None:

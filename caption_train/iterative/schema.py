@@ -11,6 +11,10 @@ Every message is one JSON object `{"req_from", "type", "payload", "id"}`. The pa
     caption_quality    {image, quality: 1..5}             rate the caption; 1 excludes the image until re-rated
     caption_accept     {image, model_caption?}            the model's latest caption becomes the caption
     caption_generate   {images: [id, ...]}                caption these images now with the current weights
+    caption_fine       {image, fine?, caption?}           the caption is fine (fine: false takes it back): the image
+                                                          leaves the review queue while its caption stays this text
+                                                          (caption: the text the person judged; a mismatch is a
+                                                          `conflict` error)
     pause, resume, save  {}                               training only; save = write step-N/ now
 
 `caption_new` and `caption_quality` keep the original tool's names and payload fields (`new_caption`, `quality`),
@@ -75,6 +79,12 @@ class CaptionAcceptPayload(_Model):
     model_caption: Caption | None = None
 
 
+class CaptionFinePayload(_Model):
+    image: ImageId
+    fine: bool = True
+    caption: AnyText | None = None
+
+
 class CaptionGeneratePayload(_Model):
     images: Annotated[list[ImageId], Field(min_length=1, max_length=MAX_GENERATE_IMAGES)]
 
@@ -103,6 +113,11 @@ class CaptionGenerate(_ClientMessage):
     payload: CaptionGeneratePayload
 
 
+class CaptionFine(_ClientMessage):
+    type: Literal["caption_fine"]
+    payload: CaptionFinePayload
+
+
 class Pause(_ClientMessage):
     type: Literal["pause"]
     payload: EmptyPayload = EmptyPayload()
@@ -119,14 +134,14 @@ class Save(_ClientMessage):
 
 
 ClientMessage = Annotated[
-    Union[CaptionNew, CaptionQuality, CaptionAccept, CaptionGenerate, Pause, Resume, Save],
+    Union[CaptionNew, CaptionQuality, CaptionAccept, CaptionGenerate, CaptionFine, Pause, Resume, Save],
     Field(discriminator="type"),
 ]
-CLIENT_MESSAGE_TYPES = ("caption_new", "caption_quality", "caption_accept", "caption_generate", "pause", "resume", "save")
+CLIENT_MESSAGE_TYPES = ("caption_new", "caption_quality", "caption_accept", "caption_generate", "caption_fine", "pause", "resume", "save")
 _CLIENT_ADAPTER: TypeAdapter[Any] = TypeAdapter(ClientMessage)
 
 
-def parse_client_message(data: str | bytes) -> CaptionNew | CaptionQuality | CaptionAccept | CaptionGenerate | Pause | Resume | Save:
+def parse_client_message(data: str | bytes) -> CaptionNew | CaptionQuality | CaptionAccept | CaptionGenerate | CaptionFine | Pause | Resume | Save:
     """Validate one JSON message from the page; raises pydantic.ValidationError (see `error_details`)."""
     return _CLIENT_ADAPTER.validate_json(data)
 
@@ -145,6 +160,18 @@ class ModelCaption(_Model):
     step: int | None = None  # optimizer step of the weights that wrote it (None in review mode)
 
 
+class LossInfo(_Model):
+    """An image's caption loss per epoch (from the run's sample_losses) and its place in the review queue."""
+
+    epochs: list[int]  # every epoch with a loss, oldest first
+    losses: list[float]  # the loss of each (non-finite ones are sent as null)
+    same_caption_from: int  # index of the first loss measured on the latest loss's caption text (earlier: older text)
+    down: bool | None  # that text's loss went down from its first epoch to its latest (None: one epoch of it)
+    fixed: bool  # the caption changed since the latest loss: out of the queue until its next loss is in
+    fine: bool  # marked fine for the caption it has now: out of the queue
+    rank: int | None  # 1-based place in the review queue; None when not in it
+
+
 class ImageInfo(_Model):
     id: ImageId
     path: str  # relative to the dataset folder, for display and search only: never accepted back
@@ -154,6 +181,7 @@ class ImageInfo(_Model):
     excluded: bool = False  # rating 1: left out of training until re-rated
     probe: bool = False  # one of the trainer's fixed sample images
     model_caption: ModelCaption | None = None
+    loss: LossInfo | None = None  # None: no loss recorded for this image (yet)
 
 
 class Status(_Model):
@@ -173,6 +201,9 @@ class Status(_Model):
     excluded: int = 0
     gold: int = 0
     pending_captions: int = 0
+    loss_epoch: int = 0  # the latest epoch with per-image losses (0: none yet)
+    ranked: int = 0  # images shown that have a loss
+    suspects: int = 0  # images in the review queue now
     model: str | None = None  # review mode: the model captioning, if any
     can_generate: bool = False
 

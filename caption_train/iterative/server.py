@@ -29,7 +29,7 @@ from aiohttp import WSCloseCode, WSMsgType, web
 from pydantic import ValidationError
 
 from caption_train.errors import UserError
-from caption_train.iterative.address import is_loopback, page_url, url_host
+from caption_train.address import is_loopback, page_url, url_host
 from caption_train.iterative.schema import (
     MAX_CAPTION_CHARS, MAX_GENERATE_IMAGES, Ack, Hello, ModelCaptions, error_details, error_message, parse_client_message,
     server_message,
@@ -44,7 +44,7 @@ MAX_QUERY_CHARS = 200
 MAX_PAGE = 100
 STATUS_INTERVAL_S = 0.25
 TOKEN_HEADER = "X-Caption-Train-Token"
-VIEWS = ("all", "probe", "modified", "rated", "excluded", "gold", "captioned")
+VIEWS = ("all", "probe", "modified", "rated", "excluded", "gold", "captioned", "suspects", "not_down")
 HTTP_STATUS = {"invalid_json": 400, "invalid_message": 422, "unknown_image": 404, "conflict": 409, "not_writable": 409,
                "unavailable": 409, "busy": 429, "unauthorized": 401, "forbidden": 403, "too_large": 413, "not_found": 404,
                "internal": 500}
@@ -368,6 +368,8 @@ class PageServer:
             return {"image": workspace.set_rating(payload.image, payload.quality).model_dump(mode="json")}
         if kind == "caption_accept":
             return {"image": workspace.accept(payload.image, payload.model_caption).model_dump(mode="json")}
+        if kind == "caption_fine":
+            return {"image": workspace.set_fine(payload.image, payload.fine, seen=payload.caption).model_dump(mode="json")}
         if kind == "caption_generate":
             return {"pending": workspace.request_captions(list(payload.images), can_generate=workspace.status.can_generate)}
         if workspace.mode != "training":

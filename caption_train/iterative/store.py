@@ -3,17 +3,24 @@
     workspace = Workspace(Path("dataset"), samples, state_dir=run_dir / "interactive", mode="training")
     info = workspace.set_caption(image_id, "a red circle", action="edit")    # writes dataset/.../img.txt
     workspace.set_rating(image_id, 1)                                        # excluded from training
+    workspace.set_losses(run.sample_loss_history())                          # the review queue, by caption loss
+    total, infos = workspace.search(view="suspects")                         # most suspect first
 
 Thread-safe: the server thread edits, the training thread reads controls and records model captions.
 Files it writes (nothing else, and nothing at all inside the dataset except the edited .txt files):
 
     <state_dir>/history.jsonl   one line per change: {"time", "action", "image", "old", "new", "step", ...}
     <state_dir>/ratings.json    {"<relative image path>": {"rating": 1..5, "time", "step"}}
+    <state_dir>/fine.json       {"<relative image path>": {"caption_sha1", "time", "step"}}: captions a person
+                                marked fine in the review queue (for that text only: an edit brings them back)
     <state_dir>/live.json       what the training DataLoader follows (data.dataset.LiveCaptions): new captions
                                 and the images rated 1, keyed by image path as scanned
 
 Ratings: 1 = bad, left out of training (and validation loss) until re-rated; 2-4 = stored, for sorting and
 filtering on the page; 5 = "gold", stored and shown with a star. Only 1 changes what the trainer does.
+
+The review queue (views "suspects" and "not_down"): images by their latest caption loss, highest first, as
+ranking.suspect_order decides from the losses given to `set_losses`, the captions now, fine.json and ratings.
 """
 
 from __future__ import annotations
@@ -30,10 +37,13 @@ from typing import Any, Callable, Iterable
 
 from caption_train.data.scan import Sample, caption_path_for
 from caption_train.files import new_file_mode, write_text_atomic
-from caption_train.iterative.schema import ImageInfo, ModelCaption, Status, normalize_caption_text
+from caption_train.hooks import SampleLoss, caption_sha1
+from caption_train.iterative.ranking import LossTrend, loss_trend, suspect_order
+from caption_train.iterative.schema import ImageInfo, LossInfo, ModelCaption, Status, normalize_caption_text
 
 HISTORY_FILE = "history.jsonl"
 RATINGS_FILE = "ratings.json"
+FINE_FILE = "fine.json"
 LIVE_FILE = "live.json"
 EXCLUDE_RATING = 1
 GOLD_RATING = 5
@@ -102,6 +112,13 @@ class Workspace:
         self.modified: set[str] = set()
         self.ratings: dict[str, dict[str, Any]] = {}
         self.model_captions: dict[str, ModelCaption] = {}
+        # ---- the review queue: losses per image (id -> trend), captions marked fine (id -> record with caption_sha1)
+        self.trends: dict[str, LossTrend] = {}
+        self.loss_rows: dict[str, list[SampleLoss]] = {}
+        self.fine: dict[str, dict[str, Any]] = {}
+        self.loss_epoch = 0
+        self._queues: dict[bool, list[str]] = {}  # not_down -> ids in queue order; emptied by whatever changes it
+        self._ranks: dict[str, int] | None = None
         # ---- controls (read by the training thread or the review loop)
         self.pause_requested = False
         self.save_requested = False
@@ -124,6 +141,16 @@ class Workspace:
             for rel, record in dict(stored).items():
                 if rel in by_rel and isinstance(record, dict) and record.get("rating") in (1, 2, 3, 4, 5):
                     self.ratings[by_rel[rel]] = record
+        fine_path = self.state_dir / FINE_FILE
+        if fine_path.is_file():
+            try:
+                stored = json.loads(fine_path.read_text(encoding="utf-8"))
+            except (OSError, ValueError):
+                stored = {}
+            by_rel = {e.rel: i for i, e in self.entries.items()}
+            for rel, record in dict(stored).items():
+                if rel in by_rel and isinstance(record, dict) and isinstance(record.get("caption_sha1"), str):
+                    self.fine[by_rel[rel]] = record
         live_path = self.state_dir / LIVE_FILE
         if live_path.is_file():
             try:
@@ -143,6 +170,10 @@ class Workspace:
     def _write_ratings(self) -> None:
         data = {self.entries[i].rel: record for i, record in sorted(self.ratings.items(), key=lambda kv: self.entries[kv[0]].rel)}
         write_text_atomic(self.state_dir / RATINGS_FILE, json.dumps(data, ensure_ascii=False, indent=1))
+
+    def _write_fine(self) -> None:
+        data = {self.entries[i].rel: record for i, record in sorted(self.fine.items(), key=lambda kv: self.entries[kv[0]].rel)}
+        write_text_atomic(self.state_dir / FINE_FILE, json.dumps(data, ensure_ascii=False, indent=1))
 
     def _history(self, record: dict[str, Any]) -> None:
         where = {"step": self.status.step, "epoch": self.status.epoch} if self.mode == "training" else {}
@@ -167,7 +198,17 @@ class Workspace:
             return ImageInfo(
                 id=image, path=entry.rel, caption=self.captions[image], modified=image in self.modified,
                 rating=rating, excluded=rating == EXCLUDE_RATING, probe=entry.probe, model_caption=self.model_captions.get(image),
+                loss=self._loss_info(image),
             )
+
+    def _loss_info(self, image: str) -> LossInfo | None:
+        trend = self.trends.get(image)
+        if trend is None:
+            return None
+        now = caption_sha1(self.captions[image])
+        return LossInfo(epochs=list(trend.epochs), losses=list(trend.losses), same_caption_from=trend.same_caption_from,
+                        down=trend.went_down, fixed=trend.caption_sha1 != now,
+                        fine=self.fine.get(image, {}).get("caption_sha1") == now, rank=self._rank_of(image))
 
     def image_file(self, image: str) -> Path:
         """The image's file, checked again now (a symlink may have been swapped since the scan)."""
@@ -177,10 +218,14 @@ class Workspace:
         return entry.sample.image_path
 
     def search(self, query: str = "", view: str = "all", offset: int = 0, limit: int = 24) -> tuple[int, list[ImageInfo]]:
-        """(total matches, one page of them). view: all, probe, modified, rated, excluded, gold, captioned."""
+        """(total matches, one page of them). view: all, probe, modified, rated, excluded, gold, captioned; suspects
+        (the review queue, most suspect first), not_down (the queue's images whose loss did not go down)."""
         needle = query.strip().lower()
         with self.lock:
-            ids = self.probe if view == "probe" else self.order
+            if view in ("suspects", "not_down"):
+                ids = self.queue(not_down=view == "not_down")
+            else:
+                ids = self.probe if view == "probe" else self.order
             matches = []
             for image in ids:
                 rating = self.ratings.get(image, {}).get("rating")
@@ -205,7 +250,64 @@ class Workspace:
             return {
                 "images": len(self.entries), "modified": len(self.modified), "rated": len(ratings),
                 "excluded": ratings.count(EXCLUDE_RATING), "gold": ratings.count(GOLD_RATING), "pending_captions": len(self.pending),
+                "ranked": len(self.trends), "suspects": len(self.queue()), "loss_epoch": self.loss_epoch,
             }
+
+    # ------------------------------------------------------------------ the review queue
+
+    def set_losses(self, history: dict[str, list[SampleLoss]]) -> int:
+        """Take every epoch's loss per image (keyed by path relative to the dataset folder, as HookRun and
+        sample_losses.jsonl give them); returns how many of those images are shown here (the rest are not in
+        this dataset, or hidden)."""
+        by_rel = {e.rel: i for i, e in self.entries.items()}
+        with self.lock:
+            self.loss_rows = {by_rel[rel]: list(rows) for rel, rows in history.items() if rel in by_rel and rows}
+            self.trends = {image: loss_trend(rows) for image, rows in self.loss_rows.items()}
+            self.loss_epoch = max((trend.epoch for trend in self.trends.values()), default=0)
+            self._queue_changed()
+            return len(self.trends)
+
+    def queue(self, *, not_down: bool = False) -> list[str]:
+        """Image ids in review-queue order (ranking.suspect_order), computed once per change."""
+        with self.lock:
+            if not_down not in self._queues:
+                rel = {image: self.entries[image].rel for image in self.loss_rows}
+                excluded = {rel[i] for i, r in self.ratings.items() if r["rating"] == EXCLUDE_RATING and i in rel}
+                order = suspect_order({rel[i]: rows for i, rows in self.loss_rows.items()}, {rel[i]: self.captions[i] for i in rel},
+                                      fine={rel[i]: r["caption_sha1"] for i, r in self.fine.items() if i in rel},
+                                      excluded=excluded, not_down=not_down)
+                by_rel = {path: image for image, path in rel.items()}
+                self._queues[not_down] = [by_rel[path] for path in order]
+            return self._queues[not_down]
+
+    def _rank_of(self, image: str) -> int | None:
+        if self._ranks is None:
+            self._ranks = {i: rank for rank, i in enumerate(self.queue(), 1)}
+        return self._ranks.get(image)
+
+    def _queue_changed(self) -> None:
+        self._queues.clear()
+        self._ranks = None
+
+    def set_fine(self, image: str, fine: bool = True, *, seen: str | None = None) -> ImageInfo:
+        """Mark the image's caption fine (it leaves the review queue while it stays this text), or take that back.
+        `seen`: the caption the person judged, checked against the caption now."""
+        with self.lock:
+            entry = self.entry(image)
+            current = self.captions[image]
+            if seen is not None and " ".join(seen.split()) != current:
+                raise WorkspaceError("conflict", f"{entry.rel}: the caption changed to {current!r} since you looked at it; look again")
+            if fine:
+                self.fine[image] = {"caption_sha1": caption_sha1(current), "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "step": self.status.step}
+            elif self.fine.pop(image, None) is None:
+                return self.info(image)
+            self._write_fine()
+            self._queue_changed()
+            self._history({"action": "fine" if fine else "unfine", "image": entry.rel, "id": image, "caption": current})
+            info = self.info(image)
+            self._publish_counts()
+        self.emit("caption_updated", info)
+        return info
 
     # ------------------------------------------------------------------ actions from the page
 
@@ -222,6 +324,7 @@ class Workspace:
             old_raw = self._write_caption_file(entry, new)
             self.captions[image] = new
             self.modified.add(image)
+            self._queue_changed()
             self._history({"action": action, "image": entry.rel, "id": image, "old": old_raw,
                            "old_source": "txt" if old_raw is not None else "metadata.jsonl", "old_caption": current, "new": new})
             self._write_live()
@@ -271,6 +374,7 @@ class Workspace:
             before = self.ratings.get(image, {}).get("rating")
             self.ratings[image] = {"rating": quality, "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "step": self.status.step}
             self._write_ratings()
+            self._queue_changed()
             if EXCLUDE_RATING in (before, quality):
                 self._write_live()
             self._history({"action": "rate", "image": entry.rel, "id": image, "old_rating": before, "rating": quality})

@@ -7,8 +7,9 @@
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import torch
 from PIL import Image
@@ -16,6 +17,7 @@ from PIL import Image
 from caption_train.errors import UserError
 
 IGNORE_INDEX = -100  # positions with this label are left out of the loss (torch CrossEntropyLoss default)
+DEFAULT_NEW_TOKENS = 40  # longest caption generate() writes when not told (the caption command's --max_new_tokens default)
 
 _REGISTRY: dict[str, "ModelFamily"] = {}
 _FALLBACKS: list["ModelFamily"] = []  # families asked, in registration order, about model types nobody registered
@@ -106,7 +108,8 @@ class ModelFamily:
         """The frozen tower's output for a batch of pixel_values, as the text side consumes it (no autograd).
         Default: the tower's last_hidden_state."""
         with torch.inference_mode():
-            features = self.vision_tower(model)(pixel_values=pixel_values.to(model_dtype(model))).last_hidden_state
+            tower = self.vision_tower(model)
+            features = tower(pixel_values=pixel_values.to(model_dtype(tower))).last_hidden_state
         return features.clone()  # a normal tensor again, usable in autograd
 
     def feature_inputs(self, features: torch.Tensor, model: torch.nn.Module | None = None) -> dict[str, Any]:
@@ -124,6 +127,15 @@ class ModelFamily:
         if prompt is not None and self.default_prompt is None:
             raise UserError(f"--prompt {prompt!r}: the {self.name} family trains without a prompt (captions start from nothing); remove --prompt")
         return prompt if prompt is not None else self.default_prompt
+
+    def prompt_line(self, prompt: str | None, origin: str) -> str:
+        """The start-up line naming the prompt a command uses: `prompt` (where it came from: `origin`), or when
+        None the family's default."""
+        if prompt is None and self.default_prompt is None:
+            return f"prompt: none (the {self.name} family captions from the image alone)"
+        if prompt is None:
+            return f"prompt: {self.default_prompt!r} (the {self.name} family's default)"
+        return f"prompt: {prompt!r} ({origin})"
 
     # ---- data
     def collate(self, processor: Any, images: Sequence[Image.Image | None], captions: Sequence[str], *, max_length: int,
@@ -179,6 +191,17 @@ class ModelFamily:
         tower's cached output for these images) stand in for the images' pixels."""
         raise NotImplementedError
 
+    def new_token_budget(self, model: torch.nn.Module, prompt_length: int, requested: int | None, prompt: str | None) -> int:
+        """max_new_tokens for generate(): `requested` (default 40) capped so that the `prompt_length` tokens in front
+        of the caption and the caption fit the text model's positions (past them it would index off its position
+        embeddings); a UserError when the prompt alone leaves no room."""
+        limit = self.max_text_length(model)
+        room = limit - prompt_length
+        if room < 1:
+            raise UserError(f"--prompt {prompt!r}: it takes {prompt_length} of the text model's {limit} positions (start token included), "
+                            "which leaves no room for a caption; use a shorter prompt")
+        return min(requested or DEFAULT_NEW_TOKENS, room)
+
 
 def register(cls: type[ModelFamily]) -> type[ModelFamily]:
     """Class decorator: make a family findable by each of its `model_types`."""
@@ -192,6 +215,15 @@ def register(cls: type[ModelFamily]) -> type[ModelFamily]:
 
 def registered_families() -> dict[str, ModelFamily]:
     return dict(_REGISTRY)
+
+
+def prompt_family_names() -> tuple[list[str], list[str]]:
+    """(names of the families that take a prompt, names of those that refuse one), from the registry (generic
+    families included), for help texts that stay right when a family is added."""
+    families = list(dict.fromkeys([*_REGISTRY.values(), *_FALLBACKS]))
+    taking = sorted(family.name for family in families if family.default_prompt is not None)
+    refusing = sorted(family.name for family in families if family.default_prompt is None)
+    return taking, refusing
 
 
 def family_for_model_type(model_type: str, source: str) -> ModelFamily:
@@ -220,11 +252,83 @@ def load_model_config(name_or_path: str) -> Any:
             raise UserError(f"--model_name_or_path {name_or_path}: no such folder; pass a local model folder or a hub id like Salesforce/blip-image-captioning-base")
         if not (path / "config.json").is_file():
             raise UserError(f"--model_name_or_path {name_or_path}: no config.json there; pass a folder written by save_pretrained (or a run's final/ with the caption command)")
+    else:
+        from caption_train.hub import hub_problem
+
+        if (problem := hub_problem(name_or_path)) is not None:  # at once, not after minutes of retries
+            raise UserError(f"--model_name_or_path {name_or_path}: {problem}")
     try:
         return AutoConfig.from_pretrained(str(path) if path.exists() else name_or_path)
     except (OSError, ValueError) as err:
         reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise UserError(f"--model_name_or_path {name_or_path}: could not load the model config ({reason}); check the id, your network, or pass a local folder") from None
+
+
+# What a processor is saved as. A tokenizer's vocabulary: tokenizer.json (fast), or the slow tokenizers' vocab.txt
+# (BERT), vocab.json (+ merges.txt, BPE), *.model (SentencePiece), *.tiktoken. Without one, transformers builds an
+# empty tokenizer without a word of warning. The image processor's settings: preprocessor_config.json, or (what
+# transformers 5 writes) the image_processor table of processor_config.json.
+TOKENIZER_VOCABULARY = ("tokenizer.json", "vocab.txt", "vocab.json", "*.model", "*.tiktoken")
+IMAGE_PROCESSOR_CONFIG = "preprocessor_config.json"
+PROCESSOR_CONFIG = "processor_config.json"
+
+
+def missing_processor_files(folder: str | Path) -> list[str]:
+    """What a local model folder lacks of its processor, one description per part (empty when all is there)."""
+    import json
+
+    folder = Path(folder).expanduser()
+    missing = []
+    if not any(any(folder.glob(pattern)) for pattern in TOKENIZER_VOCABULARY):
+        missing.append(f"the tokenizer ({' / '.join(TOKENIZER_VOCABULARY)}, with tokenizer_config.json)")
+    image_processor = (folder / IMAGE_PROCESSOR_CONFIG).is_file()
+    if not image_processor and (folder / PROCESSOR_CONFIG).is_file():
+        try:
+            image_processor = "image_processor" in json.loads((folder / PROCESSOR_CONFIG).read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, ValueError):
+            pass  # unreadable: counts as missing
+    if not image_processor:
+        missing.append(f"the image processor config ({IMAGE_PROCESSOR_CONFIG}, or {PROCESSOR_CONFIG} with an image_processor table)")
+    return missing
+
+
+def check_processor_files(name_or_path: str) -> None:
+    """For a local model folder: one line naming what it lacks of its processor, before anything is loaded (hub
+    ids are checked by loading them)."""
+    path = Path(name_or_path).expanduser()
+    if not path.is_dir():
+        return
+    missing = missing_processor_files(path)
+    if missing:
+        raise UserError(f"model {name_or_path}: its processor files are missing: {' and '.join(missing)}; save the model's processor "
+                        "beside it (processor.save_pretrained(folder)) or copy those files from the model it was made from")
+
+
+def load_processor(name_or_path: str, cls: Any = None, **kwargs: Any) -> Any:
+    """The processor saved with a model (`cls`, default AutoProcessor, with `kwargs`), or a one-line UserError
+    naming the folder and what is missing or wrong, instead of transformers' traceback."""
+    if cls is None:
+        from transformers import AutoProcessor as cls
+    check_processor_files(name_or_path)
+    try:
+        return cls.from_pretrained(name_or_path, **kwargs)
+    except ImportError as err:  # e.g. SmolVLM(2)'s processor needs num2words
+        raise UserError(missing_package_message(name_or_path, err)) from None
+    except (OSError, ValueError, TypeError, KeyError) as err:
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise UserError(f"model {name_or_path}: could not load its processor ({reason}); the processor files must be saved beside the model") from None
+
+
+def missing_package_message(name_or_path: str, err: ImportError) -> str:
+    """One line naming the package a processor could not import and the pip command that installs it."""
+    import re
+
+    text = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    match = re.search(r"pip install (?:-U )?[`'\"]?([A-Za-z0-9_.\-]+)", text) or re.search(r"`([A-Za-z0-9_.\-]+)`", text)
+    package = err.name.split(".")[0] if err.name else (match.group(1) if match else None)
+    if package is None:
+        return f"model {name_or_path}: its processor needs a package that is not installed ({text})"
+    return f"model {name_or_path}: its processor needs the {package} package, which is not installed: pip install {package}"
 
 
 def resolve_family(name_or_path: str) -> tuple[ModelFamily, Any]:
@@ -277,6 +381,28 @@ def pop_load_kwargs(overrides: dict[str, Any]) -> tuple[dict[str, Any], dict[str
     if "quantization_config" in overrides:
         kwargs["quantization_config"] = overrides.pop("quantization_config")
     return kwargs, overrides
+
+
+@contextlib.contextmanager
+def quiet_transformers_bars() -> Iterator[None]:
+    """transformers' own progress bars ("Loading weights", "Writing model shards") off inside, as they were after;
+    also a decorator. For loads and saves whose progress the caller shows itself (start-up lines, its own bar): the
+    bars printed around those at every start, save and merge. The hub's download bars stay as they were (a first
+    download is work nothing of ours shows)."""
+    from huggingface_hub.utils import are_progress_bars_disabled, disable_progress_bars, enable_progress_bars
+    from transformers.utils import logging as hf_logging
+
+    bars_on, downloads_on = hf_logging.is_progress_bar_enabled(), not are_progress_bars_disabled()
+    hf_logging.disable_progress_bar()  # turns the hub's bars off too...
+    if downloads_on:
+        enable_progress_bars()  # ...so they go back on
+    try:
+        yield
+    finally:
+        if bars_on:
+            hf_logging.enable_progress_bar()  # (the hub's too)
+        if not downloads_on:
+            disable_progress_bars()
 
 
 def swap_class(module: torch.nn.Module, mixin: type) -> None:
@@ -350,6 +476,16 @@ def unwrap_peft(model: torch.nn.Module) -> torch.nn.Module:
 
 
 def model_dtype(model: torch.nn.Module) -> torch.dtype:
+    """The dtype inputs to `model` are cast to: that of its first weight outside a normalization layer. Weights
+    need not share one dtype (under bf16 autocast norms and what trains are fp32 beside bf16 frozen weights:
+    caption_train/weights.py), so pass the module that reads the input, e.g. the vision tower for pixels."""
+    from caption_train.weights import is_norm
+
+    for module in model.modules():
+        if not is_norm(module):
+            for param in module.parameters(recurse=False):
+                if param.is_floating_point():
+                    return param.dtype
     return next(model.parameters()).dtype
 
 
@@ -358,6 +494,7 @@ def model_device(model: torch.nn.Module) -> torch.device:
 
 
 def to_model(inputs: dict[str, Any], model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """The tensors of `inputs` on the model's device, floating ones in its dtype (pixels), the rest as they are."""
+    """The tensors of `inputs` on the model's device, floating ones (pixels) in the dtype of its first weight outside
+    a norm (model_dtype: the vision tower's input layer, which comes first), the rest as they are."""
     dtype, device = model_dtype(model), model_device(model)
     return {k: (v.to(device, dtype) if v.is_floating_point() else v.to(device)) for k, v in inputs.items() if isinstance(v, torch.Tensor)}

@@ -22,6 +22,7 @@ from caption_train.models.base import (
     apply_config_overrides,
     swap_class,
     load_model_config,
+    load_processor,
     model_device,
     model_dtype,
     pop_load_kwargs,
@@ -47,10 +48,10 @@ class BlipFamily(ModelFamily):
         attention = load_kwargs.pop("attn_implementation", "sdpa")
         if attention not in ("sdpa", "eager"):
             raise UserError(f"model_config.attn_implementation {attention!r}: BLIP supports 'sdpa' (default) or 'eager'")
+        processor = load_processor(name_or_path, BlipProcessor)  # first: a folder without it fails before the weights load
         model = BlipForConditionalGeneration.from_pretrained(name_or_path, config=config, **load_kwargs)
         if attention == "sdpa":
             use_sdpa_attention(model)
-        processor = BlipProcessor.from_pretrained(name_or_path)
         return model, processor
 
     def text_length_limit(self, config: Any) -> int:
@@ -108,14 +109,14 @@ class BlipFamily(ModelFamily):
     def generate(self, model: torch.nn.Module, processor: Any, images: Sequence[Image.Image], *, prompt: str | None = None,
                  features: torch.Tensor | None = None, **generate_kwargs: Any) -> list[str]:
         texts = [prompt] * len(images) if prompt else None
-        inputs = dict(processor.tokenizer(texts, return_tensors="pt")) if texts else {}
+        # verbose=False: no "longer than the maximum" warning; a prompt too long is refused below, in one line.
+        inputs = dict(processor.tokenizer(texts, return_tensors="pt", verbose=False)) if texts else {}
         inputs["pixel_values"] = self.generation_pixels(processor, images, features)
         inputs = {k: v.to(model_device(model)) for k, v in inputs.items() if k in ("pixel_values", "input_ids", "attention_mask")}
-        inputs["pixel_values"] = inputs["pixel_values"].to(model_dtype(model))
-        # Positions past the text model's limit would index off its position embeddings.
+        inputs["pixel_values"] = inputs["pixel_values"].to(model_dtype(self.vision_tower(model)))
+        # BLIP's generate() drops the tokenizer's trailing [SEP] and starts from [DEC] alone without a prompt.
         prompt_length = inputs["input_ids"].shape[1] - 1 if "input_ids" in inputs else 1
-        room = self.max_text_length(model) - prompt_length
-        generate_kwargs["max_new_tokens"] = min(generate_kwargs.get("max_new_tokens") or 40, room)
+        generate_kwargs["max_new_tokens"] = self.new_token_budget(model, prompt_length, generate_kwargs.get("max_new_tokens"), prompt)
         output = model.generate(**inputs, **generate_kwargs)
         return [text.strip() for text in processor.batch_decode(output, skip_special_tokens=True)]
 

@@ -30,6 +30,7 @@ from caption_train.models.base import (
     ModelFamily,
     apply_config_overrides,
     load_model_config,
+    load_processor,
     model_device,
     model_dtype,
     pop_load_kwargs,
@@ -60,12 +61,12 @@ class Blip2Family(ModelFamily):
     supports_feature_cache = True  # the ViT's output is cached; the Q-Former and projection run every step
 
     def load(self, name_or_path: str, overrides: dict[str, Any], *, label_smoothing: float = 0.0) -> tuple[torch.nn.Module, Any]:
-        from transformers import AutoProcessor, Blip2ForConditionalGeneration
+        from transformers import Blip2ForConditionalGeneration
 
         config = load_model_config(name_or_path)
         load_kwargs, overrides = pop_load_kwargs(overrides)
         apply_config_overrides(config, overrides, sub_configs=("text_config", "qformer_config", "vision_config"))
-        processor = AutoProcessor.from_pretrained(name_or_path)
+        processor = load_processor(name_or_path)
         if _is_encoder_decoder(processor) == config.use_decoder_only_language_model:
             has = "no bos token" if _is_encoder_decoder(processor) else f"a bos token ({processor.tokenizer.bos_token})"
             raise UserError(f"model {name_or_path}: its tokenizer has {has}, which does not fit its {config.text_config.model_type} language model; save the processor that belongs to this model beside it")
@@ -163,7 +164,7 @@ class Blip2Family(ModelFamily):
                  features: torch.Tensor | None = None, **generate_kwargs: Any) -> list[str]:
         tokenizer = processor.tokenizer
         device = model_device(model)
-        pixel_values = self.generation_pixels(processor, images, features).to(device, model_dtype(model))
+        pixel_values = self.generation_pixels(processor, images, features).to(device, model_dtype(self.vision_tower(model)))
         start = self.start_ids(processor)
         if prompt:  # conditional captioning: the caption continues the prompt, which stays in it (as with BLIP)
             start += tokenizer(prompt, add_special_tokens=False)["input_ids"]

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import functools
 import inspect
-import re
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
@@ -30,6 +29,7 @@ from caption_train.models.base import (
     ModelFamily,
     apply_config_overrides,
     load_model_config,
+    load_processor as load_base_processor,
     model_device,
     pop_load_kwargs,
     register,
@@ -347,27 +347,11 @@ def load_processor(name_or_path: str, model_type: str, kwargs: dict[str, Any]) -
     cls = getattr(transformers, PROCESSOR_MAPPING_NAMES.get(model_type) or "AutoProcessor", transformers.AutoProcessor)
     if "video_processor" in getattr(cls, "get_attributes", lambda: [])():
         cls = image_only_processor_class(cls)
-    try:
-        processor = cls.from_pretrained(name_or_path, **kwargs)
-    except ImportError as err:  # e.g. SmolVLM(2)'s processor needs num2words
-        raise UserError(missing_package_message(name_or_path, err)) from None
-    except (OSError, ValueError, TypeError) as err:
-        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise UserError(f"model {name_or_path}: could not load its processor ({reason}); the processor files must be saved beside the model") from None
+    processor = load_base_processor(name_or_path, cls, **kwargs)
     if not getattr(processor, "chat_template", None) or not hasattr(processor, "tokenizer"):
         raise UserError(f"model {name_or_path}: its processor has no chat template (chat_template.jinja); the {ChatVlmFamily.name} family "
                         "places the prompt and caption with it: add the model's template, or use a model that ships one")
     return processor
-
-
-def missing_package_message(name_or_path: str, err: ImportError) -> str:
-    """One line naming the package a processor could not import and the pip command that installs it."""
-    text = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-    match = re.search(r"pip install (?:-U )?[`'\"]?([A-Za-z0-9_.\-]+)", text) or re.search(r"`([A-Za-z0-9_.\-]+)`", text)
-    package = err.name.split(".")[0] if err.name else (match.group(1) if match else None)
-    if package is None:
-        return f"model {name_or_path}: its processor needs a package that is not installed ({text})"
-    return f"model {name_or_path}: its processor needs the {package} package, which is not installed: pip install {package}"
 
 
 def image_only_processor_class(cls: type) -> type:
@@ -378,14 +362,19 @@ def image_only_processor_class(cls: type) -> type:
     def get_attributes(klass: type) -> list[str]:
         return [name for name in cls.get_attributes() if name != "video_processor"]
 
+    # SmolVLM's processor requires a video_processor argument: None (no videos). Given where from_pretrained builds
+    # the processor, not by wrapping __init__, because transformers reads the accepted keyword names off __init__'s
+    # own code. transformers 5.25 builds it through from_dict; earlier 5.x through from_args_and_dict.
     def from_args_and_dict(klass: type, args: Any, processor_dict: dict, **kwargs: Any) -> Any:
-        # SmolVLM's processor requires a video_processor argument: None (no videos). Given here, not by wrapping
-        # __init__, because transformers reads the accepted keyword names off __init__'s own code.
         kwargs.setdefault("video_processor", None)
         return cls.from_args_and_dict.__func__(klass, args, processor_dict, **kwargs)
 
+    def from_dict(klass: type, processor_dict: dict, **kwargs: Any) -> Any:
+        kwargs.setdefault("video_processor", None)
+        return cls.from_dict.__func__(klass, processor_dict, **kwargs)
+
     image_only = type(cls.__name__, (cls,), {"get_attributes": classmethod(get_attributes), "from_args_and_dict": classmethod(from_args_and_dict),
-                                             "video_processor": _NoVideos(), "__module__": cls.__module__})
+                                             "from_dict": classmethod(from_dict), "video_processor": _NoVideos(), "__module__": cls.__module__})
     _IMAGE_ONLY[cls] = image_only
     return image_only
 

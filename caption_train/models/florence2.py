@@ -25,6 +25,7 @@ from caption_train.models.base import (
     ModelFamily,
     apply_config_overrides,
     load_model_config,
+    load_processor,
     model_device,
     model_dtype,
     pop_load_kwargs,
@@ -50,17 +51,17 @@ class Florence2Family(ModelFamily):
     default_prompt = "<CAPTION>"  # or <DETAILED_CAPTION>, <MORE_DETAILED_CAPTION>, or any text
 
     def load(self, name_or_path: str, overrides: dict[str, Any], *, label_smoothing: float = 0.0) -> tuple[torch.nn.Module, Any]:
-        from transformers import AutoProcessor, Florence2ForConditionalGeneration
+        from transformers import Florence2ForConditionalGeneration
 
         config = load_model_config(name_or_path)
         load_kwargs, overrides = pop_load_kwargs(overrides)
         apply_config_overrides(config, overrides, sub_configs=("text_config", "vision_config"))
-        model = Florence2ForConditionalGeneration.from_pretrained(name_or_path, config=config, **load_kwargs)
-        processor = AutoProcessor.from_pretrained(name_or_path)
+        processor = load_processor(name_or_path)  # first: a folder without it fails before the weights load
         start, eos = config.text_config.decoder_start_token_id, processor.tokenizer.eos_token_id
         if start != eos:
             # collate() starts the decoder from the tokenizer's </s> (BART's convention); generation from the config's.
             raise UserError(f"model {name_or_path}: text_config.decoder_start_token_id is {start} but the tokenizer's </s> is {eos}; the Florence-2 family expects them equal (BART layout)")
+        model = Florence2ForConditionalGeneration.from_pretrained(name_or_path, config=config, **load_kwargs)
         if label_smoothing:
             use_label_smoothing(model, label_smoothing, config.text_config.vocab_size)
         return model, processor
@@ -149,7 +150,7 @@ class Florence2Family(ModelFamily):
         inputs = {k: v.to(device) for k, v in self.encoder_inputs(processor, images, prompt).items()}
         if features is not None:  # the frozen backbone's cached output, taken in place of the pixels
             inputs["pixel_values"] = self.feature_inputs(features)["pixel_values"].to(device)
-        inputs["pixel_values"] = inputs["pixel_values"].to(model_dtype(model))
+        inputs["pixel_values"] = inputs["pixel_values"].to(model_dtype(self.vision_tower(model)))
         start = unwrap_peft(model).config.text_config.decoder_start_token_id
         prefix = torch.tensor([[start, tokenizer.bos_token_id]] * len(images), device=device)  # as collate() trains
         room = self.max_text_length(model) - prefix.shape[1]

@@ -24,6 +24,7 @@ from caption_train.models.base import (
     ModelFamily,
     apply_config_overrides,
     load_model_config,
+    load_processor,
     model_device,
     model_dtype,
     pop_load_kwargs,
@@ -48,19 +49,19 @@ class GitFamily(ModelFamily):
     supports_feature_cache = True
 
     def load(self, name_or_path: str, overrides: dict[str, Any], *, label_smoothing: float = 0.0) -> tuple[torch.nn.Module, Any]:
-        from transformers import AutoProcessor, GitForCausalLM
+        from transformers import GitForCausalLM
 
         config = load_model_config(name_or_path)
         load_kwargs, overrides = pop_load_kwargs(overrides)
         apply_config_overrides(config, overrides, sub_configs=("vision_config",))
-        model = GitForCausalLM.from_pretrained(name_or_path, config=config, **load_kwargs)
-        if label_smoothing:
-            use_label_smoothing(model, label_smoothing, model.config.vocab_size)
-        processor = AutoProcessor.from_pretrained(name_or_path)
+        processor = load_processor(name_or_path)  # first: a folder without it fails before the weights load
         tokenizer = processor.tokenizer
         if tokenizer.cls_token_id is None or tokenizer("a")["input_ids"][0] != tokenizer.cls_token_id:
             # collate() trains from the tokenizer's leading [CLS], the token generate() starts from.
             raise UserError(f"model {name_or_path}: its tokenizer does not start texts with [CLS] (GIT's start token); save the BERT-style tokenizer that belongs to this model beside it")
+        model = GitForCausalLM.from_pretrained(name_or_path, config=config, **load_kwargs)
+        if label_smoothing:
+            use_label_smoothing(model, label_smoothing, model.config.vocab_size)
         return model, processor
 
     def text_length_limit(self, config: Any) -> int:
@@ -122,16 +123,15 @@ class GitFamily(ModelFamily):
                  features: torch.Tensor | None = None, **generate_kwargs: Any) -> list[str]:
         tokenizer = processor.tokenizer
         device = model_device(model)
-        pixel_values = self.generation_pixels(processor, images, features).to(device, model_dtype(model))
+        pixel_values = self.generation_pixels(processor, images, features).to(device, model_dtype(self.vision_tower(model)))
         # Start from [CLS], as training does (GIT's own config.bos_token_id is [CLS] too; passing it makes the
         # start token independent of the generation config). A prompt (conditional captioning) follows it and,
         # as with BLIP, stays in the caption.
         start = [tokenizer.cls_token_id]
         if prompt:
-            start += tokenizer(prompt, add_special_tokens=False)["input_ids"]
+            start += tokenizer(prompt, add_special_tokens=False, verbose=False)["input_ids"]  # (too long: refused below)
         input_ids = torch.tensor([start] * len(images), device=device)
-        room = self.max_text_length(model) - input_ids.shape[1]
-        generate_kwargs["max_new_tokens"] = max(1, min(generate_kwargs.get("max_new_tokens") or 40, room))
+        generate_kwargs["max_new_tokens"] = self.new_token_budget(model, input_ids.shape[1], generate_kwargs.get("max_new_tokens"), prompt)
         generate_kwargs.setdefault("eos_token_id", tokenizer.sep_token_id)
         generate_kwargs.setdefault("pad_token_id", tokenizer.pad_token_id)
         output = model.generate(pixel_values=pixel_values, input_ids=input_ids, **generate_kwargs)

@@ -24,6 +24,7 @@ from caption_train.models.base import (
     ModelFamily,
     apply_config_overrides,
     load_model_config,
+    load_processor,
     pop_load_kwargs,
     register,
     swap_class,
@@ -49,11 +50,7 @@ class PaliGemmaFamily(ModelFamily):
         config = load_model_config(name_or_path)
         load_kwargs, overrides = pop_load_kwargs(overrides)
         apply_config_overrides(config, overrides, sub_configs=("text_config", "vision_config"))
-        try:
-            processor = PaliGemmaProcessor.from_pretrained(name_or_path)
-        except (OSError, ValueError, TypeError) as err:
-            reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-            raise UserError(f"model {name_or_path}: could not load its PaliGemma processor ({reason}); the processor files must be saved beside the model") from None
+        processor = load_processor(name_or_path, PaliGemmaProcessor)
         model = PaliGemmaForConditionalGeneration.from_pretrained(name_or_path, config=config, **load_kwargs)
         return model, processor
 

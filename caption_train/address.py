@@ -1,8 +1,11 @@
-"""`--interactive [HOST:]PORT`: parsing, loopback detection and the page URL. Imports nothing heavy.
+"""`--interactive [HOST:]PORT` / `review --listen`: parsing, loopback detection and the page URL. Imports nothing heavy.
 
     host, port = parse_interactive("8765")              # ("127.0.0.1", 8765)
     host, port = parse_interactive("0.0.0.0:8765")      # reachable from other machines: warn loudly
     page_url("127.0.0.1", 8765, token)                  # "http://127.0.0.1:8765/?token=..."
+
+It lives outside caption_train.iterative (the page, which uses it too) so that config validation, and through it
+the training loop, depend on nothing of the page.
 """
 
 from __future__ import annotations
