@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import random
 import shutil
@@ -330,28 +331,26 @@ def test_repeats_and_a_frozen_tower_cannot_change_on_resume(tmp_path, key, old, 
 # Length-grouped batches (data/batching.py): a resumed run draws exactly the batches the interrupted one would have
 
 
-class RecordRows(TrainingHooks):
-    """Records the dataset indices the training loader fetches, in order (num_workers 0: fetched in this process)."""
+@contextlib.contextmanager
+def recording_rows(size: int = 18):
+    """The dataset indices the training loader fetches, in order (num_workers 0: fetched in this process): every
+    fetch from a CaptionDataset of `size` items (the 18 training images; the validation set has 6) is noted, then
+    served by the real __getitem__."""
+    from caption_train.data.dataset import CaptionDataset
 
-    def __init__(self, stop_at: int = 0):
-        self.rows: list[int] = []
-        self.stop = StopAtStep(stop_at) if stop_at else None
+    rows: list[int] = []
+    original = CaptionDataset.__getitem__
 
-    def on_setup(self, run):
-        rows = self.rows
+    def getitem(self, index):
+        if len(self) == size:
+            rows.append(index)
+        return original(self, index)
 
-        class Recorded(type(run.train_dataset)):
-            def __getitem__(self, index):
-                rows.append(index)
-                return super().__getitem__(index)
-
-        run.train_dataset.__class__ = Recorded
-        if self.stop:
-            self.stop.on_setup(run)
-
-    def on_step_end(self, run, epoch):
-        if self.stop:
-            self.stop.on_step_end(run, epoch)
+    CaptionDataset.__getitem__ = getitem
+    try:
+        yield rows
+    finally:
+        CaptionDataset.__getitem__ = original
 
 
 @pytest.fixture(scope="module")
@@ -369,9 +368,9 @@ GROUPED = (*STOCHASTIC, "--group_by_length", "on", "--epochs", "2", "--num_sampl
 
 @pytest.fixture(scope="module")
 def uninterrupted_grouped(tmp_path_factory, tiny_blip, mixed_dir) -> tuple[Path, list[int]]:
-    recorder = RecordRows()
-    final = train(load_train_config(base_args(mixed_dir, tiny_blip, tmp_path_factory.mktemp("full-grouped"), *GROUPED)), hooks=recorder)
-    return final, recorder.rows
+    with recording_rows() as rows:
+        final = train(load_train_config(base_args(mixed_dir, tiny_blip, tmp_path_factory.mktemp("full-grouped"), *GROUPED)))
+    return final, rows
 
 
 @pytest.mark.parametrize("k", [2, 4])  # mid-epoch, in the next epoch after the first epoch's end
@@ -384,12 +383,12 @@ def test_grouped_stop_and_resume_matches_uninterrupted(tmp_path, tiny_blip, mixe
         train(load_train_config(args), hooks=StopAtStep(k))
     state = resume.load_state(find_resumable(tmp_path, "caption-train"))
     assert state["batch_order"]["lengths"] is not None
-    recorder = RecordRows()
     capsys.readouterr()
-    final = train(load_train_config([*args, "--resume", "auto"]), hooks=recorder)
+    with recording_rows() as rows:
+        final = train(load_train_config([*args, "--resume", "auto"]))
     assert "batches: grouped by length (the checkpoint's row lengths)" in capsys.readouterr().out
     done = state["epoch"] * 18 + state["batches_done"] * 4  # 18 training images, batch 4
-    assert recorder.rows == reference_rows[done:]
+    assert rows == reference_rows[done:]
     assert losses(final.parent) == pytest.approx(losses(reference.parent), rel=1e-5)
     assert losses(final.parent, "val/loss") == pytest.approx(losses(reference.parent, "val/loss"), rel=1e-5)
     assert_same_weights(final, reference)
@@ -402,8 +401,8 @@ def test_resume_keeps_the_batch_order_when_captions_changed(tmp_path, tiny_blip,
     data = tmp_path / "data"
     shutil.copytree(mixed_dir, data)
     args = base_args(data, tiny_blip, tmp_path / "runs", *GROUPED)
-    full = RecordRows()
-    train(load_train_config(base_args(data, tiny_blip, tmp_path / "reference", *GROUPED)), hooks=full)
+    with recording_rows() as full:
+        train(load_train_config(base_args(data, tiny_blip, tmp_path / "reference", *GROUPED)))
     with pytest.raises(TrainingStopped):
         train(load_train_config(args), hooks=StopAtStep(2))
     texts = sorted(data.rglob("*.txt"))
@@ -414,10 +413,10 @@ def test_resume_keeps_the_batch_order_when_captions_changed(tmp_path, tiny_blip,
     assert main(["train", *args, "--resume", "auto", "--group_by_length", "off"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].startswith("error: --group_by_length off: the checkpoint's run grouped its rows by length"), err
-    resumed = RecordRows()
-    train(load_train_config([*args, "--resume", "auto"]), hooks=resumed)
+    with recording_rows() as resumed:
+        train(load_train_config([*args, "--resume", "auto"]))
     done = state["epoch"] * 18 + state["batches_done"] * 4
-    assert resumed.rows == full.rows[done:]
+    assert resumed == full[done:]
 
 
 def test_a_run_without_grouping_resumes_without_it(tmp_path, tiny_blip, mixed_dir, capsys):
