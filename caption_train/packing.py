@@ -1,8 +1,8 @@
 """Padding-free batches: a batch's rows concatenated into one sequence whose position ids restart at each row.
 
-    plan = plan_packing("auto", family, model)       # on or off, and why: plan.message, one start-up line
-    inputs = plan.pack(model, batch)                 # the model's inputs (after the feature cache), packed when on
-    result = family.caption_loss(model, inputs)      # per-row losses through inputs[PACKED_ROWS]
+    plan = plan_packing("auto", family, model, batch_size=8)   # on or off, and why: plan.message, one start-up line
+    inputs = plan.pack(model, batch)       # the model's inputs (after the feature cache), a PackedBatch when on
+    model(**inputs)                        # one sequence; inputs.rows: the row each position belongs to
 
 Given no attention mask and position ids that restart at each row, transformers (5.25, masking_utils) finds the rows
 in the position ids and builds a block-diagonal causal mask for SDPA and eager attention (each row attends to itself
@@ -27,25 +27,35 @@ import torch
 from caption_train.errors import UserError
 
 PACKING_MODES = ("auto", "on", "off")
-PACKED_ROWS = "packed_rows"
-"""Key of a packed batch's [1, positions] row index (which sample each position belongs to), which the loss reads
-for per-row sums and the model's forward never sees."""
 
 
-def pack_rows(batch: dict[str, Any], positions: torch.Tensor) -> dict[str, Any]:
+class PackedBatch(dict):
+    """A packed batch: the model's keyword arguments (the dict itself), and `rows`, [1, positions], the batch row
+    (sample) each position belongs to, for per-row losses: an attribute, not a key, so the forward never sees it."""
+
+    rows: torch.Tensor
+
+
+def packed_rows(batch: dict[str, Any]) -> torch.Tensor | None:
+    """The row index of a packed batch ([1, positions]: which sample each position belongs to), None for a padded
+    one: what a loss sums per sample by (each row's own index is the default)."""
+    return getattr(batch, "rows", None)
+
+
+def pack_rows(batch: dict[str, Any], positions: torch.Tensor) -> PackedBatch:
     """`batch` (padded, with an attention_mask) as one sequence without padding. `positions`: each row's position ids,
     [rows, length] or [axes, rows, length] (Qwen's text + 3D positions). Per-token tensors (input_ids, labels,
     mm_token_type_ids, token_type_ids) lose their padding and become [1, tokens]; everything else (pixels, image
     sizes, cached image features) is kept as it is."""
     keep = batch["attention_mask"].bool()
-    packed: dict[str, Any] = {}
+    packed = PackedBatch()
     for key, value in batch.items():
         if key == "attention_mask":
             continue
         packed[key] = value[keep].unsqueeze(0) if isinstance(value, torch.Tensor) and value.shape == keep.shape else value
     packed["position_ids"] = positions[..., keep].unsqueeze(-2).to(keep.device)
     rows = torch.arange(keep.shape[0], device=keep.device).unsqueeze(1).expand_as(keep)
-    packed[PACKED_ROWS] = rows[keep].unsqueeze(0)
+    packed.rows = rows[keep].unsqueeze(0)
     # transformers looks for packed rows only where no cache is built (a forward with use_cache on makes one).
     packed["use_cache"] = False
     return packed

@@ -69,14 +69,11 @@ class PaliGemmaFamily(ModelFamily):
     def text_model(self, model: torch.nn.Module) -> torch.nn.Module:
         return unwrap_peft(model).get_decoder()
 
-    # ---- packing (packing.py): Gemma's positions restart per row; the prefix's bidirectional attention is built
-    # from token_type_ids on the packed sequence itself, so it stays within each row (tests/test_packing.py).
+    # ---- packing (packing.py): positions restart per row (rotary: only their differences count, so from 0 as well as
+    # the forward's own 1); the prefix's bidirectional block is built from token_type_ids over the packed sequence,
+    # and transformers 5.25 intersects it with the per-row mask, so it stays within each row (tests/test_packing.py).
     def packing_refusal(self, model: torch.nn.Module) -> None:
         return None
-
-    def row_position_ids(self, model: torch.nn.Module, batch: dict[str, Any]) -> torch.Tensor:
-        """PaliGemma numbers positions from 1 (its forward's default)."""
-        return super().row_position_ids(model, batch) + 1
 
     def freeze_vision_tower(self, model: torch.nn.Module) -> None:
         # get_image_features hands pixel_values to the vision tower unchecked: [batch, tokens, width] features
