@@ -217,3 +217,26 @@ def test_train_packing_on_a_family_that_cannot(capsys, tmp_path, tiny_blip, shap
     assert message in (captured.err if code else captured.out)
     if code:
         assert captured.err.strip().splitlines()[-1] == message and not (tmp_path / "runs").exists()
+
+
+@pytest.mark.slow
+def test_two_process_training_packs(tmp_path, mixed_dir):
+    """torchrun, 2 CPU processes (DDP): each process packs its own batches; the run finishes with one start-up line
+    and a padding line of 0% over both processes' batches."""
+    import subprocess
+    import sys
+
+    from conftest import REPO
+    from test_train import free_port
+
+    model_dir = build("qwen2_vl", tmp_path)
+    out = tmp_path / "runs"
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
+                             str(REPO / "train2.py"), *base_args(mixed_dir, model_dir, out, "--batch_size", "3", "--epochs", "2", "--num_sample_captions", "0")],
+                            capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.count("packing: on (auto)") == 1 and result.stdout.count("padding: 0.0% of the ") == 1
+    (run_dir,) = out.iterdir()
+    # 12 images / (3 per batch x 2 processes) -> 2 optimizer steps per epoch.
+    assert [r["step"] for r in read_metrics(run_dir / "metrics.jsonl") if "train/loss" in r] == [1, 2, 3, 4]
+    assert run_losses(run_dir, "train/padding_fraction") == [0.0]
