@@ -544,7 +544,7 @@ def setup(cfg: TrainConfig, hooks: TrainingHooks) -> Run:
     packing = plan_packing(cfg.packing, family, model, batch_size=cfg.batch_size)
     grouping = plan_grouping(cfg.group_by_length, train_dataset, batch_size=cfg.batch_size, seed=cfg.seed, packed=packing.on,
                              saved=state.get("batch_order", {}) if state else None,
-                             estimate=lambda: estimate_row_lengths(train_samples, family=family, processor=processor, prompt=prompt, max_length=max_length))
+                             estimate=lambda: estimate_row_lengths(train_samples, family=family, processor=processor, prompt=cfg.prompt, max_length=max_length))
     if main:
         print(packing.message, flush=True)
         print(grouping.message, flush=True)
