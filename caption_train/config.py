@@ -31,6 +31,8 @@ SCHEDULERS = ("CosineAnnealingLR", "CosineAnnealingWarmRestarts", "CyclicLR", "O
 PEFT_MODULES = ("LoRA", "IA3", "none")
 MIXED_PRECISION = ("auto", "no", "fp16", "bf16")
 CACHE_MODES = ("auto", "off", "memory", "disk")
+GROUPING_MODES = ("auto", "on", "off")
+PACKING_MODES = ("auto", "on", "off")
 TRACKERS = ("wandb", "none")
 QUANTIZE_MODES = ("none", "4bit", "8bit")
 AUTO_BOOL = ("auto", "true", "false")
@@ -72,6 +74,7 @@ class TrainConfig:
     random_flip: float = _field(0.0, "Probability of flipping an image horizontally (off by default: flips break 'left'/'right' captions).")
     kohya_repeats: bool = _field(True, "Top-level folders named N_name (e.g. 30_mystyle/) repeat their images N times per epoch, as in kohya; false = every image once per epoch.")
     num_workers: int = _field(2, "DataLoader worker processes for image loading (0 = load in the training process).")
+    group_by_length: str = _field("auto", "Batch rows of similar length together (less padding; the batches are still shuffled): auto (on when at least a twentieth of random batches would be padding; off when rows are packed), on or off.", choices=GROUPING_MODES)
     # ---- model
     model_name_or_path: str = _field("Salesforce/blip-image-captioning-base", "Hub id or local folder of the model to fine-tune.")
     model_config: dict = _field({}, "Overrides for the model config, e.g. {hidden_dropout_prob = 0.1} or {text_config = {...}, dtype = 'bfloat16'}.")
@@ -86,6 +89,7 @@ class TrainConfig:
     freeze_vision_tower: bool = _field(False, "Full fine-tune (peft_module none): keep the vision tower's weights fixed and train the text side only (lets image features be cached).")
     cache_image_features: str = _field("auto", "Compute a frozen vision tower once per image: auto (memory when it fits, else disk; off when the tower trains or images are flipped), off, memory or disk.", choices=CACHE_MODES)
     cache_dir: str | None = _field(None, "Folder of the on-disk image-feature cache (default: ~/.cache/caption-train/features; never inside the dataset).")
+    packing: str = _field("auto", "Train on each batch's rows concatenated into one sequence without padding (positions restarting per row): auto (where the model can take it: chat VLMs such as Qwen2-VL, LLaVA, Idefics3/SmolVLM, and PaliGemma; the start-up line says why not elsewhere), on (an error where it cannot) or off.", choices=PACKING_MODES)
     compile: bool = _field(False, "torch.compile the text decoder (worth it on a GPU for long runs; the first steps are slow while it compiles).")
     # ---- optimization
     epochs: int = _field(5, "Number of passes over the training set.")
@@ -357,6 +361,7 @@ def _check_ranges(cfg: TrainConfig, skip: set[str] = frozenset()) -> list[str]:
     need(cfg.eval_max_images >= 0, f"eval_max_images must be >= 0, got {cfg.eval_max_images}")
     need(cfg.eval_every_n_epochs == 0 or cfg.validation_split > 0, "eval_every_n_epochs needs a validation split: set validation_split (e.g. 0.05)")
     need(cfg.num_sample_captions >= 0, f"num_sample_captions must be >= 0, got {cfg.num_sample_captions}")
+    need(cfg.group_by_length != "on" or cfg.batch_size >= 2, "group_by_length on needs batch_size 2 or more (a batch of one row has no padding to save)")
     need(cfg.training_name.strip() != "" and "/" not in cfg.training_name and "\\" not in cfg.training_name,
          f"training_name must be a non-empty folder name without slashes, got {cfg.training_name!r}")
     if cfg.interactive is not None:

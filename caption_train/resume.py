@@ -31,7 +31,8 @@ STRUCTURAL_KEYS = ("model_name_or_path", "peft_module", "peft_args", "model_conf
                    "kohya_repeats",  # the epoch's length and order: the position within it would mean other batches
                    "freeze_vision_tower")  # which parameters train: the optimizer state would not fit
 # Bookkeeping that may differ freely and is not worth a message.
-QUIET_KEYS = ("output_dir", "num_workers", "log_with", "wandb_project", "interactive")
+QUIET_KEYS = ("output_dir", "num_workers", "log_with", "wandb_project", "interactive",
+              "group_by_length")  # the checkpoint's batch order wins; data/batching.plan_grouping refuses a contradiction
 
 
 def resolve_resume(cfg: TrainConfig) -> Path | None:

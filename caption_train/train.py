@@ -28,6 +28,7 @@ from tqdm.auto import tqdm
 from caption_train import checkpoint, resume
 from caption_train.adapters import count_parameters, describe_adapters, load_adapter_for_training, wrap_model
 from caption_train.config import TrainConfig, resolved_lr, to_toml_dict
+from caption_train.data.batching import GroupingPlan, PaddingTally, estimate_row_lengths, padding_line, plan_grouping
 from caption_train.data.captions import CaptionTransform
 from caption_train.data.dataset import CaptionDataset, drop_failed
 from caption_train.data.scan import Sample, scan_dataset, split_validation
@@ -39,6 +40,7 @@ from caption_train.memory import MemoryPlan, answer_out_of_memory, plan_memory
 from caption_train.models import ModelFamily, resolve_family
 from caption_train.models.base import CaptionLoss, quiet_transformers_bars, unwrap_peft
 from caption_train.optim import build_optimizer, build_scheduler, current_lr, optimizer_steps_per_epoch
+from caption_train.packing import PackingPlan, plan_packing
 from caption_train.precision import Precision, enable_fast_gpu_matmul, resolve_precision
 from caption_train.quantize import check_quantize_runnable, describe_quantization, prepare_quantized_for_training, quantization_load_kwargs
 from caption_train.text import plural
@@ -106,6 +108,9 @@ class Run:
     resumed_from: Path | None = None
     features: FeatureCache | None = None  # image features of a frozen vision tower, computed once
     memory: MemoryPlan | None = None  # the start-up memory estimate, whose suggestions answer an out-of-memory error
+    grouping: GroupingPlan | None = None  # the training batches' order: length-grouped or random (data/batching.py)
+    packing: PackingPlan = field(default_factory=lambda: PackingPlan(False, ""))  # rows packed without padding (packing.py)
+    padding: PaddingTally = field(default_factory=PaddingTally)  # padding in the batches this run trained on, until reported
     sample_new_tokens: int | None = None  # how long a probe caption may get (None: the family's default)
     timings: "Timings" = field(default_factory=lambda: Timings())
     # ---- position, saved in every checkpoint
@@ -353,13 +358,21 @@ def model_inputs(run: "Run", batch: dict[str, Any]) -> dict[str, torch.Tensor]:
     paths = batch.pop("image_paths")
     if run.features is None:
         batch.pop("pixel_rows")
-        return batch
-    # The tower is run directly, outside the (DDP-wrapped) model's forward: it has no trainable parameter to sync.
-    return run.features.model_inputs(batch, paths, model=run.accelerator.unwrap_model(run.model), family=run.family,
-                                     processor=run.processor, autocast=run.accelerator.autocast)
+    else:
+        # The tower is run directly, outside the (DDP-wrapped) model's forward: it has no trainable parameter to sync.
+        batch = run.features.model_inputs(batch, paths, model=run.accelerator.unwrap_model(run.model), family=run.family,
+                                          processor=run.processor, autocast=run.accelerator.autocast)
+    # Packed after the cache: its image features follow each row's image tokens, which packing keeps in order.
+    return run.packing.pack(run.accelerator.unwrap_model(run.model), batch)
 
 
-def make_loader(dataset: CaptionDataset, cfg: TrainConfig, collate: Any, *, shuffle: bool) -> torch.utils.data.DataLoader:
+def make_loader(dataset: CaptionDataset, cfg: TrainConfig, collate: Any, *, shuffle: bool, batch_sampler: Any = None) -> torch.utils.data.DataLoader:
+    """Random batches (seeded) when `shuffle`, else in order; or `batch_sampler`'s (length-grouped) batches."""
+    if batch_sampler is not None:  # (no persistent_workers either: see below)
+        # A generator of its own: without one, each epoch's iterator draws its workers' base seed from the global RNG,
+        # which a resumed run (restoring that RNG mid-epoch, then making the iterator again) would draw twice.
+        return torch.utils.data.DataLoader(dataset, batch_sampler=batch_sampler, num_workers=cfg.num_workers, collate_fn=collate,
+                                           generator=torch.Generator().manual_seed(cfg.seed), pin_memory=torch.cuda.is_available())
     return torch.utils.data.DataLoader(
         dataset,
         batch_size=cfg.batch_size,
@@ -531,7 +544,14 @@ def setup(cfg: TrainConfig, hooks: TrainingHooks) -> Run:
     collate = functools.partial(collate_batch, family=family, processor=processor, max_length=max_length, prompt=cfg.prompt)
     transform = CaptionTransform(shuffle=cfg.shuffle_captions, frozen_parts=cfg.frozen_parts, dropout=cfg.caption_dropout)
     train_dataset = CaptionDataset(train_samples, transform, seed=cfg.seed, random_flip=cfg.random_flip, repeat=cfg.kohya_repeats)
-    train_loader = make_loader(train_dataset, cfg, collate, shuffle=True)
+    packing = plan_packing(cfg.packing, family, model, batch_size=cfg.batch_size)
+    grouping = plan_grouping(cfg.group_by_length, train_dataset, batch_size=cfg.batch_size, seed=cfg.seed, packed=packing.on,
+                             saved=state.get("batch_order", {}) if state else None,
+                             estimate=lambda: estimate_row_lengths(train_samples, family=family, processor=processor, prompt=cfg.prompt, max_length=max_length))
+    if main:
+        print(packing.message, flush=True)
+        print(grouping.message, flush=True)
+    train_loader = make_loader(train_dataset, cfg, collate, shuffle=True, batch_sampler=grouping.sampler)
     val_loader = make_loader(CaptionDataset(val_samples), cfg, collate, shuffle=False) if val_samples else None
 
     # ---- optimization
@@ -581,7 +601,8 @@ def setup(cfg: TrainConfig, hooks: TrainingHooks) -> Run:
         # Under FSDP the main process alone cannot generate with a sharded model: no probe panel.
         sample_items=[] if sharded else pick_sample_items(train_samples, val_samples, cfg.num_sample_captions), val_samples=val_samples,
         steps_per_epoch=steps_per_epoch, total_steps=total_steps, run_dir=run_dir, tracker=tracker, hooks=hooks,
-        resumed_from=resume_dir, features=plan.build(), memory=memory, sample_new_tokens=probe_new_tokens(report.tokens) if main else None,
+        resumed_from=resume_dir, features=plan.build(), memory=memory, grouping=grouping, packing=packing,
+        sample_new_tokens=probe_new_tokens(report.tokens) if main else None,
     )
     if state:
         run.global_step, run.epoch, run.batches_done = state["global_step"], state["epoch"], state["batches_done"]
@@ -636,6 +657,7 @@ def train_one_epoch(run: Run, epoch: int, progress: tqdm) -> None:
             batch, weight = run.last_batch, 0.0
         else:
             paths = batch["image_paths"]
+            run.padding.add(batch, packed=run.packing.on)
             batch = model_inputs(run, batch)
         run.last_batch = batch
         with accelerator.accumulate(model):
@@ -792,6 +814,7 @@ def _save(run: Run, name: str, *, epoch: int, batches_done: int | None) -> Path:
             "nonfinite_streak": run.nonfinite_streak,
             "metrics_rows": count_lines(run.run_dir / "metrics.jsonl"),
             "num_processes": accelerator.num_processes,
+            "batch_order": run.grouping.state() if run.grouping is not None else {"lengths": None},
         }
         checkpoint.finish_checkpoint(tmp, target, accelerator.unwrap_model(run.model), run.processor, to_toml_dict(run.cfg), state, weights=weights)
         if name.startswith("step-") and run.cfg.save_total_limit:
@@ -836,8 +859,23 @@ def probe_features(run: Run, model: torch.nn.Module, paths: list[str]) -> torch.
                                      autocast=run.accelerator.autocast, device=run.accelerator.device)
 
 
+def report_padding(run: Run, epoch: int) -> dict[str, float]:
+    """Once, after the first epoch this run trained: the share of padding in the batches the model saw, over all
+    processes, printed in one line and returned for the metrics. Collective."""
+    if run.padding.reported:
+        return {}
+    pad, total = run.accelerator.reduce(run.padding.counts().to(run.accelerator.device), reduction="sum").tolist()
+    run.padding.reported = True
+    how = "grouped by length" if run.grouping is not None and run.grouping.sampler is not None else "random batches"
+    how = f"packed, {how}" if run.packing.on else how
+    if run.accelerator.is_main_process:
+        tqdm.write(padding_line(pad, total, epoch + 1, how))
+    return {"train/padding_fraction": pad / total if total else 0.0}
+
+
 def end_of_epoch(run: Run, epoch: int) -> None:
     metrics: dict[str, float] = {"epoch": epoch + 1}
+    metrics.update(report_padding(run, epoch))
     with run.timings.part("evaluation/samples"):
         val = validation_loss(run)
         scores = caption_metrics(run, epoch)

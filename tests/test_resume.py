@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import random
 import shutil
@@ -17,7 +18,8 @@ import torch
 from safetensors.torch import load_file
 
 from caption_train import resume
-from caption_train.checkpoint import checkpoints_in, find_resumable
+from caption_train.checkpoint import STATE_NAME, checkpoints_in, find_resumable
+from caption_train.cli import main
 from caption_train.config import load_train_config
 from caption_train.errors import UserError
 from caption_train.tracking import read_metrics
@@ -322,3 +324,112 @@ def test_repeats_and_a_frozen_tower_cannot_change_on_resume(tmp_path, key, old, 
     assert check_config_compatible(load_train_config([*base, f"--{key}", old]), tmp_path) == []
     with pytest.raises(UserError, match=f"cannot change {key}"):
         check_config_compatible(load_train_config([*base, f"--{key}", new]), tmp_path)
+
+
+# ---------------------------------------------------------------------------------------------
+# Length-grouped batches (data/batching.py): a resumed run draws exactly the batches the interrupted one would have
+
+
+@contextlib.contextmanager
+def recording_rows(size: int = 18):
+    """The dataset indices the training loader fetches, in order (num_workers 0: fetched in this process): every
+    fetch from a CaptionDataset of `size` items (the 18 training images; the validation set has 6) is noted, then
+    served by the real __getitem__."""
+    from caption_train.data.dataset import CaptionDataset
+
+    rows: list[int] = []
+    original = CaptionDataset.__getitem__
+
+    def getitem(self, index):
+        if len(self) == size:
+            rows.append(index)
+        return original(self, index)
+
+    CaptionDataset.__getitem__ = getitem
+    try:
+        yield rows
+    finally:
+        CaptionDataset.__getitem__ = original
+
+
+@pytest.fixture(scope="module")
+def mixed_dir(tmp_path_factory) -> Path:
+    from mixed_dataset import make_mixed_dataset
+
+    out = tmp_path_factory.mktemp("mixed")
+    make_mixed_dataset(out, 24, seed=3)
+    return out
+
+
+# 18 training images / batch 4 = 5 batches; accumulating 2 -> 3 optimizer steps per epoch; 2 epochs = 6 steps.
+GROUPED = (*STOCHASTIC, "--group_by_length", "on", "--epochs", "2", "--num_sample_captions", "0")
+
+
+@pytest.fixture(scope="module")
+def uninterrupted_grouped(tmp_path_factory, tiny_blip, mixed_dir) -> tuple[Path, list[int]]:
+    with recording_rows() as rows:
+        final = train(load_train_config(base_args(mixed_dir, tiny_blip, tmp_path_factory.mktemp("full-grouped"), *GROUPED)))
+    return final, rows
+
+
+@pytest.mark.parametrize("k", [2, 4])  # mid-epoch, in the next epoch after the first epoch's end
+def test_grouped_stop_and_resume_matches_uninterrupted(tmp_path, tiny_blip, mixed_dir, uninterrupted_grouped, k, capsys):
+    """Rows of different lengths, grouped: stop at step k, --resume auto; the same batches (rows fetched), losses,
+    validation losses and weights as the run never interrupted."""
+    reference, reference_rows = uninterrupted_grouped
+    args = base_args(mixed_dir, tiny_blip, tmp_path, *GROUPED)
+    with pytest.raises(TrainingStopped):
+        train(load_train_config(args), hooks=StopAtStep(k))
+    state = resume.load_state(find_resumable(tmp_path, "caption-train"))
+    assert state["batch_order"]["lengths"] is not None
+    capsys.readouterr()
+    with recording_rows() as rows:
+        final = train(load_train_config([*args, "--resume", "auto"]))
+    assert "batches: grouped by length (the checkpoint's row lengths)" in capsys.readouterr().out
+    done = state["epoch"] * 18 + state["batches_done"] * 4  # 18 training images, batch 4
+    assert rows == reference_rows[done:]
+    assert losses(final.parent) == pytest.approx(losses(reference.parent), rel=1e-5)
+    assert losses(final.parent, "val/loss") == pytest.approx(losses(reference.parent, "val/loss"), rel=1e-5)
+    assert_same_weights(final, reference)
+
+
+def test_resume_keeps_the_batch_order_when_captions_changed(tmp_path, tiny_blip, mixed_dir, capsys):
+    """Captions edited between the stop and the resume (the page edits them in place) change the rows' lengths: the
+    resumed run still draws the batches the interrupted run would have (from the lengths its checkpoint keeps), so no
+    row of the epoch in progress is trained twice or skipped. Asking it to drop the grouping is refused in one line."""
+    data = tmp_path / "data"
+    shutil.copytree(mixed_dir, data)
+    args = base_args(data, tiny_blip, tmp_path / "runs", *GROUPED)
+    with recording_rows() as full:
+        train(load_train_config(base_args(data, tiny_blip, tmp_path / "reference", *GROUPED)))
+    with pytest.raises(TrainingStopped):
+        train(load_train_config(args), hooks=StopAtStep(2))
+    texts = sorted(data.rglob("*.txt"))
+    captions = [path.read_text() for path in texts]
+    for path, caption in zip(texts, reversed(captions)):  # long captions become short ones and the other way round
+        path.write_text(caption)
+    state = resume.load_state(find_resumable(tmp_path / "runs", "caption-train"))
+    assert main(["train", *args, "--resume", "auto", "--group_by_length", "off"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("error: --group_by_length off: the checkpoint's run grouped its rows by length"), err
+    with recording_rows() as resumed:
+        train(load_train_config([*args, "--resume", "auto"]))
+    done = state["epoch"] * 18 + state["batches_done"] * 4
+    assert resumed == full[done:]
+
+
+def test_a_run_without_grouping_resumes_without_it(tmp_path, tiny_blip, mixed_dir, capsys):
+    """A checkpoint of a run that batched at random (or was written before grouping existed: no batch order saved)
+    resumes in random order under `auto`; `on` is refused in one line."""
+    args = base_args(mixed_dir, tiny_blip, tmp_path, "--epochs", "2", "--batch_size", "4", "--group_by_length", "off", "--num_sample_captions", "0")
+    with pytest.raises(TrainingStopped):
+        train(load_train_config(args), hooks=StopAtStep(2))
+    checkpoint = find_resumable(tmp_path, "caption-train")
+    state = resume.load_state(checkpoint)
+    assert state["batch_order"] == {"lengths": None}
+    del state["batch_order"]  # as a checkpoint from before length grouping
+    torch.save(state, checkpoint / STATE_NAME)
+    assert main(["train", *args, "--resume", "auto", "--group_by_length", "on"]) == 2
+    assert "error: --group_by_length on: the checkpoint's run batched its rows in random order" in capsys.readouterr().err
+    assert main(["train", *args, "--resume", "auto", "--group_by_length", "auto"]) == 0
+    assert "batches: random order (as the checkpoint's run)" in capsys.readouterr().out

@@ -30,6 +30,7 @@ import os
 from pathlib import Path
 from typing import Callable, Iterable, TypeVar
 
+import numpy as np
 import torch
 from PIL import Image
 
@@ -138,6 +139,11 @@ class CaptionDataset(torch.utils.data.Dataset):
         if not 0 <= index < self._ends[-1]:
             raise IndexError(f"index {index} out of range for {self._ends[-1]} samples")
         return self.samples[bisect.bisect_right(self._ends, index)]
+
+    def sample_numbers(self) -> np.ndarray:
+        """For each dataset index, the position in `samples` of the image behind it (repeats counted), as int64."""
+        counts = [s.repeats for s in self.samples] if self._ends else [1] * len(self.samples)
+        return np.repeat(np.arange(len(self.samples), dtype=np.int64), counts)
 
     def __getitem__(self, index: int) -> Item | None:
         sample = self.sample_at(index)

@@ -11,12 +11,13 @@ import contextlib
 import inspect
 import sys
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import torch
 from PIL import Image
 
 from caption_train.errors import UserError
+from caption_train.packing import packed_rows
 # IGNORE_INDEX is defined beside the loss and imported from here by the families (one definition).
 from caption_train.models.loss import (  # noqa: F401
     IGNORE_INDEX, LOGIT_CHUNK_ELEMENTS, CaptionLoss, StashingHead, UnknownLogitTransform, target_loss,
@@ -195,6 +196,8 @@ class ModelFamily:
         """The batch's caption loss (mean over its target tokens, `label_smoothing` applied) and each row's summed
         plain cross-entropy and target count, with the output layer applied at the target positions only. `model`
         may be wrapped (peft, DDP): the forward goes through the wrapper. `rows`: see models/loss.target_loss."""
+        if rows is None:  # a packed batch's rows are its samples' segments (packing.py), else each row is a sample
+            rows = packed_rows(batch)
         inner = unwrap_peft(_unwrap_parallel(model))
         full_logits = _shards_parameters(model) or inner.__dict__.get("_caption_train_full_logits", False)
         head = None if full_logits else self.output_head(inner)
@@ -222,6 +225,27 @@ class ModelFamily:
             return None
         return (f"loss: no output layer known for {type(unwrap_peft(model)).__name__} in the {self.name} family; "
                 "computing logits at every position (more memory than at the caption tokens alone)")
+
+    # ---- row lengths (the length-grouped sampler, data/batching.py)
+    def prompt_token_counter(self, processor: Any, prompt: str | None) -> Callable[[int, int], int] | None:
+        """How many tokens come before the caption in the row of a (width, height) image, from the size alone (no
+        pixels decoded), for a family whose rows hold a number of image tokens that follows the image's size (Qwen2-VL);
+        None where that number is the same for every image, so that rows differ by their caption alone (the default).
+        `prompt`: what `training_prompt` returned."""
+        return None
+
+    # ---- packing (packing.py): a batch's rows in one sequence without padding
+    def packing_refusal(self, model: torch.nn.Module) -> str | None:
+        """Why this model cannot take a batch's rows packed into one sequence (a few words, for the start-up line and
+        the `--packing on` error), or None where it can: a decoder-only text side whose attention transformers masks
+        per row from position ids that restart at each row. Default: it cannot."""
+        return f"the {self.name} family's models take one row per sequence"
+
+    def row_position_ids(self, model: torch.nn.Module, batch: dict[str, Any]) -> torch.Tensor:
+        """Each row's position ids in the padded `batch`, numbered as the model numbers the row on its own
+        ([rows, length]; values at padding are unused): what a packed sequence restarts at each row. Default: 0, 1,
+        ... from each row's first token."""
+        return (batch["attention_mask"].long().cumsum(-1) - 1).clamp(min=0)
 
     # ---- inference
     def generation_pixels(self, processor: Any, images: Sequence[Image.Image], features: torch.Tensor | None) -> torch.Tensor:

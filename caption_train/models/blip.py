@@ -81,6 +81,9 @@ class BlipFamily(ModelFamily):
         # The whole prediction head (dense, GELU, LayerNorm, then the vocabulary projection), not just its decoder.
         return unwrap_peft(model).text_decoder.cls
 
+    def packing_refusal(self, model: torch.nn.Module) -> str:
+        return "BLIP's text decoder cross-attends to one image per sequence"
+
     def freeze_vision_tower(self, model: torch.nn.Module) -> None:
         swap_class(self.vision_tower(model), FrozenPooledVisionTower)  # takes its own output for pixels
 

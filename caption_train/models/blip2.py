@@ -115,6 +115,9 @@ class Blip2Family(ModelFamily):
             inputs["decoder_input_ids"] = shifted.masked_fill(shifted == IGNORE_INDEX, config.text_config.pad_token_id)
         return inputs
 
+    def packing_refusal(self, model: torch.nn.Module) -> str:
+        return "BLIP-2 feeds each row's image to its language model as query tokens at the start of the sequence (OPT) or to its encoder (Flan-T5)"
+
     def freeze_vision_tower(self, model: torch.nn.Module) -> None:
         # Blip2ForConditionalGeneration hands pixel_values to its vision_model unchecked: [batch, tokens, width]
         # features from the cache reach the frozen tower, which returns them (and their pooled [CLS]) as its output.

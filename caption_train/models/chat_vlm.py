@@ -14,9 +14,10 @@ are targets. Everything else (template, prompt, image tokens, padding) is -100.
 
 from __future__ import annotations
 
+import functools
 import inspect
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 from PIL import Image
@@ -49,6 +50,18 @@ IA3_FEEDFORWARD = _LM + r"mlp\.down_proj$"
 # What get_image_features returns besides the image tokens (pooler_output) that the cache may leave out.
 _PLAIN_ENCODER_OUTPUTS = ("last_hidden_state", "pooler_output", "hidden_states", "attentions")
 _VISION_ATTRIBUTES = ("visual", "vision_tower", "vision_model")  # Qwen2-VL; LLaVA, Gemma 3; Idefics3, SmolVLM
+# Model types whose packed batches give the padded batch's per-row losses and gradients (tests/test_packing.py;
+# smolvlm is the Idefics3 model under its own name, tested where its processor's num2words is installed).
+PACKED_MODEL_TYPES = ("qwen2_vl", "qwen2_5_vl", "llava", "idefics3", "smolvlm")
+# Model types that cannot take packed rows, and why (tests/test_packing.py shows it).
+UNPACKABLE_MODEL_TYPES = {
+    # transformers 5.25 builds the sliding-window layers' image-block mask by looking token types up at each token's
+    # position within its row, which in a packed sequence is another row's token: a caption token would see ahead.
+    "gemma3": "transformers 5.25 masks Gemma 3's sliding-window layers wrongly for packed rows (a caption token could attend to later ones)",
+}
+# (width, height) of the blank images that tell whether a processor's image token count follows the image's size:
+# small and large, square, wide and tall.
+_SIZE_PROBES = ((64, 64), (448, 448), (896, 448), (448, 896), (1536, 1024))
 
 
 @dataclass(frozen=True)
@@ -231,6 +244,47 @@ class ChatVlmFamily(ModelFamily):
             tokenizer.padding_side = side
         return {k: v for k, v in encoded.items() if isinstance(v, torch.Tensor)}
 
+    def prompt_token_counter(self, processor: Any, prompt: str | None) -> Callable[[int, int], int] | None:
+        """The prompt's token count for a (width, height) image: the processor's own count of image tokens per size
+        (`_get_num_multimodal_tokens`, arithmetic on the size) plus the template's, once both agree with the real
+        processor on blank images of a few sizes; else the real processor on a blank image of each size met (memoized).
+        None when those sizes all give the same count (LLaVA, Gemma 3: every image is resized to one size)."""
+        measure = functools.lru_cache(maxsize=None)(lambda width, height: self._prompt_length(processor, prompt, width, height))
+        measured = [measure(width, height) for width, height in _SIZE_PROBES]
+        if len(set(measured)) == 1:
+            return None
+        per_size = _processor_image_tokens(processor)
+        if per_size is not None:
+            offsets = {count - per_size(width, height) for count, (width, height) in zip(measured, _SIZE_PROBES)}
+            if len(offsets) == 1:  # the processor's arithmetic is exact for this processor: no image is processed
+                offset = offsets.pop()
+                return functools.lru_cache(maxsize=None)(lambda width, height: offset + per_size(width, height))
+        return measure
+
+    def _prompt_length(self, processor: Any, prompt: str | None, width: int, height: int) -> int:
+        return int(self.prompt_inputs(processor, [Image.new("RGB", (width, height))], prompt)["input_ids"].shape[1])
+
+    # ---- packing (packing.py)
+    def packing_refusal(self, model: torch.nn.Module) -> str | None:
+        model_type = unwrap_peft(model).config.model_type
+        if model_type in UNPACKABLE_MODEL_TYPES:
+            return UNPACKABLE_MODEL_TYPES[model_type]
+        if model_type not in PACKED_MODEL_TYPES:
+            return (f"packing is checked for {', '.join(PACKED_MODEL_TYPES)} (tests/test_packing.py), not yet for {model_type}")
+        return None
+
+    def row_position_ids(self, model: torch.nn.Module, batch: dict[str, Any]) -> torch.Tensor:
+        """0, 1, ... per row; for a model with multi-axis rotary positions (Qwen2-VL/2.5-VL M-RoPE: time, height,
+        width for image tokens), its get_rope_index on the padded batch, with the text positions in front: the
+        [4, rows, length] transformers expects of packed 3D positions (it finds the rows in the first axis)."""
+        text = super().row_position_ids(model, batch)
+        rope_index = getattr(unwrap_peft(model).model, "get_rope_index", None)
+        if rope_index is None:
+            return text
+        accepted = inspect.signature(rope_index).parameters
+        positions, _ = rope_index(**{key: value for key, value in batch.items() if key in accepted})
+        return torch.cat([text.unsqueeze(0), positions.to(text.device)])
+
     # ---- inference
     @torch.no_grad()
     def generate(self, model: torch.nn.Module, processor: Any, images: Sequence[Image.Image], *, prompt: str | None = None,
@@ -375,3 +429,20 @@ def _stop_ids(model: torch.nn.Module, end_id: int) -> list[int]:
     configured = unwrap_peft(model).generation_config.eos_token_id
     configured = [] if configured is None else [configured] if isinstance(configured, int) else list(configured)
     return [end_id] + [i for i in configured if i != end_id]
+
+
+def _processor_image_tokens(processor: Any) -> Callable[[int, int], int] | None:
+    """The processor's count of image tokens for a (width, height) image from its size alone (the arithmetic
+    transformers' processors expose for serving engines), or None where it has none."""
+    count = getattr(processor, "_get_num_multimodal_tokens", None)
+    if count is None:
+        return None
+
+    def per_size(width: int, height: int) -> int:
+        return int(count(image_sizes=[(height, width)])["num_image_tokens"][0])
+
+    try:
+        per_size(*_SIZE_PROBES[0])
+    except (NotImplementedError, TypeError, ValueError, KeyError, AttributeError, IndexError):
+        return None
+    return per_size

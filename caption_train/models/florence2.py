@@ -84,6 +84,9 @@ class Florence2Family(ModelFamily):
     def label_shift(self, model: torch.nn.Module) -> int:
         return 0  # the decoder reads `</s> <s> caption` (collate's decoder_input_ids): labels are its next tokens
 
+    def packing_refusal(self, model: torch.nn.Module) -> str:
+        return "Florence-2 is an encoder-decoder: its caption decoder cross-attends to one encoded image and prompt per sequence"
+
     def freeze_vision_tower(self, model: torch.nn.Module) -> None:
         swap_class(self.vision_tower(model), _FrozenVisionBackbone)
 

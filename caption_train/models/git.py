@@ -83,6 +83,9 @@ class GitFamily(ModelFamily):
         # It sees [image tokens | text]; the loss takes the text's positions (the last labels.shape[1]).
         return unwrap_peft(model).output
 
+    def packing_refusal(self, model: torch.nn.Module) -> str:
+        return "GIT puts each row's image tokens before its text and builds its own attention mask over them"
+
     def freeze_vision_tower(self, model: torch.nn.Module) -> None:
         swap_class(self.vision_tower(model), _FrozenImageEncoder)
 

@@ -70,6 +70,12 @@ class PaliGemmaFamily(ModelFamily):
     def output_head(self, model: torch.nn.Module) -> torch.nn.Module:
         return unwrap_peft(model).lm_head  # (PaliGemma 2's soft cap: ModelFamily.logit_softcap)
 
+    # ---- packing (packing.py): positions restart per row (rotary: only their differences count, so from 0 as well as
+    # the forward's own 1); the prefix's bidirectional block is built from token_type_ids over the packed sequence,
+    # and transformers 5.25 intersects it with the per-row mask, so it stays within each row (tests/test_packing.py).
+    def packing_refusal(self, model: torch.nn.Module) -> None:
+        return None
+
     def freeze_vision_tower(self, model: torch.nn.Module) -> None:
         # get_image_features hands pixel_values to the vision tower unchecked: [batch, tokens, width] features
         # reach the frozen tower, which returns them as its last_hidden_state.
