@@ -78,9 +78,9 @@ SETTINGS: dict[str, dict[str, Any] | None] = {
     # Item 1 (frozen weights in bf16 where compute is bf16). An explicit model_config.dtype overrides the plan.
     "bf16 weights off": {"model_config": {"dtype": "float32"}},
     "bf16 weights on": {"model_config": {"dtype": "bfloat16"}},  # before item 1: every weight in bf16, the closest setting
-    # Item 2 (output layer and loss at the target positions only). No switch yet: on by default once it lands.
-    "loss at targets off": None,
-    "loss at targets on": None,
+    # Item 2 (output layer and loss at the target positions only; on by default, --full_logits scores every position).
+    "loss at targets off": {"full_logits": True},
+    "loss at targets on": {"full_logits": False},
     # Item 3 (batches without padding waste): packing, as the issue names it. Its length-grouped sampler changes which
     # rows share a batch, not one batch's memory, so a one-step benchmark has no row for it.
     "packing off": {"packing": "off"},

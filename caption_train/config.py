@@ -80,6 +80,7 @@ class TrainConfig:
     model_config: dict = _field({}, "Overrides for the model config, e.g. {hidden_dropout_prob = 0.1} or {text_config = {...}, dtype = 'bfloat16'}.")
     prompt: str | None = _field(None, _prompt_help)
     label_smoothing: float = _field(0.0, "Label smoothing of the caption loss (original BLIP used 0.1).")
+    full_logits: bool = _field(False, "Compute the output layer (vocabulary logits) at every position, as the models' own loss does, instead of at the caption's target tokens only: the same loss with more memory, for comparison and debugging.")
     peft_module: str = _field("LoRA", "Adapter to train: LoRA, IA3, or none (full fine-tune).", choices=PEFT_MODULES)
     peft_args: dict = _field({}, "Keyword arguments for the peft config, e.g. {r = 16, lora_alpha = 32, target_modules = ['query', 'value']}.")
     quantize: str = _field("none", "QLoRA: load the base model quantized with bitsandbytes (CUDA only; pip install bitsandbytes): none, 4bit (NF4, double quantization) or 8bit. Needs an adapter (peft_module LoRA or IA3).", choices=QUANTIZE_MODES)

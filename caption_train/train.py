@@ -524,6 +524,8 @@ def setup(cfg: TrainConfig, hooks: TrainingHooks) -> Run:
                                       n_images=len(train_samples) + len(val_samples), random_flip=cfg.random_flip,
                                       mixed_precision=precision.mode, cache_dir=cfg.cache_dir, dataset_dir=cfg.dataset_dir,
                                       sample_image=str(train_samples[0].image_path) if train_samples else None)
+    if cfg.full_logits:
+        family.use_full_logits(model)
     if main:
         adapter = "full fine-tune" if cfg.peft_module == "none" else cfg.peft_module
         print(f"model {cfg.model_name_or_path} ({family.name}), {adapter}: {trainable:,} of {total:,} parameters trainable ({100 * trainable / total:.2f}%)", flush=True)
@@ -535,6 +537,8 @@ def setup(cfg: TrainConfig, hooks: TrainingHooks) -> Run:
         if (quantized := describe_quantization(cfg.quantize)) is not None:
             print(quantized, flush=True)
         print(plan.message, flush=True)
+        if cfg.full_logits:
+            family.use_full_logits(model)
         if (note := family.loss_note(model)) is not None:
             print(note, flush=True)
         if cfg.compile:

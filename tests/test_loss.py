@@ -404,3 +404,19 @@ def test_the_output_layers_gradient_is_averaged_over_processes_under_ddp(tmp_pat
                              str(model_dirs("qwen2_vl"))], capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "ranks agree True differ alone True mean of ranks True" in result.stdout
+
+
+def test_full_logits_flag_trains_with_the_same_losses(tmp_path, tiny_blip, shapes_dir, capsys):
+    """--full_logits (the models' own output layer at every position) reaches the loss, says so at start-up, and
+    trains with the losses of the default (the output layer at the target positions only)."""
+    logged = {}
+    for flag in ("false", "true"):
+        out = tmp_path / flag
+        args = base_args(shapes_dir, tiny_blip, out, "--mixed_precision", "no", "--num_sample_captions", "0", "--save_every_n_epochs", "0",
+                         "--epochs", "2", "--full_logits", flag)
+        assert main(["train", *args]) == 0
+        printed = capsys.readouterr().out
+        assert ("loss: logits at every position (--full_logits" in printed) == (flag == "true"), printed
+        logged[flag] = [row["train/loss"] for row in read_metrics(next(out.glob("*/metrics.jsonl"))) if "train/loss" in row]
+    assert len(logged["true"]) == 6
+    assert logged["true"] == pytest.approx(logged["false"], rel=1e-5, abs=1e-6)

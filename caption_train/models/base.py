@@ -219,9 +219,16 @@ class ModelFamily:
         inner.__dict__["_caption_train_logits_checked"] = True
         return result
 
+    def use_full_logits(self, model: torch.nn.Module) -> None:
+        """Score this model's full logits from now on (--full_logits): the model's own output layer at every position."""
+        unwrap_peft(_unwrap_parallel(model)).__dict__["_caption_train_full_logits"] = True
+
     def loss_note(self, model: torch.nn.Module) -> str | None:
-        """One start-up line when this model's loss cannot skip the positions without targets, else None."""
-        if self.output_head(unwrap_peft(model)) is not None:
+        """One start-up line when this model's loss does not skip the positions without targets, else None."""
+        inner = unwrap_peft(model)
+        if inner.__dict__.get("_caption_train_full_logits", False):
+            return "loss: logits at every position (--full_logits; the default computes them at the caption's target tokens only)"
+        if self.output_head(inner) is not None:
             return None
         return (f"loss: no output layer known for {type(unwrap_peft(model)).__name__} in the {self.name} family; "
                 "computing logits at every position (more memory than at the caption tokens alone)")
