@@ -537,8 +537,6 @@ def setup(cfg: TrainConfig, hooks: TrainingHooks) -> Run:
         if (quantized := describe_quantization(cfg.quantize)) is not None:
             print(quantized, flush=True)
         print(plan.message, flush=True)
-        if cfg.full_logits:
-            family.use_full_logits(model)
         if (note := family.loss_note(model)) is not None:
             print(note, flush=True)
         if cfg.compile:
