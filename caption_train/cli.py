@@ -60,6 +60,7 @@ COMMANDS: dict[str, tuple[Callable[[list[str] | None], int], str]] = {
     "caption": (module_main("caption_train.captioning"), "caption a folder of images with a trained model: writes <image>.txt beside each"),
     "evaluate": (module_main("caption_train.evaluate"), "caption a folder of captioned images and score against the .txt files (table, report.json, report.html)"),
     "merge": (module_main("caption_train.merge"), "merge an adapter into a standalone model, optionally WiSE-FT interpolated (--alpha, --alpha_sweep)"),
+    "suspects": (module_main("caption_train.suspects"), "rank a dataset's captions by their loss under a trained model, highest first: the captions to check first"),
     "lint": (module_main("caption_train.lint"), "check a dataset before training: unreadable images, missing/empty captions, duplicates, what training truncates, tags, diffusion checks"),
 }
 

@@ -119,8 +119,9 @@ class HookRun(Protocol):
 
     def sample_losses(self) -> dict[str, SampleLoss]:
         """The latest caption loss of every training image, keyed by `SampleLoss.image`; updated when an epoch's
-        losses are in (before `on_epoch_end`). Empty until the loop records per-image losses; the whole history is
-        `<run_dir>/sample_losses.jsonl` (and `sample_loss_history`)."""
+        losses are in (before `on_epoch_end`). Empty before the first epoch's (a resumed run starts with its earlier
+        epochs', read back from the file); the whole history is `<run_dir>/sample_losses.jsonl` (and
+        `sample_loss_history`). An image not trained on in an epoch (unreadable, rated 1) keeps its older loss."""
 
     def sample_loss_history(self) -> dict[str, list[SampleLoss]]:
         """Every recorded epoch's caption loss of every training image, oldest epoch first, keyed like

@@ -31,7 +31,7 @@ from caption_train.config import TrainConfig, resolved_lr, to_toml_dict
 from caption_train.data.batching import GroupingPlan, PaddingTally, estimate_row_lengths, padding_line, plan_grouping
 from caption_train.data.captions import CaptionTransform
 from caption_train.data.dataset import CaptionDataset, drop_failed
-from caption_train.data.scan import Sample, scan_dataset, split_validation
+from caption_train.data.scan import CAPTION_NOT_UTF8, EMPTY_CAPTION, UNREADABLE_CAPTION, Sample, scan_dataset, split_validation
 from caption_train.errors import UserError
 from caption_train.features import CachePlan, FeatureCache, plan_feature_cache, vision_is_frozen
 from caption_train.hooks import HookedTracker, SampleLoss, TrainingHooks
@@ -43,6 +43,8 @@ from caption_train.optim import build_optimizer, build_scheduler, current_lr, op
 from caption_train.packing import PackingPlan, plan_packing
 from caption_train.precision import Precision, enable_fast_gpu_matmul, resolve_precision
 from caption_train.quantize import check_quantize_runnable, describe_quantization, prepare_quantized_for_training, quantization_load_kwargs
+from caption_train.sample_losses import (LOSSES_FILE, ServedLoss, add_epoch, append_epoch, epoch_lines, epoch_note, latest_losses,
+                                         read_sample_losses, truncate_losses)
 from caption_train.text import plural
 from caption_train.tracking import Tracker, make_tracker, plot_losses
 from caption_train.weights import WeightsPlan, describe_weights, keep_in_fp32, plan_weights
@@ -121,12 +123,18 @@ class Run:
     stop: StopRequest = field(default_factory=StopRequest)
     stop_agreed: int = 0  # signal number all processes agreed to stop on (0 = keep going)
     last_batch: dict[str, torch.Tensor] | None = None
-    # This epoch's training batches so far, per image: (image_paths, each row's summed caption cross-entropy, its
-    # target-token count; detached, on the device), this process's share. See keep_batch_losses.
-    batch_losses: list[tuple[list[str], torch.Tensor, torch.Tensor]] = field(default_factory=list)
+    # This epoch's training batches so far, per sample: (batch number in the epoch, image paths, each item's Served,
+    # each row's summed caption cross-entropy and its target-token count; detached, on the device), this process's
+    # share. See keep_batch_losses; they become sample_losses.jsonl's lines at the end of the epoch.
+    batch_losses: list[tuple[int, list[str], list[Any], torch.Tensor, torch.Tensor]] = field(default_factory=list)
+    carried_losses: list[ServedLoss] = field(default_factory=list)  # the epoch's rows before the step checkpoint resumed from
+    losses_size: int = 0  # bytes of sample_losses.jsonl written (main process): a checkpoint records it, resume cuts back to it
+    losses_epoch: int = 0  # the last epoch (1-based) whose lines are in sample_losses.jsonl
+    skipped_captions: int = 0  # images the scan skipped for an empty or unreadable caption: never ranked, counted
     progress: Any = None  # the training bar, once run_training made it (a hook's pause is taken off its clock)
-    # The latest caption loss per training image (path relative to dataset_dir), for hooks (HookRun.sample_losses).
-    # Filled when an epoch's per-image losses are in; empty until the loop records them.
+    # The latest caption loss per training image (path relative to dataset_dir), for hooks (HookRun.sample_losses),
+    # and every epoch's (sample_losses.jsonl; a resumed run reads its earlier epochs back from the file). Filled when
+    # an epoch's per-image losses are in, before on_epoch_end.
     sample_losses: dict[str, SampleLoss] = field(default_factory=dict)
     sample_loss_history: dict[str, list[SampleLoss]] = field(default_factory=dict)  # every epoch's, oldest first
 
@@ -339,16 +347,19 @@ def reset_accelerator_state() -> None:
 def collate_batch(items: list, *, family: ModelFamily, processor: Any, max_length: int, prompt: str | None) -> dict[str, Any] | None:
     """Module-level (picklable) collate: drops images that failed to load, then lets the family build the batch.
 
-    The batch also carries `image_paths` and `pixel_rows` (which rows have pixel_values: an image whose features
-    are cached is not loaded); `model_inputs` turns it into the model's keyword arguments.
+    The batch also carries `image_paths`, `pixel_rows` (which rows have pixel_values: an image whose features are
+    cached is not loaded) and, for CaptionDataset's items, `served` (each row's data.dataset.Served: its dataset
+    index and caption text's hash, for its per-image loss); `model_inputs` turns it into the model's keyword arguments.
     """
     items = drop_failed(items)
     if not items:
         return None
-    images, captions, paths = zip(*items)
+    images, captions, paths = zip(*(item[:3] for item in items))
     batch = family.collate(processor, images, captions, max_length=max_length, prompt=prompt)
     batch["pixel_rows"] = torch.tensor([row for row, image in enumerate(images) if image is not None], dtype=torch.long)
     batch["image_paths"] = list(paths)
+    if len(items[0]) > 3:  # CaptionDataset's items say which sample and caption text each row is (per-image losses)
+        batch["served"] = [item[3] for item in items]
     return batch
 
 
@@ -356,6 +367,7 @@ def model_inputs(run: "Run", batch: dict[str, Any]) -> dict[str, torch.Tensor]:
     """The model's keyword arguments for a collated batch: cached image features in place of pixels when the
     feature cache is on, else the batch as the family built it."""
     paths = batch.pop("image_paths")
+    batch.pop("served", None)
     if run.features is None:
         batch.pop("pixel_rows")
     else:
@@ -612,7 +624,29 @@ def setup(cfg: TrainConfig, hooks: TrainingHooks) -> Run:
         # Last, so nothing above consumes random numbers the uninterrupted run did not.
         if not resume.restore_rng(resume_dir, accelerator.process_index) and main:
             print(f"  note: {resume_dir} has no RNG state for process {accelerator.process_index} (process count changed); dropout noise will differ", flush=True)
+    run.skipped_captions = sum(scan.skipped[reason] for reason in (EMPTY_CAPTION, CAPTION_NOT_UTF8, UNREADABLE_CAPTION))
+    restore_sample_losses(run, state)
     return run
+
+
+def restore_sample_losses(run: Run, state: dict[str, Any]) -> None:
+    """A resumed run: sample_losses.jsonl cut back to what its checkpoint had seen written (a crashed or stopped
+    run's later lines are written again), every epoch's losses read back from it for the hooks (the file is the
+    source of truth), and the losses of the epoch in progress that the checkpoint kept (a step checkpoint)."""
+    if not state:
+        return
+    saved = state.get("sample_losses", {})  # (a checkpoint from before per-image losses has none: nothing written then)
+    path = run.run_dir / LOSSES_FILE
+    if run.accelerator.is_main_process:
+        truncate_losses(path, saved.get("bytes", 0))
+    run.accelerator.wait_for_everyone()  # no process reads the file before it is cut back
+    if path.is_file():
+        run.losses_size = path.stat().st_size
+        run.sample_loss_history = read_sample_losses(path)
+        run.sample_losses = latest_losses(run.sample_loss_history)
+        run.losses_epoch = max((line.epoch for line in run.sample_losses.values()), default=0)
+    if saved.get("epoch") == run.epoch:
+        run.carried_losses = [ServedLoss(*row) for row in saved.get("rows", [])]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -650,7 +684,7 @@ def train_one_epoch(run: Run, epoch: int, progress: tqdm) -> None:
     window = torch.zeros(3, device=accelerator.device)  # this step's (sum of finite losses, batches, non-finite batches)
     for batch in epoch_batches(run, epoch):
         run.batches_done += 1
-        weight, paths = 1.0, []
+        weight, paths, served = 1.0, [], []
         if batch is None:
             # Every image of this batch was unreadable or excluded. Under DDP this process must still join the
             # gradient all-reduce, so it replays its previous batch with zero weight instead of skipping.
@@ -658,7 +692,7 @@ def train_one_epoch(run: Run, epoch: int, progress: tqdm) -> None:
                 continue
             batch, weight = run.last_batch, 0.0
         else:
-            paths = batch["image_paths"]
+            paths, served = batch["image_paths"], batch.get("served", [])
             run.padding.add(batch, packed=run.packing.on)
             batch = model_inputs(run, batch)
         run.last_batch = batch
@@ -666,7 +700,7 @@ def train_one_epoch(run: Run, epoch: int, progress: tqdm) -> None:
             result = run.family.caption_loss(model, batch, label_smoothing=run.cfg.label_smoothing)
             loss = result.loss
             if weight:
-                keep_batch_losses(run, paths, result)
+                keep_batch_losses(run, paths, served, result)
             # Backward even when the loss is not finite: under DDP every process must join the gradient
             # all-reduce. The step is then skipped for everyone.
             accelerator.backward(loss * weight)
@@ -681,10 +715,44 @@ def train_one_epoch(run: Run, epoch: int, progress: tqdm) -> None:
             return
 
 
-def keep_batch_losses(run: Run, paths: list[str], result: CaptionLoss) -> None:
-    """Keep a training batch's per-image losses: its image paths beside each row's summed plain (unsmoothed) token
-    cross-entropy and target count, from the forward the step ran anyway. Where per-image losses are collected."""
-    run.batch_losses.append((paths, result.row_loss_sum, result.row_tokens))
+def keep_batch_losses(run: Run, paths: list[str], served: list[Any], result: CaptionLoss) -> None:
+    """Keep a training batch's per-image losses: its image paths and samples (data.dataset.Served) beside each row's
+    summed plain (unsmoothed) token cross-entropy and target count, from the forward the step ran anyway. The
+    tensors stay on the device (no sync per step); record_epoch_losses reads them once per epoch."""
+    if served:
+        run.batch_losses.append((run.batches_done, paths, served, result.row_loss_sum, result.row_tokens))
+
+
+def epoch_rows(run: Run) -> list[ServedLoss]:
+    """Every process's per-sample losses of the epoch in progress so far, on every process (collective when there
+    are several: one gather), after those a resumed step checkpoint kept."""
+    mine: list[ServedLoss] = []
+    if run.batch_losses:
+        sums = torch.cat([entry[3] for entry in run.batch_losses]).tolist()  # one device-to-host copy per epoch
+        tokens = torch.cat([entry[4] for entry in run.batch_losses]).tolist()
+        served = [(batch, path, item) for batch, paths, items, _, _ in run.batch_losses for path, item in zip(paths, items)]
+        mine = [ServedLoss(item.index, path, item.caption_sha1, loss, count, batch)
+                for (batch, path, item), loss, count in zip(served, sums, tokens, strict=True)]
+    if run.accelerator.num_processes > 1:
+        from accelerate.utils import gather_object
+
+        mine = [ServedLoss(*row) for row in gather_object([tuple(row) for row in mine])]
+    return run.carried_losses + mine
+
+
+def record_epoch_losses(run: Run, epoch: int) -> None:
+    """The epoch's per-image caption losses: appended to sample_losses.jsonl (main process), handed to the hooks
+    (every process, before on_epoch_end), a one-line note. Collective."""
+    if run.losses_epoch >= epoch + 1:  # a run resumed after this epoch's lines were written (a hook's save at its end)
+        return
+    lines = epoch_lines(epoch_rows(run), epoch=epoch + 1, dataset_dir=run.cfg.dataset_dir)
+    run.batch_losses, run.carried_losses = [], []
+    if run.accelerator.is_main_process:
+        run.losses_size = append_epoch(run.run_dir / LOSSES_FILE, lines)
+        tqdm.write(epoch_note(lines, epoch=epoch + 1, images=len(run.train_dataset.samples), skipped_captions=run.skipped_captions))
+    add_epoch(run.sample_loss_history, lines)
+    run.sample_losses = latest_losses(run.sample_loss_history)
+    run.losses_epoch = epoch + 1
 
 
 def optimizer_step(run: Run, window: torch.Tensor, epoch: int, progress: tqdm) -> None:
@@ -805,6 +873,10 @@ def _save(run: Run, name: str, *, epoch: int, batches_done: int | None) -> Path:
     # Under FSDP every process joins in gathering the full weights (the main process gets them); the optimizer
     # state is sharded too and is not saved, so such a checkpoint is for weights, not for --resume.
     weights = accelerator.get_state_dict(run.model) if is_sharded(accelerator) else None
+    batches_done = run.batches_done if batches_done is None else batches_done
+    # Mid-epoch, the epoch's per-image losses so far (small: a few numbers per sample), so that a run resumed here
+    # still writes one line per image for this epoch.
+    partial = [tuple(row) for row in epoch_rows(run)] if batches_done and run.losses_epoch < epoch + 1 else []
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         state = {
@@ -812,9 +884,10 @@ def _save(run: Run, name: str, *, epoch: int, batches_done: int | None) -> Path:
             "scheduler": run.scheduler.state_dict(),  # for inspection; resume rebuilds and fast-forwards it
             "global_step": run.global_step,
             "epoch": epoch,
-            "batches_done": run.batches_done if batches_done is None else batches_done,
+            "batches_done": batches_done,
             "nonfinite_streak": run.nonfinite_streak,
             "metrics_rows": count_lines(run.run_dir / "metrics.jsonl"),
+            "sample_losses": {"bytes": run.losses_size, "epoch": epoch, "rows": partial},
             "num_processes": accelerator.num_processes,
             "batch_order": run.grouping.state() if run.grouping is not None else {"lengths": None},
         }
@@ -963,6 +1036,8 @@ def run_training(cfg: TrainConfig, hooks: TrainingHooks) -> Path:
             if run.stop_agreed:
                 progress.close()
                 stop_early(run, epoch)
+            with timings.part("saving"):
+                record_epoch_losses(run, epoch)
             end_of_epoch(run, epoch)
             run.hooks.on_epoch_end(run.view, epoch)
             run.batches_done = 0

@@ -342,7 +342,7 @@ def test_dataset_items_and_set_epoch(tmp_path):
     samples = make_samples(tmp_path)
     dataset = CaptionDataset(samples, CaptionTransform(shuffle=True, frozen_parts=1), seed=3)
     assert len(dataset) == 6
-    image, caption, path = dataset[0]
+    image, caption, path, _ = dataset[0]
     assert image.mode == "RGB" and path == str(samples[0].image_path)
     assert caption.startswith("first, ") and sorted(caption.split(", ")) == sorted(samples[0].caption.split(", "))
     epoch0 = [dataset[i][1] for i in range(6)]
@@ -540,8 +540,8 @@ def test_dataset_serves_each_image_repeats_times_with_its_own_caption_draws(repe
     # right image; repeats are distinct indices, so each gets its own seeded caption shuffle.
     assert [s.image_path.name for s in samples[:2]] == ["f.png", "c.png"]
     items = [dataset[i] for i in range(1, 11)]
-    assert {path for _, _, path in items} == {str(samples[1].image_path)}
-    assert len({caption for _, caption, _ in items}) > 3
+    assert {path for _, _, path, _ in items} == {str(samples[1].image_path)}
+    assert len({caption for _, caption, _, _ in items}) > 3
     assert len(CaptionDataset(samples, transform, repeat=False)) == len(samples) == 6
     assert len(CaptionDataset(samples)) == 6  # validation datasets: every image once
 

@@ -264,7 +264,6 @@ def test_the_queue_is_the_default_view_only_with_losses(queued, tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=True, reason="issue 16 item 1: the loop records no per-image losses yet (remove this mark when it does)")
 def test_the_queue_during_training_follows_each_epochs_losses(tmp_path, tiny_blip, shapes_dir):
     from caption_train.config import resolve
     from caption_train.iterative.hooks import InteractiveHooks

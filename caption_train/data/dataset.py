@@ -1,4 +1,4 @@
-"""A torch Dataset of (RGB image, augmented caption, path) triples, reproducible per seed, epoch and index.
+"""A torch Dataset of (RGB image, augmented caption, path, served) items, reproducible per seed, epoch and index.
 
     dataset = CaptionDataset(train_samples, CaptionTransform(shuffle=True, dropout=0.1), seed=0)
     for epoch in range(epochs):
@@ -9,6 +9,10 @@
 Repeat folders: `CaptionDataset(samples, repeat=True)` serves each sample `sample.repeats` times per epoch (kohya's
 `30_mystyle/` folders, see data/scan.py); `dataset.samples` stays the list of distinct images. Each repeat has its
 own index, so it gets its own caption shuffle, dropout and flip.
+
+Each item's `served` (a `Served`) says which dataset index it is and which caption text it was made from (its
+hooks.caption_sha1, before shuffling and dropout, a live edit included): what the per-image losses of an epoch are
+keyed and hashed by (sample_losses.py), since only the worker that read the caption knows which text it was.
 
 An image that fails to decode yields None instead of raising, so one bad file cannot end a long run; the collator
 must drop those items with `drop_failed` (and cope with a batch that ends up empty).
@@ -28,7 +32,7 @@ import json
 import logging
 import os
 from pathlib import Path
-from typing import Callable, Iterable, TypeVar
+from typing import Callable, Iterable, NamedTuple, TypeVar
 
 import numpy as np
 import torch
@@ -37,10 +41,21 @@ from PIL import Image
 from caption_train.data.captions import CaptionTransform, sample_rng
 from caption_train.data.images import ImageLoadError, load_rgb
 from caption_train.data.scan import Sample
+from caption_train.hooks import caption_sha1
 
 log = logging.getLogger(__name__)
 
-Item = tuple[Image.Image | None, str, str]
+
+class Served(NamedTuple):
+    """Which sample an item is, for its per-image loss."""
+
+    index: int
+    """The dataset index (repeats counted): each kohya repeat has its own; a DDP padding repeat shares it."""
+    caption_sha1: str
+    """hooks.caption_sha1 of the caption text the item was made from, before shuffling and dropout."""
+
+
+Item = tuple[Image.Image | None, str, str, Served]
 T = TypeVar("T")
 
 
@@ -166,7 +181,7 @@ class CaptionDataset(torch.utils.data.Dataset):
         caption = self.transform(text, rng)
         if self.random_flip > 0 and rng.random() < self.random_flip and image is not None:
             image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
-        return image, caption, str(sample.image_path)
+        return image, caption, str(sample.image_path), Served(index, caption_sha1(text))
 
     def _warn_once(self, sample: Sample, error: ImageLoadError) -> None:
         # Once per file per process: each DataLoader worker keeps its own set.

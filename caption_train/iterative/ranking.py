@@ -18,7 +18,6 @@ a test that trains on a mislabelled dataset and checks that the swapped captions
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,9 +25,7 @@ from typing import Collection, Mapping, Sequence
 
 from caption_train.errors import UserError
 from caption_train.hooks import SampleLoss, caption_sha1
-
-LOSSES_FILE = "sample_losses.jsonl"  # in the run folder, beside metrics.jsonl
-EXAMPLE_LINE = '{"epoch": 1, "image": "sub/img.png", "loss": 2.3, "tokens": 7, "caption_sha1": "..."}'
+from caption_train.sample_losses import LOSSES_FILE, read_sample_losses  # noqa: F401 (the page's names for them)
 
 
 @dataclass(frozen=True)
@@ -109,57 +106,7 @@ def _suspicion(loss: float) -> tuple[int, float]:
 
 
 # ---------------------------------------------------------------------------------------------
-# the run's sample_losses.jsonl
-
-
-def read_sample_losses(path: str | Path) -> dict[str, list[SampleLoss]]:
-    """Every line of a `sample_losses.jsonl`, grouped by image, oldest epoch first (a repeated (epoch, image): the
-    later line wins). A line that is not such a record is a UserError naming the file and line."""
-    path = Path(path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise UserError(f"{path}: no such file; a training run writes {LOSSES_FILE} in its run folder") from None
-    except (OSError, UnicodeDecodeError) as error:
-        raise UserError(f"{path}: cannot read it ({error})") from None
-    by_image: dict[str, dict[int, SampleLoss]] = {}
-    for number, line in enumerate(text.splitlines(), 1):
-        if not line.strip():
-            continue
-        row = _parse_line(line)
-        if isinstance(row, str):
-            raise UserError(f"{path}:{number}: {row}; expected lines like {EXAMPLE_LINE}")
-        by_image.setdefault(row.image, {})[row.epoch] = row
-    return {image: [rows[epoch] for epoch in sorted(rows)] for image, rows in by_image.items()}
-
-
-def _parse_line(line: str) -> SampleLoss | str:
-    """The record of one line, or what is wrong with it."""
-    try:
-        record = json.loads(line)
-    except ValueError:
-        return "not a JSON object"
-    if not isinstance(record, dict):
-        return "not a JSON object"
-    missing = [key for key in ("epoch", "image", "loss", "tokens", "caption_sha1") if key not in record]
-    if missing:
-        return f"missing {', '.join(missing)}"
-    epoch, image, loss, tokens, sha1 = (record[key] for key in ("epoch", "image", "loss", "tokens", "caption_sha1"))
-    if not _is_int(epoch) or epoch < 1:
-        return f"epoch {epoch!r} is not a whole number from 1"
-    if not isinstance(image, str) or not image:
-        return f"image {image!r} is not a path"
-    if not isinstance(loss, (int, float)) or isinstance(loss, bool):
-        return f"loss {loss!r} is not a number"
-    if not _is_int(tokens) or tokens < 0:
-        return f"tokens {tokens!r} is not a whole number"
-    if not isinstance(sha1, str):
-        return f"caption_sha1 {sha1!r} is not a string"
-    return SampleLoss(image=image, epoch=epoch, loss=float(loss), tokens=tokens, caption_sha1=sha1)
-
-
-def _is_int(value: object) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
+# the run's sample_losses.jsonl (read by caption_train.sample_losses, the file's one reader and writer)
 
 
 def find_losses_file(*, losses: str | Path | None = None, model: str | None = None) -> Path | None:
