@@ -15,7 +15,7 @@ edit from the page included) before shuffling and dropout. The training loop (tr
 
 Per epoch, from every process's rows (`ServedLoss`: one per sample served, keyed by its dataset index):
 - a dataset index served twice (accelerate's even-batch padding repeats the first samples of an epoch on the
-  processes that run short) counts once;
+  processes that run short) counts once, as first served;
 - a kohya-repeated image (one dataset index per repeat) gets one line: the mean of its repeats' losses, and the
   mean of their target counts (rounded); where the page edited its caption mid-epoch, the repeats served with the
   text served last count, and the line carries that text's hash;
@@ -71,8 +71,10 @@ def epoch_lines(rows: Iterable[ServedLoss], *, epoch: int, dataset_dir: str | os
     """The epoch's lines, one per image served (see the module docstring), sorted by image path. `epoch` is 1-based."""
     first: dict[int, ServedLoss] = {}
     for row in rows:
-        if row.tokens > 0:
-            first.setdefault(row.index, row)  # a padding repeat of an index already counted adds nothing
+        # A padding repeat of an index counts nothing: the earliest serving wins (gathered rows come process by
+        # process, so the list's order is not the epoch's).
+        if row.tokens > 0 and (row.index not in first or row.batch < first[row.index].batch):
+            first[row.index] = row
     by_image: dict[str, list[ServedLoss]] = {}
     for row in first.values():
         by_image.setdefault(row.path, []).append(row)
