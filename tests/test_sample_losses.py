@@ -20,14 +20,17 @@ import pytest
 import torch
 
 from caption_train.cli import main
+from caption_train.config import load_train_config
 from caption_train.data.captions import CaptionTransform
 from caption_train.data.dataset import CaptionDataset
 from caption_train.data.images import load_rgb
 from caption_train.data.scan import scan_dataset
-from caption_train.hooks import caption_sha1
+from caption_train.files import write_text_atomic
+from caption_train.hooks import TrainingHooks, caption_sha1
 from caption_train.inference import load_for_inference
 from caption_train.sample_losses import KEYS, LOSSES_FILE, read_sample_losses
 from caption_train.tiny import make_shapes_dataset
+from caption_train.train import train
 
 from conftest import REPO, base_args
 from test_train import free_port
@@ -123,3 +126,53 @@ def test_two_processes_write_each_image_once_as_first_served(tmp_path, tiny_blip
     base = {row["image"]: row["loss"] for row in map(json.loads, (tmp_path / "base" / "suspects.jsonl").read_text().splitlines())}
     same = [line["image"] for line in lines if abs(line["loss"] - base[line["image"]]) < 1e-5]
     assert len(same) == 8, (lines, base)
+
+
+def test_a_padding_repeat_counts_as_first_served_whichever_process_gathered_it_first():
+    """epoch_lines on rows as gathered (process 0's, then process 1's): index 3 served by process 1 in batch 1 and
+    repeated as padding by process 0 in batch 2 keeps batch 1's loss, though process 0's row comes first."""
+    from caption_train.sample_losses import ServedLoss, epoch_lines
+
+    rows = [ServedLoss(0, "/d/a.png", "s0", 2.0, 2, 1), ServedLoss(3, "/d/b.png", "s3", 9.0, 3, 2),  # process 0
+            ServedLoss(3, "/d/b.png", "s3", 3.0, 3, 1), ServedLoss(0, "/d/a.png", "s0", 8.0, 2, 2)]  # process 1
+    lines = epoch_lines(rows, epoch=4, dataset_dir="/d")
+    assert [(line.image, line.loss, line.tokens, line.epoch) for line in lines] == [("a.png", 1.0, 2, 4), ("b.png", 1.0, 3, 4)]
+
+
+class EditMidEpoch(TrainingHooks):
+    """Follows a live-captions file (as the page does) and, after optimizer step `at`, gives `image` a new caption."""
+
+    def __init__(self, live: Path, image: Path, caption: str, at: int):
+        self.live, self.image, self.caption, self.at = live, image, caption, at
+
+    def on_setup(self, run):
+        run.follow_captions(self.live)
+
+    def on_step_end(self, run, epoch):
+        if run.step == self.at:
+            write_text_atomic(self.live, json.dumps({"captions": {str(self.image): self.caption}, "excluded": []}))
+
+
+def test_a_caption_edited_mid_epoch_gets_the_loss_and_hash_of_its_new_text(tmp_path, tiny_blip):
+    """An image under `10_rep/` (10 servings an epoch of 12, batch 1) whose caption the page edits after step 6:
+    epoch 1's line carries the new text's hash and the mean of the servings of the new text only, the same loss
+    epoch 2 (all new text) has; the servings of the old text, whose loss differs, are left out."""
+    data = tmp_path / "data"
+    pairs = make_shapes_dataset(data, 3, seed=8, size=32, subfolders=0)
+    (data / "10_rep").mkdir()
+    for suffix in (".png", ".txt"):
+        pairs[0][0].with_suffix(suffix).rename(data / "10_rep" / f"x{suffix}")
+    image = data / "10_rep" / "x.png"
+    old, new = (data / "10_rep" / "x.txt").read_text().strip(), "a green square"
+    hooks = EditMidEpoch(tmp_path / "live.json", image, new, at=6)
+    final = train(load_train_config(base_args(data, tiny_blip, tmp_path / "runs", "--epochs", "2", "--batch_size", "1", *FROZEN)), hooks=hooks)
+    lines = {(line["epoch"], line["image"]): line for line in lines_of(final.parent)}
+    first, second = lines[(1, "10_rep/x.png")], lines[(2, "10_rep/x.png")]
+    assert first["caption_sha1"] == second["caption_sha1"] == caption_sha1(new)
+    assert first["loss"] == pytest.approx(second["loss"], abs=1e-5)
+
+    model, processor, family = load_for_inference(final, dtype=torch.float32)
+    picture = load_rgb(image)
+    with torch.no_grad():
+        old_loss, new_loss = family.caption_loss(model, family.collate(processor, [picture] * 2, [old, new], max_length=32)).row_mean().tolist()
+    assert second["loss"] == pytest.approx(new_loss, abs=1e-5) and abs(old_loss - new_loss) > 1e-2
