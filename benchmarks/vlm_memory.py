@@ -85,6 +85,8 @@ SETTINGS: dict[str, dict[str, Any] | None] = {
     # rows share a batch, not one batch's memory, so a one-step benchmark has no row for it.
     "packing off": {"packing": "off"},
     "packing on": {"packing": "on"},
+    # Items 1-3 all off: the step as it was before issue 15 (fp32 frozen weights, logits at every position, padded rows).
+    "items 1-3 off": {"model_config": {"dtype": "float32"}, "full_logits": True, "packing": "off"},
 }
 LOGITS_PAIR = ("loss at targets off", "loss at targets on")  # the rows the logits target compares
 TARGET_MODELS = ("qwen2.5-vl-7b", "joycaption")
