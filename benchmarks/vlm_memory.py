@@ -85,6 +85,8 @@ SETTINGS: dict[str, dict[str, Any] | None] = {
     # rows share a batch, not one batch's memory, so a one-step benchmark has no row for it.
     "packing off": {"packing": "off"},
     "packing on": {"packing": "on"},
+    # Items 1-3 all off: the step as it was before issue 15 (fp32 frozen weights, logits at every position, padded rows).
+    "items 1-3 off": {"model_config": {"dtype": "float32"}, "full_logits": True, "packing": "off"},
 }
 LOGITS_PAIR = ("loss at targets off", "loss at targets on")  # the rows the logits target compares
 TARGET_MODELS = ("qwen2.5-vl-7b", "joycaption")
@@ -519,6 +521,14 @@ def report(workdir: Path, models: list[str], layers: list[int], device: str) -> 
     print(f"(every run: {workdir / 'results.jsonl'}; logs: {workdir / 'logs'})")
 
 
+def finished_runs(records: Path) -> set[tuple]:
+    """(model, layers, setting, batch, code) of every run results.jsonl records as measured."""
+    if not records.exists():
+        return set()
+    rows = [json.loads(line) for line in records.read_text().splitlines() if line.strip()]
+    return {(r["model"], r["layers"], r["setting"], r["batch"], r["code"]) for r in rows if r["status"].startswith("ok")}
+
+
 def bench(args: argparse.Namespace) -> int:
     from vlm_slices import SLICES
 
@@ -538,6 +548,7 @@ def bench(args: argparse.Namespace) -> int:
         (data_root / "captions.json").write_text(json.dumps(captions))
     codes = [""] + ([str(Path(args.compare).resolve())] if args.compare else [])
     records = workdir / "results.jsonl"
+    finished = finished_runs(records)
     for key in args.models:
         for layers in args.layers:
             model_dir = workdir / "models" / f"{key}-L{layers}"
@@ -558,6 +569,8 @@ def bench(args: argparse.Namespace) -> int:
                     raise SystemExit(f"building {key} L={layers} failed:\n{output[-3000:]}")
                 print(f"  built in {seconds:.0f} s", flush=True)
             for setting, batch, code in plan_runs(args.settings, args.batch, args.target_batch, codes):
+                if (key, layers, setting, batch, code) in finished:
+                    continue  # --resume: measured already
                 run = measure(Run(key, layers, setting, batch, code), model_dir, batch_folder(data_root, batch), workdir)
                 with records.open("a") as handle:
                     handle.write(json.dumps(run.__dict__) + "\n")

@@ -489,6 +489,10 @@ def setup(cfg: TrainConfig, hooks: TrainingHooks) -> Run:
         fsdp_limits(cfg)
     # ---- what to resume (checked before anything heavy is loaded)
     resume_dir = resume.resolve_resume(cfg)
+    if resume_dir is not None:
+        # Structural changes (another model among them) are refused before that model is looked up; the notes on
+        # other changes come below, once the prompt is resolved.
+        resume.check_config_compatible(cfg, resume_dir)
     family, _ = resolve_family(cfg.model_name_or_path)
     # The prompt trained with, resolved (checked before the model loads) and recorded in every config.toml, so that
     # caption/evaluate use it, and a resumed run keeps it, even if the family's default changes in a later version.

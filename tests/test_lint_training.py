@@ -48,17 +48,16 @@ def truncated_in_lint(data: dict) -> set[str]:
 
 @pytest.fixture
 def recorded_batches(monkeypatch) -> list[dict]:
-    """Every batch training builds (its labels and image paths), recorded as train.setup's collate returns it."""
+    """Every batch the training loop takes from its loader (its labels and image paths, as the collate built them,
+    before packing); the memory plan's probe batches are not among them."""
     batches: list[dict] = []
-    original = train_module.collate_batch
+    original = train_module.model_inputs
 
-    def recording(*args, **kwargs):
-        batch = original(*args, **kwargs)
-        if batch is not None:
-            batches.append({"labels": batch["labels"].clone(), "image_paths": list(batch["image_paths"])})
-        return batch
+    def recording(run, batch):
+        batches.append({"labels": batch["labels"].clone(), "image_paths": list(batch["image_paths"])})
+        return original(run, batch)
 
-    monkeypatch.setattr(train_module, "collate_batch", recording)
+    monkeypatch.setattr(train_module, "model_inputs", recording)
     return batches
 
 

@@ -154,4 +154,4 @@ def test_captions_longer_than_the_models_positions_train_with_a_large_max_length
     assert main(["train", *base_args(data, tiny_blip, tmp_path / "runs", "--max_length", "512", "--num_sample_captions", "0",
                                      "--save_every_n_epochs", "0")]) == 0
     out = capsys.readouterr().out
-    assert "1 over the limit of 32" in out, out
+    assert "max_length 32 (the model's limit; this run's max_length is 512); 1 of 24 captions truncated" in out, out
