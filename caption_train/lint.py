@@ -51,7 +51,7 @@ from caption_train.data.images import (
     verify_image,
 )
 from caption_train.errors import UserError
-from caption_train.text import plural
+from caption_train.text import plural, printable
 from caption_train.text_encoders import TokenCounter, clip_counter, t5_counter
 
 ERROR, WARNING = "error", "warning"
@@ -1166,8 +1166,7 @@ def _rel(path: Path, root: Path) -> str:
 
 def _display(text: str) -> str:
     """Text safe to print on one line: undecodable file-name bytes as \\xNN, control characters escaped."""
-    text = os.fsencode(text).decode("utf-8", "backslashreplace") if any("\udc80" <= ch <= "\udcff" for ch in text) else text
-    return "".join(ch if ch.isprintable() else ch.encode("unicode_escape").decode("ascii") for ch in text)
+    return "".join(ch if ch.isprintable() else ch.encode("unicode_escape").decode("ascii") for ch in printable(text))
 
 
 def _quote(caption: str, limit: int = 60) -> str:

@@ -39,6 +39,7 @@ from typing import Iterable, NamedTuple, Sequence
 
 from caption_train.errors import UserError
 from caption_train.hooks import SampleLoss
+from caption_train.text import printable
 
 LOSSES_FILE = "sample_losses.jsonl"  # in the run folder, beside metrics.jsonl
 EXAMPLE_LINE = '{"epoch": 1, "image": "sub/img.png", "loss": 2.3, "tokens": 7, "caption_sha1": "..."}'
@@ -112,7 +113,7 @@ def add_epoch(history: dict[str, list[SampleLoss]], lines: Sequence[SampleLoss])
 def epoch_note(lines: Sequence[SampleLoss], *, epoch: int, images: int, skipped_captions: int, top: int = 3) -> str:
     """One line after an epoch: how many images got a loss, the highest ones, and what is not ranked."""
     ranked = sorted(lines, key=lambda line: (math.isfinite(line.loss), -line.loss if math.isfinite(line.loss) else 0.0, line.image))
-    highest = ", ".join(f"{line.image} {line.loss:.3f}" for line in ranked[:top])
+    highest = ", ".join(f"{printable(line.image)} {line.loss:.3f}" for line in ranked[:top])
     note = f"caption losses, epoch {epoch}: {len(lines)} of {images} training images in {LOSSES_FILE}"
     if highest:
         note += f"; highest: {highest}"

@@ -44,7 +44,7 @@ from caption_train.errors import UserError
 from caption_train.files import absolute_if_local, write_text_atomic
 from caption_train.hooks import caption_sha1
 from caption_train.sample_losses import relative_image
-from caption_train.text import plural
+from caption_train.text import plural, printable
 
 SCORED_FILE = "scored.jsonl"
 META_FILE = "suspects.json"
@@ -115,7 +115,7 @@ def score_samples(model: torch.nn.Module, processor: Any, family: Any, samples: 
         for index, image, error in batch:
             if image is None:
                 tally.unreadable.append(relative_image(str(samples[index].image_path), root))
-                tqdm.write(f"skipped unreadable image {samples[index].image_path}: {error}", file=sys.stderr)
+                tqdm.write(f"skipped unreadable image {printable(str(samples[index].image_path))}: {error}", file=sys.stderr)
             else:
                 loaded.append((samples[index], image))
         losses = _losses(model, processor, family, loaded, max_length=max_length, prompt=prompt, root=root, tally=tally)
@@ -409,7 +409,7 @@ def main(argv: list[str] | None = None) -> int:
     seconds = time.perf_counter() - start
     print(f"{plural(len(rows), 'image')} ranked by caption loss ({seconds:.1f} s){skipped}; the highest:", flush=True)
     for record in records[:5]:
-        print(f"  {record['rank']}. {record['image']} {record['loss']:.3f}: {record['caption']!r} (model: {record['model_caption']!r})", flush=True)
+        print(f"  {record['rank']}. {printable(record['image'])} {record['loss']:.3f}: {record['caption']!r} (model: {record['model_caption']!r})", flush=True)
     print(out_dir / SUSPECTS_JSONL, flush=True)
     print(page, flush=True)  # the last line: the page to open
     return 0

@@ -8,6 +8,8 @@
 
 from __future__ import annotations
 
+import os
+
 
 def plural(count: int, word: str, many: str | None = None) -> str:
     """`count` and `word`, pluralized (`many`, default word + "s") unless count is exactly 1."""
@@ -25,3 +27,9 @@ def byte_size(n: float) -> str:
 def join_words(words: list[str]) -> str:
     """"a", "a and b", "a, b and c"."""
     return words[0] if len(words) == 1 else f"{', '.join(words[:-1])} and {words[-1]}"
+
+
+def printable(text: str) -> str:
+    """Text safe to print on a strict UTF-8 console: a file name that is not valid UTF-8 reaches Python with
+    surrogate escapes, shown here as backslash escapes of its bytes."""
+    return os.fsencode(text).decode("utf-8", "backslashreplace") if any("\udc80" <= ch <= "\udcff" for ch in text) else text

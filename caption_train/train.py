@@ -45,7 +45,7 @@ from caption_train.precision import Precision, enable_fast_gpu_matmul, resolve_p
 from caption_train.quantize import check_quantize_runnable, describe_quantization, prepare_quantized_for_training, quantization_load_kwargs
 from caption_train.sample_losses import (LOSSES_FILE, ServedLoss, add_epoch, append_epoch, epoch_lines, epoch_note, latest_losses,
                                          read_sample_losses, truncate_losses)
-from caption_train.text import plural
+from caption_train.text import plural, printable
 from caption_train.tracking import Tracker, make_tracker, plot_losses
 from caption_train.weights import WeightsPlan, describe_weights, keep_in_fp32, plan_weights
 
@@ -904,7 +904,7 @@ def _save(run: Run, name: str, *, epoch: int, batches_done: int | None) -> Path:
 
 def printable_name(path: str) -> str:
     """A file name safe to print on a strict UTF-8 console (names on disk need not be valid UTF-8)."""
-    return os.fsencode(Path(path).name).decode("utf-8", "backslashreplace")
+    return printable(Path(path).name)
 
 
 def count_lines(path: Path) -> int:

@@ -320,7 +320,7 @@ class FullLogitsReference(TrainingHooks):
     # what the protocol does not show (the batch's kept per-row losses, family, processor, config).
     def on_step_end(self, view, epoch):
         run = view._run
-        paths, row_loss_sum, row_tokens = run.batch_losses[-1]
+        _, paths, _, row_loss_sum, row_tokens = run.batch_losses[-1]
         by_path = {str(s.image_path): s for s in run.train_dataset.samples}
         loss, rows, tokens = self.reference(run, [by_path[path] for path in paths])
         self.steps.append({"loss": float(loss), "rows": rows, "tokens": tokens, "kept": (row_loss_sum.cpu(), row_tokens.cpu()),

@@ -291,8 +291,10 @@ def test_probe_step_changes_nothing_in_any_family(every_family):
 
 
 def limited_train(limit: int, args: list[str]) -> subprocess.CompletedProcess:
+    """The train command in a subprocess under an address-space limit. One malloc arena: glibc reserves 64 MiB of
+    address space per arena for threads that allocate, which made a run's VmPeak vary by a whole arena."""
     return subprocess.run([sys.executable, str(HELPERS / "memory_limited_train.py"), str(limit), *args],
-                          capture_output=True, text=True, timeout=600, cwd=REPO)
+                          capture_output=True, text=True, timeout=600, cwd=REPO, env={**os.environ, "MALLOC_ARENA_MAX": "1"})
 
 
 def vm_peak(result: subprocess.CompletedProcess) -> int:
@@ -311,7 +313,11 @@ def test_out_of_memory_at_step_1_is_one_line(wide, tmp_path):
         shutil.copy(path, two / path.name)
     reference = limited_train(0, [*base_args(two, model, tmp_path / "reference", *WIDE_RUN), "--batch_size", "1", "--memory_plan", "false"])
     assert reference.returncode == 0, reference.stderr
-    limit = vm_peak(reference) + 100 * (1 << 20)  # a 32-row step needs ~350 MiB more than a one-row run's peak
+    unlimited = limited_train(0, [*base_args(data, model, tmp_path / "unlimited", *WIDE_RUN), "--memory_plan", "false"])  # the same run without a limit: its peak
+    assert unlimited.returncode == 0, unlimited.stderr
+    gap = vm_peak(unlimited) - vm_peak(reference)  # ~170 MiB: what the 32-row step needs beyond a one-row run
+    assert gap > 64 * (1 << 20), gap
+    limit = vm_peak(reference) + gap // 2  # halfway: loading and set-up fit, the 32-row step does not
     for extra in (("--memory_plan", "false"), ()):
         result = limited_train(limit, [*args, *extra])
         assert result.returncode == 2, result.stderr

@@ -357,7 +357,7 @@ def test_loader_goes_in_process_once_every_image_is_cached(tiny_blip, pictures):
 
     def epoch(loader) -> tuple[set[bool], list[bool]]:
         batches = list(loader)
-        return {in_worker for in_worker, _ in batches}, sorted(image is None for _, items in batches for image, _, _ in items)
+        return {in_worker for in_worker, _ in batches}, sorted(item[0] is None for _, items in batches for item in items)
 
     reset_accelerator_state()
     dataset = CaptionDataset([Sample(p, "a red circle") for p in pictures])
