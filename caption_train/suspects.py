@@ -15,8 +15,8 @@ The output folder (never inside the dataset) holds:
 - `scored.jsonl`: every image scored so far, in the order computed, one line each as it is done (flushed): an
   interrupted run continues from it (a last line cut short is dropped); an image whose caption changed since is
   scored again;
-- `suspects.json`: what the scores are of (model, dataset, prompt, max_length, dtype): a rerun with another model
-  or dataset is refused, `--overwrite` starts afresh;
+- `suspects.json`: what the scores are of (model, base model, dataset, prompt, max_length, dtype): a rerun with any
+  of them changed is refused, `--overwrite` starts afresh;
 - `suspects.jsonl` and `suspects.html`, written at the end: the `--top` highest-loss images, ranked, each with
   `{"rank", "image", "loss", "tokens", "caption_sha1", "caption", "model_caption"}` (sample_losses.jsonl's keys
   without the epoch, plus the rank, the caption and the model's own caption).
