@@ -57,11 +57,15 @@ def generation_time_loss(final: Path, pairs: list[tuple[Path, str]]) -> float:
     return float(model(**batch).loss)
 
 
-def pretrain(workdir: Path, images: int, epochs: int) -> Path:
-    """The "pretrained" base: a tiny BLIP trained from scratch on "a <color> <shape>" (vocabulary of both styles),
-    saved as <workdir>/base-model."""
+def pretrain(workdir: Path, images: int, epochs: int, build=None) -> Path:
+    """The "pretrained" base: a tiny model trained from scratch on "a <color> <shape>" (vocabulary of both styles),
+    saved as <workdir>/base-model. `build(out_dir, texts) -> model dir` makes the random-weight model (default: the
+    demo's tiny BLIP; mislabel_recall.py passes a chat VLM's builder)."""
     texts = [f"a {c} {s}" for c in COLORS for s in SHAPES] + [STYLE.format(f"{c} {s}") for c in COLORS for s in SHAPES]
-    model_dir = build_tiny_blip(workdir / "tiny-blip", texts, seed=0, **MODEL_SHAPE)
+    if build is None:
+        model_dir = build_tiny_blip(workdir / "tiny-blip", texts, seed=0, **MODEL_SHAPE)
+    else:
+        model_dir = build(workdir / "tiny-model", texts)
     make_shapes_dataset(workdir / "pretrain", images, seed=0, size=MODEL_SHAPE["image_size"])
     final = train(demo_train_config(model_dir, workdir / "pretrain", workdir / "runs-pretrain", epochs, seed=0))
     base_model = workdir / "base-model"
