@@ -717,6 +717,28 @@ class KeepRun(InteractiveHooks):
         super().on_setup(run)
 
 
+def caption_now_on_a_paused_run(model_dir, tmp_path, mixed_precision: str):
+    """A one-epoch run on 4 images with the page, paused after step 1; "caption now" asked for every image.
+    (data, names, page, hooks, thread, targets, the captions the page answered)."""
+    data = tmp_path / "data"
+    make_shapes_dataset(data, 4, seed=2, size=32, subfolders=0)
+    cfg = resolve({}, {"dataset_dir": str(data), "model_name_or_path": str(model_dir), "output_dir": str(tmp_path / "runs"),
+                       "epochs": 1, "batch_size": 2, "num_workers": 0, "log_with": "none", "num_sample_captions": 0,
+                       "save_every_n_epochs": 0, "mixed_precision": mixed_precision})
+    hooks = KeepRun(start_paused=True)
+    thread = TrainingThread(cfg, hooks)
+    thread.start()
+    wait_for(lambda: hooks.url or thread.error, "the page to start")
+    assert thread.error is None, thread.error
+    page = Page(hooks.url)
+    wait_for(lambda: page.status()["state"] == "paused", "the run to pause")
+    names = [f"img_000{i}.png" for i in range(4)]
+    targets = [page.image(name) for name in names]
+    assert page.send("caption_generate", {"images": [t["id"] for t in targets]})[0] == 200
+    captions = [wait_for(lambda t=t: page.get(f"/api/images/{t['id']}")["model_caption"], "caption now") for t in targets]
+    return data, names, page, hooks, thread, targets, captions
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("family", sorted(INTERACTIVE_FAMILIES))
 def test_the_page_during_training_with_every_family(tmp_path, family):
@@ -730,23 +752,7 @@ def test_the_page_during_training_with_every_family(tmp_path, family):
 
     module, builder, options = INTERACTIVE_FAMILIES[family]
     model_dir = getattr(importlib.import_module(module), builder)(tmp_path / "model", VOCAB_TEXTS, **options)
-    data = tmp_path / "data"
-    make_shapes_dataset(data, 4, seed=2, size=32, subfolders=0)
-    cfg = resolve({}, {"dataset_dir": str(data), "model_name_or_path": str(model_dir), "output_dir": str(tmp_path / "runs"),
-                       "epochs": 1, "batch_size": 2, "num_workers": 0, "log_with": "none", "num_sample_captions": 0,
-                       "save_every_n_epochs": 0, "mixed_precision": "no"})
-    hooks = KeepRun(start_paused=True)
-    thread = TrainingThread(cfg, hooks)
-    thread.start()
-    wait_for(lambda: hooks.url or thread.error, "the page to start")
-    assert thread.error is None, thread.error
-    page = Page(hooks.url)
-    wait_for(lambda: page.status()["state"] == "paused", "the run to pause")
-
-    names = [f"img_000{i}.png" for i in range(4)]
-    targets = [page.image(name) for name in names]
-    assert page.send("caption_generate", {"images": [t["id"] for t in targets]})[0] == 200
-    captions = [wait_for(lambda: page.get(f"/api/images/{t['id']}")["model_caption"], "caption now") for t in targets]
+    data, names, page, hooks, thread, targets, captions = caption_now_on_a_paused_run(model_dir, tmp_path, "no")
     # The weights as they are at step 1 (the run waits, paused): what the family generates with them directly
     # (family and processor found from the model folder, as a user would; no --prompt, so the family's own).
     family_of, _ = resolve_family(str(model_dir))

@@ -300,28 +300,11 @@ def test_the_page_captions_with_the_runs_bf16_weights(tmp_path):
     "caption now" answers what the family generates with the run's weights under the run's autocast."""
     from PIL import Image
 
-    from caption_train.config import resolve
     from caption_train.models import resolve_family
-    from test_interactive_api import KeepRun, Page, TrainingThread, wait_for
+    from test_interactive_api import caption_now_on_a_paused_run
 
     model_dir = MODELS["qwen2_5_vl"](tmp_path / "model")
-    data = tmp_path / "data"
-    make_shapes_dataset(data, 4, seed=2, size=32, subfolders=0)
-    cfg = resolve({}, {"dataset_dir": str(data), "model_name_or_path": str(model_dir), "output_dir": str(tmp_path / "runs"),
-                       "epochs": 1, "batch_size": 2, "num_workers": 0, "log_with": "none", "num_sample_captions": 0,
-                       "save_every_n_epochs": 0, "mixed_precision": "bf16"})
-    hooks = KeepRun(start_paused=True)
-    thread = TrainingThread(cfg, hooks)
-    thread.start()
-    wait_for(lambda: hooks.url or thread.error, "the page to start")
-    assert thread.error is None, thread.error
-    page = Page(hooks.url)
-    wait_for(lambda: page.status()["state"] == "paused", "the run to pause")
-
-    names = [f"img_000{i}.png" for i in range(4)]
-    targets = [page.image(name) for name in names]
-    assert page.send("caption_generate", {"images": [t["id"] for t in targets]})[0] == 200
-    captions = [wait_for(lambda: page.get(f"/api/images/{t['id']}")["model_caption"], "caption now") for t in targets]
+    data, names, page, hooks, thread, _, captions = caption_now_on_a_paused_run(model_dir, tmp_path, "bf16")
     # The run's weights as they are at step 1 (paused), captioned directly by the family under the run's autocast
     # (family and processor found from the model folder; no --prompt, so the family's own).
     family, _ = resolve_family(str(model_dir))
